@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 SOCKET_DIR = "/mnt/agent"
 PORT_NAME = "org.cgipool.agent"
@@ -79,8 +80,12 @@ def main():
     if port:
         print("agent: serving on", port, flush=True)
         while True:
-            with open(port, "rb", buffering=0) as r, open(port, "wb", buffering=0) as w:
+            # A virtio port opens once: read and write through one O_RDWR fd;
+            # the buffered writer loops over partial writes of long replies.
+            fd = os.open(port, os.O_RDWR)
+            with os.fdopen(fd, "rb", buffering=0) as r, os.fdopen(os.dup(fd), "wb") as w:
                 serve_stream(r, w)
+            time.sleep(0.2)  # EOF: the host side is not connected; reopen
     if not os.path.isdir(SOCKET_DIR):
         print("agent: no virtio port and no", SOCKET_DIR, file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,58 @@
+# cgipool — the two commands for a fresh Debian machine:
+#   make demo   runs cgipool on the built-in example inside a QEMU machine
+#   make test   runs every test: cargo tests, the C workers' tests and fuzzing,
+#               and the vm-tests tiers (nspawn, then QEMU)
+SHELL := /bin/bash
+CARGO ?= cargo
+VM_TEST_TIMEOUT_FACTOR ?= 1
+FUZZ_SECONDS ?= 60
+PAYLOAD := target/vm-payload
+export VM_TEST_TIMEOUT_FACTOR
+
+.PHONY: all build deps test cargo-test workers-test fuzz image payload vm-test demo bench clean lint
+
+all: build
+
+deps:
+	vm-tests/install-deps.sh
+
+build:
+	$(CARGO) build --workspace
+	$(MAKE) -C cgi-src
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+cargo-test:
+	$(CARGO) test --workspace
+
+workers-test:
+	$(MAKE) -C cgi-src test
+
+fuzz:
+	$(MAKE) -C cgi-src fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
+
+# The guest image lives outside the repo, keyed by the hash of its inputs.
+image:
+	@vm-tests/image/build.sh >/dev/null
+
+# Build outputs travel to the guest separately from the image (read-only bind
+# mount for nspawn, payload.ext4 for QEMU), so a code change never rebuilds it.
+payload: build
+	rm -rf $(PAYLOAD) && mkdir -p $(PAYLOAD)/bin $(PAYLOAD)/lib/cgipool
+	install -m 0755 target/debug/cgipool $(PAYLOAD)/bin/cgipool
+	$(MAKE) -C cgi-src install DESTDIR=$(CURDIR)/$(PAYLOAD) PREFIX=/ LIBDIR=/lib/cgipool
+	cp -r examples nginx units $(PAYLOAD)/
+	cp -r vm-tests/fixtures $(PAYLOAD)/fixtures
+
+vm-test: payload image
+	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
+	  $(CARGO) run -q -p vm-tests -- --test-threads=1 $(VM_TESTS_ARGS)
+
+test: lint cargo-test workers-test fuzz vm-test
+	@echo "make test: all tiers passed"
+
+clean:
+	$(CARGO) clean
+	$(MAKE) -C cgi-src clean

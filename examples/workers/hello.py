@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""hello.py - a cgipool worker in Python, standard library only.
+
+It meets the worker contract (see README.md in this directory):
+  * the listening socket is fd 3 (LISTEN_FDS=1, LISTEN_PID=our pid);
+  * CGIPOOL_WORKER names the instance, sent back in X-Cgipool-Worker;
+  * READY=1 (and WATCHDOG=1 if WATCHDOG_USEC is set) go to $NOTIFY_SOCKET;
+  * SIGTERM: finish the request in flight, then exit 0;
+  * one request at a time, answered with Connection: close;
+  * X-Request-ID is echoed; one log line per request on stderr.
+
+Routes: GET /api/hello?name=NAME (any path ending in /api/hello), /healthz.
+"""
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+
+WORKER = os.environ.get("CGIPOOL_WORKER") or "hello@dev"
+MAX_HEAD = 16384
+READ_TIMEOUT = 5.0
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout",
+           431: "Request Header Fields Too Large"}
+
+
+def log(msg):
+    sys.stderr.write(f"{WORKER}: {msg}\n")
+    sys.stderr.flush()
+
+
+def notify(msg):
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(msg.encode(), addr)
+    except OSError as e:
+        log(f"sd_notify: {e}")
+
+
+def listen_socket():
+    if (os.environ.get("LISTEN_PID") != str(os.getpid())
+            or os.environ.get("LISTEN_FDS", "0") == "0"):
+        sys.exit(f"{WORKER}: no socket from systemd (LISTEN_FDS/LISTEN_PID)")
+    for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(k, None)
+    return socket.socket(fileno=3)
+
+
+def read_head(conn):
+    """Read up to the end of the header block; None on EOF, int on error."""
+    buf = b""
+    deadline = time.monotonic() + READ_TIMEOUT
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_HEAD:
+            return 431
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return 408
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(4096)
+        except socket.timeout:
+            return 408
+        if not chunk:
+            return None if not buf else 400
+        buf += chunk
+    return buf.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+
+
+def parse(head):
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[1].startswith("/") \
+            or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        return None
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return None
+        headers[name.lower()] = value.strip()
+    return parts[0], parts[1], headers
+
+
+def route(method, target):
+    url = urllib.parse.urlsplit(target)
+    if url.path.endswith("/healthz"):
+        routed = {"status": "ok"}
+    elif url.path.endswith("/api/hello"):
+        qs = urllib.parse.parse_qs(url.query)
+        routed = {"hello": qs.get("name", ["world"])[0]}
+    else:
+        return 404, {"error": "not found"}
+    if method not in ("GET", "HEAD"):
+        return 405, {"error": "method not allowed"}
+    return 200, routed
+
+
+def respond(conn, status, body, rid, head_only=False):
+    body = dict(body, worker=WORKER, pid=os.getpid())
+    data = (json.dumps(body) + "\n").encode()
+    hdrs = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(data)}",
+            f"X-Cgipool-Worker: {WORKER}", "Connection: close"]
+    if rid:
+        hdrs.append(f"X-Request-ID: {rid}")
+    if status == 405:
+        hdrs.append("Allow: GET, HEAD")
+    out = ("\r\n".join(hdrs) + "\r\n\r\n").encode()
+    conn.settimeout(READ_TIMEOUT)
+    conn.sendall(out if head_only else out + data)
+
+
+def handle(conn):
+    start = time.monotonic()
+    head = read_head(conn)
+    if head is None:
+        return
+    method, path, rid, status = "-", "-", "", 400
+    req = parse(head) if isinstance(head, str) else None
+    if isinstance(head, int):
+        status, body = head, {"error": REASONS[head]}
+    elif req is None:
+        body = {"error": "malformed request"}
+    else:
+        method, target, headers = req
+        path = target.split("?", 1)[0]
+        rid = headers.get("x-request-id", "")
+        if not rid.isprintable() or len(rid) > 128:
+            rid = ""
+        status, body = route(method, target)
+    respond(conn, status, body, rid, method == "HEAD")
+    ms = (time.monotonic() - start) * 1000
+    log(f"{method} {path} {status} {ms:.3f}ms rid={rid or '-'}")
+
+
+class Stop:
+    requested = False
+
+
+def main():
+    lsock = listen_socket()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(Stop, "requested", True))
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    wd = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
+    notify("READY=1\nSTATUS=serving")
+    log(f"ready (pid {os.getpid()})")
+    while not Stop.requested:
+        ready, _, _ = select.select([lsock, rfd], [], [], wd)
+        if wd:
+            notify("WATCHDOG=1")
+        if lsock in ready and not Stop.requested:
+            conn, _ = lsock.accept()
+            with conn:
+                try:
+                    handle(conn)
+                except OSError as e:
+                    log(f"connection error: {e}")
+    notify("STOPPING=1")
+    log("exiting")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

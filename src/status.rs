@@ -1,0 +1,133 @@
+//! status: what systemd says about each pool and worker, read over D-Bus,
+//! next to the count each pool target wants (from the unit directory).
+use crate::files;
+use crate::plan;
+use crate::systemd::{ServiceDetails, Systemd};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct PoolStatus {
+    pub pool: String,
+    pub wanted: usize,
+    pub healthy: usize,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkerStatus {
+    pub worker: String,
+    #[serde(flatten)]
+    pub service: ServiceDetails,
+}
+
+pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStatus>> {
+    let systemd = Systemd::connect().await?;
+    let disk = files::read_unit_dir(unit_dir)?;
+    let wanted = plan::instances_on_disk(&disk.entries);
+    let units = systemd.list(&["cgipool-*@*.service"]).await?;
+    let details = systemd.service_details(&units).await?;
+    let mut pools: BTreeMap<String, PoolStatus> = wanted
+        .iter()
+        .map(|(p, ns)| {
+            (
+                p.clone(),
+                PoolStatus {
+                    pool: p.clone(),
+                    wanted: ns.len(),
+                    healthy: 0,
+                    workers: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    for d in details {
+        let Some((pool, n, _)) = plan::parse_instance(&d.unit) else {
+            continue;
+        };
+        let entry = pools.entry(pool.to_string()).or_insert_with(|| PoolStatus {
+            pool: pool.to_string(),
+            wanted: 0,
+            healthy: 0,
+            workers: Vec::new(),
+        });
+        if d.active_state == "active" {
+            entry.healthy += 1;
+        }
+        entry.workers.push(WorkerStatus {
+            worker: format!("{pool}@{n}"),
+            service: d,
+        });
+    }
+    let mut out: Vec<PoolStatus> = pools
+        .into_values()
+        .filter(|p| only.map(|o| o == p.pool).unwrap_or(true))
+        .collect();
+    for p in &mut out {
+        p.workers.sort_by_key(|w| {
+            plan::parse_instance(&w.service.unit)
+                .map(|(_, n, _)| n)
+                .unwrap_or(0)
+        });
+    }
+    Ok(out)
+}
+
+fn or_na<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "n/a".into())
+}
+
+fn bytes(b: Option<u64>) -> String {
+    match b {
+        None => "n/a".into(),
+        Some(b) if b >= 1 << 20 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        Some(b) => format!("{:.0}K", b as f64 / 1024.0),
+    }
+}
+
+fn since(usec: Option<u64>) -> String {
+    let Some(us) = usec else { return "n/a".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let secs = now.saturating_sub(us) / 1_000_000;
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}min ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+pub fn print_table(pools: &[PoolStatus]) {
+    if pools.is_empty() {
+        println!("no cgipool pools on this host");
+    }
+    for p in pools {
+        println!(
+            "pool {}: {} healthy of {} wanted",
+            p.pool, p.healthy, p.wanted
+        );
+        println!(
+            "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  SINCE",
+            "WORKER", "STATE", "RESTARTS", "PID", "MEMORY", "CPU"
+        );
+        for w in &p.workers {
+            let s = &w.service;
+            println!(
+                "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  {}",
+                w.worker,
+                format!("{}/{}", s.active_state, s.sub_state),
+                or_na(s.n_restarts),
+                or_na(s.main_pid),
+                bytes(s.memory_bytes),
+                s.cpu_nsec
+                    .map(|n| format!("{}ms", n / 1_000_000))
+                    .unwrap_or_else(|| "n/a".into()),
+                since(s.active_since_usec)
+            );
+        }
+    }
+}

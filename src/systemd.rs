@@ -1,0 +1,262 @@
+//! systemd over D-Bus: the one module that talks to org.freedesktop.systemd1
+//! (list units, daemon-reload, queue jobs and wait for them, read health).
+//! `src/` never runs systemctl.
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+use zbus::fdo::PropertiesProxy;
+use zbus::names::InterfaceName;
+use zbus::wire::{OwnedVariant, Variant};
+use zbus_systemd::systemd1::ManagerProxy;
+
+/// One line of ListUnitsByPatterns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitState {
+    pub name: String,
+    pub load_state: String,
+    pub active_state: String,
+    pub sub_state: String,
+    pub path: String,
+}
+
+/// What `status` and the executor read back from a service unit, uncached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceDetails {
+    pub unit: String,
+    pub active_state: String,
+    pub sub_state: String,
+    pub result: String,
+    pub n_restarts: Option<u32>,
+    pub main_pid: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub cpu_nsec: Option<u64>,
+    /// Microseconds since the epoch when the unit last entered `active`.
+    pub active_since_usec: Option<u64>,
+    pub invocation_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Start,
+    Stop,
+    Restart,
+    Reload,
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobKind::Start => "start",
+            JobKind::Stop => "stop",
+            JobKind::Restart => "restart",
+            JobKind::Reload => "reload",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub kind: JobKind,
+    pub unit: String,
+}
+
+impl Job {
+    pub fn new(kind: JobKind, unit: impl Into<String>) -> Job {
+        Job {
+            kind,
+            unit: unit.into(),
+        }
+    }
+}
+
+pub struct Systemd {
+    conn: zbus::Connection,
+    manager: ManagerProxy<'static>,
+}
+
+impl Systemd {
+    /// Connects to the system bus and subscribes to systemd's signals.
+    pub async fn connect() -> Result<Systemd> {
+        let conn = zbus::Connection::system()
+            .await
+            .context("connecting to the D-Bus system bus (is systemd running as PID 1?)")?;
+        let manager = ManagerProxy::new(&conn)
+            .await
+            .context("creating the systemd1 Manager proxy")?;
+        manager
+            .subscribe()
+            .await
+            .context("subscribing to systemd's signals")?;
+        Ok(Systemd { conn, manager })
+    }
+
+    /// All loaded units matching the glob patterns, in one round trip.
+    pub async fn list(&self, patterns: &[&str]) -> Result<Vec<UnitState>> {
+        let pats = patterns.iter().map(|p| p.to_string()).collect();
+        let units = self
+            .manager
+            .list_units_by_patterns(Vec::new(), pats)
+            .await
+            .context("ListUnitsByPatterns")?;
+        Ok(units
+            .into_iter()
+            .map(|u| UnitState {
+                name: u.0,
+                load_state: u.2,
+                active_state: u.3,
+                sub_state: u.4,
+                path: u.6.to_string(),
+            })
+            .collect())
+    }
+
+    /// daemon-reload; systemd answers once the reload is done.
+    pub async fn daemon_reload(&self) -> Result<()> {
+        self.manager
+            .reload()
+            .await
+            .context("daemon-reload (Manager.Reload)")
+    }
+
+    /// Queues `jobs` (mode "replace") and waits for every one of them to be
+    /// removed, within `deadline`. Any result but `done` is an error naming
+    /// the unit. The JobRemoved stream is opened before the first job is queued.
+    pub async fn run_jobs(&self, jobs: &[Job], deadline: Duration) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut removed = self
+            .manager
+            .receive_job_removed()
+            .await
+            .context("listening for JobRemoved")?;
+        let mut pending: HashMap<String, Job> = HashMap::new();
+        for job in jobs {
+            let mode = "replace".to_string();
+            let name = job.unit.clone();
+            let path = match job.kind {
+                JobKind::Start => self.manager.start_unit(name, mode).await,
+                JobKind::Stop => self.manager.stop_unit(name, mode).await,
+                JobKind::Restart => self.manager.restart_unit(name, mode).await,
+                JobKind::Reload => self.manager.reload_unit(name, mode).await,
+            }
+            .with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
+            pending.insert(path.to_string(), job.clone());
+        }
+        let mut failures = Vec::new();
+        let wait = async {
+            while !pending.is_empty() {
+                let Some(signal) = removed.next().await else {
+                    bail!("the JobRemoved stream ended");
+                };
+                let args = signal.args().context("decoding JobRemoved")?;
+                if let Some(job) = pending.remove(&args.job.to_string()) {
+                    if args.result != "done" {
+                        failures.push(format!(
+                            "{} of {} ended with result '{}'",
+                            job.kind, job.unit, args.result
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(deadline, wait).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let mut left: Vec<String> = pending
+                    .values()
+                    .map(|j| format!("{} {}", j.kind, j.unit))
+                    .collect();
+                left.sort();
+                bail!(
+                    "timed out after {}s waiting for systemd jobs: {}",
+                    deadline.as_secs(),
+                    left.join(", ")
+                );
+            }
+        }
+        if !failures.is_empty() {
+            failures.sort();
+            bail!("systemd jobs failed: {}", failures.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Fresh (uncached) Unit and Service properties of each unit, fetched
+    /// concurrently.
+    pub async fn service_details(&self, units: &[UnitState]) -> Result<Vec<ServiceDetails>> {
+        let futures = units.iter().map(|u| self.one_service(u));
+        let results = futures_util::future::join_all(futures).await;
+        results.into_iter().collect()
+    }
+
+    async fn one_service(&self, u: &UnitState) -> Result<ServiceDetails> {
+        let props = PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(zbus::wire::ObjectPath::try_from(u.path.clone())?)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let unit = props
+            .get_all(InterfaceName::from_static_str(
+                "org.freedesktop.systemd1.Unit",
+            )?)
+            .await
+            .with_context(|| format!("reading properties of {}", u.name))?;
+        let service = props
+            .get_all(InterfaceName::from_static_str(
+                "org.freedesktop.systemd1.Service",
+            )?)
+            .await
+            .with_context(|| format!("reading service properties of {}", u.name))?;
+        Ok(ServiceDetails {
+            unit: u.name.clone(),
+            active_state: string(&unit, "ActiveState"),
+            sub_state: string(&unit, "SubState"),
+            result: string(&service, "Result"),
+            n_restarts: number(&service, "NRestarts").map(|n| n as u32),
+            main_pid: number(&service, "MainPID")
+                .filter(|&p| p != 0)
+                .map(|p| p as u32),
+            memory_bytes: number(&service, "MemoryCurrent").filter(|&m| m != u64::MAX),
+            cpu_nsec: number(&service, "CPUUsageNSec").filter(|&c| c != u64::MAX),
+            active_since_usec: number(&unit, "ActiveEnterTimestamp").filter(|&t| t != 0),
+            invocation_id: bytes_hex(&unit, "InvocationID"),
+        })
+    }
+}
+
+fn string(map: &HashMap<String, OwnedVariant>, key: &str) -> String {
+    match map.get(key).map(|v| &**v) {
+        Some(Variant::Str(s)) => s.as_str().to_string(),
+        _ => String::new(),
+    }
+}
+
+fn number(map: &HashMap<String, OwnedVariant>, key: &str) -> Option<u64> {
+    match map.get(key).map(|v| &**v) {
+        Some(Variant::U64(n)) => Some(*n),
+        Some(Variant::U32(n)) => Some(u64::from(*n)),
+        Some(Variant::I32(n)) => u64::try_from(*n).ok(),
+        Some(Variant::I64(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+fn bytes_hex(map: &HashMap<String, OwnedVariant>, key: &str) -> String {
+    let Some(v) = map.get(key) else {
+        return String::new();
+    };
+    match v.try_clone().ok().and_then(|v| Vec::<u8>::try_from(v).ok()) {
+        Some(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        None => String::new(),
+    }
+}
+
+/// Groups unit states by name for quick lookups.
+pub fn by_name(units: Vec<UnitState>) -> BTreeMap<String, UnitState> {
+    units.into_iter().map(|u| (u.name.clone(), u)).collect()
+}

@@ -1,0 +1,587 @@
+//! A guest with a real systemd as PID 1: an nspawn container or a QEMU VM,
+//! driven through one API. Every wait is bounded and scaled by
+//! VM_TEST_TIMEOUT_FACTOR; failures keep artifacts under target/vm-tests/.
+use crate::agent::{Agent, Output};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Nspawn,
+    Qemu,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Nspawn => "nspawn",
+            Tier::Qemu => "qemu",
+        }
+    }
+}
+
+/// How a scenario wants its machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// QEMU: let the guest reboot (no `-no-reboot`).
+    pub reboots: bool,
+}
+
+/// Paths the harness needs, from the environment the Makefile sets.
+pub struct Env {
+    pub image: PathBuf,
+    pub payload: PathBuf,
+    pub artifacts: PathBuf,
+    pub factor: f64,
+}
+
+impl Env {
+    pub fn from_env() -> Result<Env> {
+        let var = |k: &str| {
+            std::env::var(k)
+                .map_err(|_| anyhow!("{k} is not set (run the VM tests through `make vm-test`)"))
+        };
+        let factor = match std::env::var("VM_TEST_TIMEOUT_FACTOR") {
+            Ok(s) => s
+                .parse::<f64>()
+                .map_err(|_| anyhow!("VM_TEST_TIMEOUT_FACTOR={s} is not a number"))?,
+            Err(_) => 1.0,
+        };
+        Ok(Env {
+            image: PathBuf::from(var("CGIPOOL_VM_IMAGE")?),
+            payload: PathBuf::from(var("CGIPOOL_VM_PAYLOAD")?),
+            artifacts: std::env::var("CGIPOOL_VM_ARTIFACTS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/vm-tests"))
+                }),
+            factor,
+        })
+    }
+
+    pub fn scaled(&self, d: Duration) -> Duration {
+        d.mul_f64(self.factor)
+    }
+}
+
+pub struct Machine {
+    pub tier: Tier,
+    pub factor: f64,
+    name: String,
+    dir: PathBuf,
+    run_dir: PathBuf,
+    child: Option<Child>,
+    agent: Agent,
+    opts: Options,
+    transcript: String,
+    units: BTreeSet<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static QEMU_PAYLOAD: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+
+impl Machine {
+    /// Boots a fresh machine and waits until its agent answers and boot is done.
+    pub fn start(env: &Env, tier: Tier, scenario: &str, opts: Options) -> Result<Machine> {
+        let name = format!("{}-{}", tier.name(), scenario);
+        let dir = env.artifacts.join(&name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let run_dir = PathBuf::from(format!("/tmp/cgipool-vm-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&run_dir);
+        fs::create_dir_all(run_dir.join("agent"))?;
+        let console = fs::File::create(dir.join("console.log"))?;
+        let (child, agent_path) = match tier {
+            Tier::Nspawn => spawn_nspawn(env, &run_dir, console)?,
+            Tier::Qemu => spawn_qemu(env, &run_dir, console, opts)?,
+        };
+        let mut m = Machine {
+            tier,
+            factor: env.factor,
+            name,
+            dir,
+            run_dir,
+            child: Some(child),
+            agent: Agent::new(&agent_path),
+            opts,
+            transcript: String::new(),
+            units: BTreeSet::new(),
+        };
+        let boot_limit = match tier {
+            Tier::Nspawn => Duration::from_secs(30),
+            Tier::Qemu => Duration::from_secs(180),
+        };
+        let started = Instant::now();
+        m.wait_for_agent(None, m.scaled(boot_limit))?;
+        m.wait_boot_finished()?;
+        m.note(&format!(
+            "# booted in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(m)
+    }
+
+    pub fn scaled(&self, d: Duration) -> Duration {
+        d.mul_f64(self.factor)
+    }
+
+    pub fn artifacts_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn note(&mut self, line: &str) {
+        self.transcript.push_str(line);
+        self.transcript.push('\n');
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the {} machine exited ({status}); see {}",
+                    self.tier.name(),
+                    self.dir.join("console.log").display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Pings until the agent answers with a boot id other than `not`.
+    fn wait_for_agent(&mut self, not: Option<&str>, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.check_alive()?;
+            match self.agent.ping(Duration::from_secs(1)) {
+                Ok(Some(id)) if Some(id.as_str()) != not => return Ok(id),
+                Ok(_) => {}
+                Err(_) => {
+                    self.agent.disconnect();
+                    sleep(Duration::from_millis(100));
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the guest agent did not answer within {:.0}s (booting {}); see {}",
+                    limit.as_secs_f64(),
+                    self.name,
+                    self.dir.join("console.log").display()
+                );
+            }
+        }
+    }
+
+    fn wait_boot_finished(&mut self) -> Result<()> {
+        let limit = self.scaled(Duration::from_secs(120));
+        let out = self.execute("systemctl is-system-running --wait", limit)?;
+        let state = out.stdout.trim().to_string();
+        self.note(&format!("# system state after boot: {state}"));
+        Ok(())
+    }
+
+    /// Runs a command; never fails on a non-zero exit status.
+    pub fn execute(&mut self, cmd: &str, timeout: Duration) -> Result<Output> {
+        self.check_alive()?;
+        let t = Instant::now();
+        let out = self.agent.run(cmd, timeout);
+        let took = t.elapsed().as_secs_f64();
+        match &out {
+            Ok(o) => {
+                let _ = writeln!(self.transcript, "$ {cmd}\n[rc={} {:.2}s]", o.rc, took);
+                for (tag, s) in [("out", &o.stdout), ("err", &o.stderr)] {
+                    for line in s.lines().take(200) {
+                        let _ = writeln!(self.transcript, "  {tag}| {line}");
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    self.transcript,
+                    "$ {cmd}\n[agent error after {took:.2}s: {e:#}]"
+                );
+            }
+        }
+        out
+    }
+
+    /// Runs a command that must exit 0; returns its stdout.
+    pub fn succeed(&mut self, cmd: &str) -> Result<String> {
+        let limit = self.scaled(Duration::from_secs(60));
+        self.succeed_within(cmd, limit)
+    }
+
+    pub fn succeed_within(&mut self, cmd: &str, limit: Duration) -> Result<String> {
+        let o = self.execute(cmd, limit)?;
+        if o.rc != 0 {
+            bail!(
+                "command failed (exit {}): {cmd}\nstdout: {}\nstderr: {}",
+                o.rc,
+                tail(&o.stdout),
+                tail(&o.stderr)
+            );
+        }
+        Ok(o.stdout)
+    }
+
+    /// Runs a command that must exit non-zero; returns its stdout and stderr.
+    pub fn fail(&mut self, cmd: &str) -> Result<Output> {
+        let limit = self.scaled(Duration::from_secs(60));
+        let o = self.execute(cmd, limit)?;
+        if o.rc == 0 {
+            bail!(
+                "command succeeded but was expected to fail: {cmd}\nstdout: {}",
+                tail(&o.stdout)
+            );
+        }
+        Ok(o)
+    }
+
+    /// Retries `cmd` until it exits 0, at most `limit` (scaled).
+    pub fn wait_until_succeeds(
+        &mut self,
+        cmd: &str,
+        what: &str,
+        limit: Duration,
+    ) -> Result<String> {
+        let limit = self.scaled(limit);
+        let deadline = Instant::now() + limit;
+        let mut last;
+        loop {
+            let o = self.execute(cmd, limit.max(Duration::from_secs(5)))?;
+            if o.rc == 0 {
+                return Ok(o.stdout);
+            }
+            last = o;
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {:.1}s waiting for {what} (`{cmd}`: exit {}, {})",
+                    limit.as_secs_f64(),
+                    last.rc,
+                    tail(&format!("{}{}", last.stdout, last.stderr))
+                );
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until `unit` is active; fails at once if it is failed.
+    pub fn wait_for_unit(&mut self, unit: &str) -> Result<()> {
+        self.units.insert(unit.to_string());
+        let limit = self.scaled(Duration::from_secs(30));
+        let deadline = Instant::now() + limit;
+        loop {
+            let state = self.unit_property(unit, "ActiveState")?;
+            match state.as_str() {
+                "active" => return Ok(()),
+                "failed" => bail!("unit {unit} failed while waiting for it to become active"),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out after {:.1}s waiting for unit {unit} to become active (ActiveState={state})", limit.as_secs_f64());
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn unit_property(&mut self, unit: &str, prop: &str) -> Result<String> {
+        self.units.insert(unit.to_string());
+        let out = self.succeed(&format!(
+            "systemctl show -P {} {}",
+            shell_quote(prop),
+            shell_quote(unit)
+        ))?;
+        Ok(out.trim_end_matches('\n').to_string())
+    }
+
+    /// Copies a host file into the guest (through the agent; for small files —
+    /// build outputs travel in the read-only payload instead).
+    pub fn copy_to(&mut self, host: &Path, guest: &str) -> Result<()> {
+        use base64::Engine;
+        let data = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+        self.write_file(guest, &b64, true)
+    }
+
+    /// Writes `contents` to a guest path.
+    pub fn write_text(&mut self, guest: &str, contents: &str) -> Result<()> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(contents.as_bytes());
+        self.write_file(guest, &b64, true)
+    }
+
+    fn write_file(&mut self, guest: &str, b64: &str, _decode: bool) -> Result<()> {
+        let q = shell_quote(guest);
+        self.succeed(&format!(
+            "mkdir -p \"$(dirname {q})\" && printf %s '{b64}' | base64 -d > {q}"
+        ))?;
+        Ok(())
+    }
+
+    pub fn journal(&mut self, unit: &str) -> Result<String> {
+        self.units.insert(unit.to_string());
+        self.succeed(&format!(
+            "journalctl -b --no-pager -o short-precise -u {}",
+            shell_quote(unit)
+        ))
+    }
+
+    pub fn boot_id(&mut self) -> Result<String> {
+        Ok(self
+            .succeed("cat /proc/sys/kernel/random/boot_id")?
+            .trim()
+            .to_string())
+    }
+
+    /// Reboots the guest and waits until it is back with a new boot id.
+    pub fn reboot(&mut self) -> Result<()> {
+        if self.tier != Tier::Qemu || !self.opts.reboots {
+            bail!("reboot() needs the QEMU tier with Options {{ reboots: true }}");
+        }
+        let old = self.boot_id()?;
+        self.note("# reboot");
+        self.execute("systemctl reboot --no-block", Duration::from_secs(10))?;
+        let limit = self.scaled(Duration::from_secs(240));
+        let new = self.wait_for_agent(Some(&old), limit)?;
+        self.note(&format!("# rebooted: boot id {old} -> {new}"));
+        self.wait_boot_finished()
+    }
+
+    /// Cuts the power and turns it back on (QEMU `system_reset`), then waits
+    /// for the new boot.
+    pub fn crash(&mut self) -> Result<()> {
+        if self.tier != Tier::Qemu {
+            bail!("crash() needs the QEMU tier");
+        }
+        let old = self.boot_id()?;
+        self.note("# crash (system_reset)");
+        qemu_monitor(&self.run_dir.join("monitor.sock"), "system_reset")?;
+        self.agent.disconnect();
+        let limit = self.scaled(Duration::from_secs(240));
+        self.wait_for_agent(Some(&old), limit)?;
+        self.wait_boot_finished()
+    }
+
+    /// Saves what a failed scenario leaves behind; returns the directory.
+    pub fn collect_artifacts(&mut self) -> PathBuf {
+        let units: Vec<String> = self.units.iter().map(|u| shell_quote(u)).collect();
+        let probes = [
+            (
+                "journal.txt",
+                "journalctl -b --no-pager -o short-precise".to_string(),
+            ),
+            (
+                "failed-units.txt",
+                "systemctl --failed --no-pager --all".to_string(),
+            ),
+            (
+                "status.txt",
+                format!(
+                    "systemctl status --no-pager -l --all 'cgipool*' nginx.service {} 2>&1; true",
+                    units.join(" ")
+                ),
+            ),
+            ("nginx-T.txt", "nginx -T 2>&1; true".to_string()),
+            (
+                "nginx-logs.txt",
+                "tail -n 300 /var/log/nginx/*.log 2>&1; true".to_string(),
+            ),
+        ];
+        for (file, cmd) in probes {
+            let text = match self.agent.run(&cmd, Duration::from_secs(30)) {
+                Ok(o) => format!("{}{}", o.stdout, o.stderr),
+                Err(e) => format!("(could not collect: {e:#})\n"),
+            };
+            let _ = fs::write(self.dir.join(file), text);
+        }
+        self.save_transcript();
+        self.dir.clone()
+    }
+
+    pub fn save_transcript(&self) {
+        let _ = fs::write(self.dir.join("transcript.txt"), &self.transcript);
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id() as i32;
+        let signals: &[i32] = match self.tier {
+            // nspawn: first SIGTERM halts the container, a second one terminates it at once.
+            Tier::Nspawn => &[libc::SIGTERM, libc::SIGTERM, libc::SIGKILL],
+            Tier::Qemu => &[libc::SIGTERM, libc::SIGKILL],
+        };
+        for &sig in signals {
+            unsafe { libc::kill(pid, sig) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let _ = fs::remove_dir_all(&self.run_dir);
+                    return;
+                }
+                sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.save_transcript();
+        self.stop();
+    }
+}
+
+fn spawn_nspawn(env: &Env, run_dir: &Path, console: fs::File) -> Result<(Child, PathBuf)> {
+    let rootfs = env.image.join("rootfs");
+    let child = Command::new("systemd-nspawn")
+        .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
+        .args([
+            "--register=no",
+            "--keep-unit",
+            "--volatile=overlay",
+            "--private-network",
+            "--console=passive",
+        ])
+        .arg(format!(
+            "--bind={}:/mnt/agent",
+            run_dir.join("agent").display()
+        ))
+        .arg(format!("--bind-ro={}:/payload", env.payload.display()))
+        .arg("-D")
+        .arg(&rootfs)
+        .arg("-b")
+        .stdin(Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .context("starting systemd-nspawn (apt-get install systemd-container)")?;
+    Ok((child, run_dir.join("agent/agent.sock")))
+}
+
+fn qemu_payload(env: &Env) -> Result<PathBuf> {
+    let res = QEMU_PAYLOAD.get_or_init(|| {
+        let img = env.artifacts.join("payload.ext4");
+        let _ = fs::remove_file(&img);
+        let status = Command::new("mkfs.ext4")
+            .args(["-q", "-L", "cgipayload", "-d"])
+            .arg(&env.payload)
+            .arg(&img)
+            .arg("256M")
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(img),
+            Ok(s) => Err(format!(
+                "mkfs.ext4 -d {} failed: {s}",
+                env.payload.display()
+            )),
+            Err(e) => Err(format!("running mkfs.ext4: {e}")),
+        }
+    });
+    res.clone().map_err(|e| anyhow!(e))
+}
+
+fn spawn_qemu(
+    env: &Env,
+    run_dir: &Path,
+    console: fs::File,
+    opts: Options,
+) -> Result<(Child, PathBuf)> {
+    let payload = qemu_payload(env)?;
+    let overlay = run_dir.join("overlay.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(env.image.join("disk.raw"))
+        .arg(&overlay)
+        .status()
+        .context("running qemu-img (apt-get install qemu-utils)")?;
+    if !st.success() {
+        bail!("qemu-img create failed: {st}");
+    }
+    let agent = run_dir.join("agent/qemu-agent.sock");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "1536",
+        "-smp",
+        "2",
+        "-nographic",
+        "-nic",
+        "none",
+        "-display",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(env.image.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(env.image.join("initrd.img"))
+    .args([
+        "-append",
+        "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=0 loglevel=4",
+    ])
+    .arg("-drive")
+    .arg(format!("file={},if=virtio,format=qcow2", overlay.display()))
+    .arg("-drive")
+    .arg(format!(
+        "file={},if=virtio,format=raw,readonly=on",
+        payload.display()
+    ))
+    .args(["-device", "virtio-serial"])
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=agent,path={},server=on,wait=off",
+        agent.display()
+    ))
+    .args([
+        "-device",
+        "virtserialport,chardev=agent,name=org.cgipool.agent",
+    ])
+    .arg("-monitor")
+    .arg(format!(
+        "unix:{},server=on,wait=off",
+        run_dir.join("monitor.sock").display()
+    ))
+    .arg("-serial")
+    .arg("stdio");
+    if !opts.reboots {
+        cmd.arg("-no-reboot");
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(console.try_clone()?)
+        .stderr(console)
+        .spawn()
+        .context("starting qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    Ok((child, agent))
+}
+
+fn qemu_monitor(sock: &Path, command: &str) -> Result<()> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to the QEMU monitor {}", sock.display()))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    Ok(())
+}
+
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let start = lines.len().saturating_sub(20);
+    lines[start..].join("\n")
+}

@@ -1,0 +1,10 @@
+//! The scenario list. Each module owns the scenarios of one issue.
+mod harness;
+
+use crate::Scenario;
+
+pub fn all() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    v.extend(harness::scenarios());
+    v
+}
