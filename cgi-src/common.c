@@ -1158,11 +1158,11 @@ static int listen_tcp(const char *spec)
         fprintf(stderr, "%s: --listen wants PATH or HOST:PORT\n", g_worker);
         return -1;
     }
-    size_t hl = (size_t)(colon - spec);
+    size_t hl = (size_t)(colon - spec), skip = 0;
     if (hl >= 2 && spec[0] == '[' && spec[hl - 1] == ']')
-        memcpy(host, spec + 1, hl - 2), host[hl - 2] = '\0';
-    else
-        memcpy(host, spec, hl), host[hl] = '\0';
+        skip = 1; /* [v6addr]:port */
+    memcpy(host, spec + skip, hl - 2 * skip);
+    host[hl - 2 * skip] = '\0';
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
     struct addrinfo *res = NULL;
     int rc = getaddrinfo(hl ? host : NULL, colon + 1, &hints, &res);

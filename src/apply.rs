@@ -160,7 +160,7 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
     }
 
     // Phase 4: nginx lists only workers that are really active.
-    let mut reloaded = false;
+    let mut reloaded = None;
     if host.nginx_active {
         let active = active_instances(&systemd, &wanted).await?;
         let final_files = nginx_for(cfg, &active);
@@ -189,7 +189,7 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
             })
             .unwrap_or(true);
         if changed {
-            nginx::reload_and_verify(
+            let old = nginx::reload_and_verify(
                 &systemd,
                 &cfg.nginx.unit,
                 &final_files.generation,
@@ -200,14 +200,14 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
                 "nginx: reloaded {}, serving generation {}",
                 cfg.nginx.unit, final_files.generation
             );
-            reloaded = true;
+            reloaded = Some(old);
         }
     }
 
     // Phase 5: drain, then stop what goes away.
     if !plan.stop.is_empty() {
-        if reloaded {
-            nginx::wait_old_workers(Duration::from_secs(60))
+        if let Some(old) = &reloaded {
+            nginx::wait_old_workers(old, Duration::from_secs(60))
                 .await
                 .context("draining nginx before stopping workers")?;
         }
@@ -359,9 +359,10 @@ pub async fn down(cfg: &Config, unit_dir: &Path, job_timeout: Duration) -> Resul
                 nginx::restore(&saved)?;
                 return Err(e);
             }
-            nginx::reload_and_verify(&systemd, &cfg.nginx.unit, &empty.generation, job_timeout)
-                .await?;
-            nginx::wait_old_workers(Duration::from_secs(60)).await?;
+            let old =
+                nginx::reload_and_verify(&systemd, &cfg.nginx.unit, &empty.generation, job_timeout)
+                    .await?;
+            nginx::wait_old_workers(&old, Duration::from_secs(60)).await?;
             println!("nginx: routes removed, reloaded");
         }
     }

@@ -7,6 +7,7 @@ use crate::files::write_atomic;
 use crate::render::{is_generated, NginxFiles};
 use crate::systemd::{Job, JobKind, Systemd};
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -109,13 +110,20 @@ pub fn test_config() -> Result<()> {
     Ok(())
 }
 
+/// The nginx workers that served before a reload; they finish their
+/// requests and exit once the new workers took over.
+#[derive(Debug, Clone, Default)]
+pub struct OldWorkers(BTreeSet<u32>);
+
 /// Reloads nginx through systemd and waits until it serves `generation`.
+/// Returns the workers that were running before the reload.
 pub async fn reload_and_verify(
     systemd: &Systemd,
     unit: &str,
     generation: &str,
     limit: Duration,
-) -> Result<()> {
+) -> Result<OldWorkers> {
+    let old = OldWorkers(worker_pids());
     systemd
         .run_jobs(&[Job::new(JobKind::Reload, unit)], limit)
         .await
@@ -123,7 +131,7 @@ pub async fn reload_and_verify(
     let deadline = Instant::now() + limit;
     loop {
         let last = match fetch_generation() {
-            Ok(g) if g == generation => return Ok(()),
+            Ok(g) if g == generation => return Ok(old),
             Ok(g) => format!("it serves generation {g}"),
             Err(e) => format!("{e:#}"),
         };
@@ -156,18 +164,22 @@ pub fn fetch_generation() -> Result<String> {
     Ok(body.trim().to_string())
 }
 
-/// Waits until no nginx worker is "shutting down" (they finish their
-/// requests after a reload and then exit), within `limit`.
-pub async fn wait_old_workers(limit: Duration) -> Result<()> {
+/// Waits until every worker from before the reload has exited (they finish
+/// their requests first; `worker_shutdown_timeout` caps that), within `limit`.
+pub async fn wait_old_workers(old: &OldWorkers, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        let old = old_workers();
-        if old == 0 {
+        let left = old
+            .0
+            .iter()
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .count();
+        if left == 0 {
             return Ok(());
         }
         if Instant::now() >= deadline {
             bail!(
-                "{old} old nginx workers were still shutting down after {}s",
+                "{left} old nginx workers were still serving {}s after the reload",
                 limit.as_secs()
             );
         }
@@ -175,18 +187,17 @@ pub async fn wait_old_workers(limit: Duration) -> Result<()> {
     }
 }
 
-fn old_workers() -> usize {
+/// PIDs of the processes titled "nginx: worker process".
+fn worker_pids() -> BTreeSet<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
-        return 0;
+        return BTreeSet::new();
     };
     dir.filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).starts_with("nginx: worker process"))
+                .unwrap_or(false)
         })
-        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains("worker process is shutting down"))
-        .count()
+        .collect()
 }

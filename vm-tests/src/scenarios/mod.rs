@@ -1,4 +1,7 @@
 //! The scenario list. Each module owns the scenarios of one issue.
+mod common;
+mod core;
+mod edge;
 mod harness;
 
 use crate::Scenario;
@@ -6,5 +9,7 @@ use crate::Scenario;
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     v.extend(harness::scenarios());
+    v.extend(core::scenarios());
+    v.extend(edge::scenarios());
     v
 }

@@ -1,0 +1,127 @@
+//! Steps many scenarios share: installing cgipool and the workers from the
+//! payload, writing configs, applying, reading status.
+use crate::machine::Machine;
+use anyhow::{ensure, Context, Result};
+use std::time::Duration;
+
+pub const CONFIG: &str = "/etc/cgipool/cgipool.toml";
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Installs cgipool, the C workers and the Python example worker from the
+/// payload, the example nginx site with a self-signed certificate, and the
+/// demo config at /etc/cgipool/cgipool.toml.
+pub fn install(m: &mut Machine) -> Result<()> {
+    m.succeed(
+        "set -e
+         install -m 0755 /payload/bin/cgipool /usr/local/bin/cgipool
+         install -d /usr/local/lib/cgipool
+         install -m 0755 /payload/lib/cgipool/* /usr/local/lib/cgipool/
+         install -m 0755 /payload/examples/workers/hello.py /usr/local/lib/cgipool/hello.py
+         install -d /etc/cgipool /etc/ssl/cgipool
+         install -m 0644 /payload/examples/demo.toml /etc/cgipool/cgipool.toml
+         openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 2 \
+             -keyout /etc/ssl/cgipool/key.pem -out /etc/ssl/cgipool/cert.pem 2>/dev/null
+         install -m 0644 /payload/nginx/cgipool-site.conf /etc/nginx/sites-available/cgipool
+         ln -sf ../sites-available/cgipool /etc/nginx/sites-enabled/cgipool
+         rm -f /etc/nginx/sites-enabled/default
+         nginx -t -q
+         systemctl reload nginx",
+    )?;
+    m.wait_until_succeeds("curl -sf -o /dev/null -k https://127.0.0.1/ || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/ | grep -q 404", "the example site to answer", Duration::from_secs(10))?;
+    Ok(())
+}
+
+pub fn write_config(m: &mut Machine, text: &str) -> Result<()> {
+    m.write_text(CONFIG, text)
+}
+
+/// `cgipool apply`, which must succeed; returns its stdout.
+pub fn apply(m: &mut Machine) -> Result<String> {
+    m.succeed(&format!("cgipool apply {CONFIG}"))
+        .context("cgipool apply")
+}
+
+pub fn status_json(m: &mut Machine) -> Result<serde_json::Value> {
+    let out = m.succeed("cgipool status --json")?;
+    serde_json::from_str(&out).with_context(|| format!("cgipool status --json is not JSON: {out}"))
+}
+
+/// The names in the unit directory that cgipool generated, sorted.
+pub fn unit_dir_listing(m: &mut Machine) -> Result<Vec<String>> {
+    let out = m.succeed(&format!(
+        "cd {UNIT_DIR} && find . \\( -name 'cgipool*' -o -path '*cgipool*.wants*' \\) | sort"
+    ))?;
+    Ok(out
+        .lines()
+        .map(|l| l.trim_start_matches("./").to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// What the unit directory holds for pools with `counts`, as `unit_dir_listing` reads it.
+pub fn expected_listing(counts: &[(&str, u32)]) -> Vec<String> {
+    let mut v = vec![
+        "cgipool.target".to_string(),
+        "cgipool.target.wants".to_string(),
+        "multi-user.target.wants/cgipool.target".to_string(),
+    ];
+    for (pool, n) in counts {
+        v.push(format!("cgipool.target.wants/cgipool-{pool}.target"));
+        v.push(format!("cgipool-{pool}.target"));
+        v.push(format!("cgipool-{pool}.target.wants"));
+        v.push(format!("cgipool-{pool}@.service"));
+        v.push(format!("cgipool-{pool}@.socket"));
+        for i in 1..=*n {
+            v.push(format!(
+                "cgipool-{pool}.target.wants/cgipool-{pool}@{i}.service"
+            ));
+            v.push(format!(
+                "cgipool-{pool}.target.wants/cgipool-{pool}@{i}.socket"
+            ));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Checks that exactly workers 1..=n of `pool` run: sockets listening,
+/// services active, and no higher instance loaded and active.
+pub fn assert_pool_running(m: &mut Machine, pool: &str, n: u32) -> Result<()> {
+    for i in 1..=n {
+        m.wait_for_unit(&format!("cgipool-{pool}@{i}.service"))?;
+        let sock = m.unit_property(&format!("cgipool-{pool}@{i}.socket"), "ActiveState")?;
+        ensure!(sock == "active", "cgipool-{pool}@{i}.socket is {sock}");
+        m.succeed(&format!("test -S /run/cgipool/{pool}/{i}.sock"))?;
+    }
+    let running = m.succeed(&format!("systemctl list-units --no-legend --plain --state=active 'cgipool-{pool}@*.service' | awk '{{print $1}}' | sort -V"))?;
+    let want: Vec<String> = (1..=n)
+        .map(|i| format!("cgipool-{pool}@{i}.service"))
+        .collect();
+    let got: Vec<String> = running.lines().map(String::from).collect();
+    ensure!(
+        got == want,
+        "pool {pool}: active services {got:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+/// A sha256 over every file and link in the unit dir and the nginx config
+/// dir, to prove a command changed nothing.
+pub fn host_fingerprint(m: &mut Machine) -> Result<String> {
+    m.succeed(&format!(
+        "cd / && find {UNIT_DIR} /etc/nginx \\( -type f -o -type l \\) -printf '%p %l\\n' -exec sh -c 'test -L \"$1\" || sha256sum \"$1\"' _ {{}} \\; | sha256sum"
+    ))
+}
+
+/// Runs `cmd` expecting exit status 2; returns its stderr.
+pub fn expect_usage_error(m: &mut Machine, cmd: &str) -> Result<String> {
+    let o = m.execute(cmd, m.scaled(Duration::from_secs(60)))?;
+    ensure!(
+        o.rc == 2,
+        "`{cmd}` exited {}, expected 2 (bad config or usage)\nstdout: {}\nstderr: {}",
+        o.rc,
+        o.stdout,
+        o.stderr
+    );
+    Ok(o.stderr)
+}
