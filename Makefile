@@ -27,8 +27,10 @@ lint:
 cargo-test:
 	$(CARGO) test --workspace
 
+# The workers under ASan/UBSan over real sockets, then the HTTP parser
+# fuzzed for FUZZ_SECONDS.
 workers-test:
-	$(MAKE) -C cgi-src test
+	$(MAKE) -C cgi-src test TEST_FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 fuzz:
 	$(MAKE) -C cgi-src fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
@@ -50,7 +52,11 @@ vm-test: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- --test-threads=1 $(VM_TESTS_ARGS)
 
-test: lint cargo-test workers-test fuzz vm-test
+demo: deps payload image
+	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
+	  $(CARGO) run -q -p vm-tests -- demo
+
+test: lint cargo-test workers-test vm-test
 	@echo "make test: all tiers passed"
 
 clean:

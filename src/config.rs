@@ -1345,6 +1345,49 @@ mod tests {
         e[0].clone()
     }
 
+    /// The README's config reference cannot drift from the code.
+    #[test]
+    fn readme_documents_every_config_key() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<(&str, &str)> = readme
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key, *cells.get(2)?))
+            })
+            .collect();
+        let documented =
+            |key: &str, section: &str| rows.iter().any(|(k, s)| *k == key && *s == section);
+        for key in NGINX_KEYS {
+            assert!(
+                documented(key, "`[nginx]`"),
+                "README lacks [nginx] key {key}"
+            );
+        }
+        for key in WATCH_SECTION_KEYS {
+            assert!(
+                documented(key, "`[watch]`"),
+                "README lacks [watch] key {key}"
+            );
+        }
+        for key in POOL_KEYS {
+            assert!(documented(key, "pool"), "README lacks pool key {key}");
+        }
+        let known = rows.iter().filter(|(_, s)| *s == "pool").count();
+        assert_eq!(
+            known,
+            POOL_KEYS.len(),
+            "README documents pool keys the code does not know"
+        );
+        for key in WATCH_POOL_KEYS {
+            assert!(
+                readme.contains(&format!("`{key}`")),
+                "README does not mention {key}"
+            );
+        }
+    }
+
     #[test]
     fn demo_parses_with_defaults() {
         let c = parse(Path::new("examples/demo.toml"), DEMO).unwrap();

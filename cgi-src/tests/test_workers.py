@@ -253,7 +253,8 @@ class SearchTests(WorkerCase):
         self.assertEqual(body["pid"], self.w.proc.pid)
         self.assertGreaterEqual(len(body["results"]), 2)
         self.assertTrue(all("title" in d and "id" in d for d in body["results"]))
-        self.assertIn("rid=req-42", self.w.log())
+        # The worker logs after sending the response: wait for the line.
+        wait_until(lambda: "rid=req-42" in self.w.log(), "request log line")
 
     def test_no_request_id_no_echo(self):
         r = self.w.get("/api/search?q=x")
@@ -629,7 +630,7 @@ class HelloExampleTests(WorkerCase):
         self.assertEqual(w.get("/x/healthz").status, 200)
         self.assertEqual(w.get("/nope").status, 404)
         self.assertEqual(w.request(req("POST", "/api/hello", body=b"x")).status, 405)
-        self.assertIn("rid=py-1", w.log())
+        wait_until(lambda: "rid=py-1" in w.log(), "hello request log line")
         self.assertEqual(w.stop(), 0)
         self.assertIn(b"STOPPING=1", s.recv(4096))
 

@@ -4,6 +4,7 @@
 //! in vm-tests/scenarios.txt must match what is registered, and a full run
 //! fails if fewer trials ran than listed.
 mod agent;
+mod demo;
 mod machine;
 mod scenarios;
 
@@ -88,6 +89,16 @@ fn tier_tools(tier: Tier) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("demo") {
+        let result = Env::from_env().and_then(|env| demo::run(&env));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Arguments::from_args();
     let env = match Env::from_env() {
         Ok(e) => Arc::new(e),

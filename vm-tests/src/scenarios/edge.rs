@@ -21,6 +21,7 @@ pub fn scenarios() -> Vec<Scenario> {
         s("nginx_bad_config_rolls_back", bad_config_rolls_back),
         s("nginx_rate_limit", rate_limit),
         s("nginx_zero_failures_under_load", zero_failures_under_load),
+        s("workers_python_pool_next_to_c", python_pool),
     ]
 }
 
@@ -65,6 +66,14 @@ fn routes_balance(m: &mut Machine) -> Result<()> {
                 .map(|v| v.len() >= 16)
                 .unwrap_or(false),
             "no X-Request-ID in:\n{headers}"
+        );
+        let ids = headers
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("x-request-id:"))
+            .count();
+        ensure!(
+            ids == 1,
+            "{ids} X-Request-ID headers in one response:\n{headers}"
         );
         workers.insert(
             header(&headers, "X-Cgipool-Worker")
@@ -162,6 +171,39 @@ fn rate_limit(m: &mut Machine) -> Result<()> {
     ensure!(
         body.contains("429") && body.contains("application/json") && body.contains("\"error\""),
         "a 429 without a JSON body:\n{body}"
+    );
+    Ok(())
+}
+
+/// The worker contract in a second language: examples/workers/hello.py as a
+/// pool next to the C ones, sandboxed like them.
+fn python_pool(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    let demo = m.succeed(&format!("cat {CONFIG}"))?;
+    write_config(m, &format!("{demo}\n[pool.hello]\nexec = \"/usr/bin/python3\"\nargs = [\"/usr/local/lib/cgipool/hello.py\"]\nroute = \"/api/hello\"\nmin = 2\n"))?;
+    apply(m)?;
+    assert_pool_running(m, "hello", 2)?;
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        let (code, headers, body) = get(m, "/api/hello?name=pool")?;
+        ensure!(code == 200, "hello answered {code}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("hello body is not JSON: {body}"))?;
+        ensure!(body.contains("pool"), "hello did not use the name: {json}");
+        seen.insert(
+            header(&headers, "X-Cgipool-Worker")
+                .context("no X-Cgipool-Worker from hello.py")?
+                .to_string(),
+        );
+    }
+    ensure!(
+        seen.iter().all(|w| w.starts_with("hello@")),
+        "wrong workers answered /api/hello: {seen:?}"
+    );
+    let (code, _, _) = get(m, "/api/search?q=x")?;
+    ensure!(
+        code == 200,
+        "search next to the Python pool answered {code}"
     );
     Ok(())
 }

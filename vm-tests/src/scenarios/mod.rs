@@ -1,8 +1,9 @@
 //! The scenario list. Each module owns the scenarios of one issue.
-mod common;
+pub mod common;
 mod core;
 mod edge;
 mod harness;
+mod machine_tier;
 
 use crate::Scenario;
 
@@ -11,5 +12,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(harness::scenarios());
     v.extend(core::scenarios());
     v.extend(edge::scenarios());
+    v.extend(machine_tier::scenarios());
     v
 }
