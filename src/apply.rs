@@ -191,7 +191,7 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
         if changed {
             let old = nginx::reload_and_verify(
                 &systemd,
-                &cfg.nginx.unit,
+                &cfg.nginx,
                 &final_files.generation,
                 opts.job_timeout,
             )
@@ -360,7 +360,7 @@ pub async fn down(cfg: &Config, unit_dir: &Path, job_timeout: Duration) -> Resul
                 return Err(e);
             }
             let old =
-                nginx::reload_and_verify(&systemd, &cfg.nginx.unit, &empty.generation, job_timeout)
+                nginx::reload_and_verify(&systemd, &cfg.nginx, &empty.generation, job_timeout)
                     .await?;
             nginx::wait_old_workers(&old, Duration::from_secs(60)).await?;
             println!("nginx: routes removed, reloaded");

@@ -46,6 +46,9 @@ pub struct Nginx {
     pub locations: PathBuf,
     pub unit: String,
     pub socket_group: String,
+    /// host:port where cgipool reaches nginx over HTTP on loopback to read
+    /// `/.cgipool/generation` after a reload.
+    pub check_address: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,7 +184,13 @@ pub fn parse(source: &Path, text: &str) -> Result<Config, ConfigError> {
 // Key tables
 
 const TOP_KEYS: &[&str] = &["nginx", "watch", "defaults", "pool"];
-const NGINX_KEYS: &[&str] = &["upstreams", "locations", "unit", "socket_group"];
+const NGINX_KEYS: &[&str] = &[
+    "upstreams",
+    "locations",
+    "unit",
+    "socket_group",
+    "check_address",
+];
 const WATCH_SECTION_KEYS: &[&str] = &["enabled"];
 const POOL_KEYS: &[&str] = &[
     "exec",
@@ -848,6 +857,7 @@ fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
         locations: PathBuf::from(DEFAULT_LOCATIONS),
         unit: "nginx.service".to_string(),
         socket_group: "www-data".to_string(),
+        check_address: "127.0.0.1:80".to_string(),
     };
     let Some(sec) = sec else { return Some(n) };
     let Some(t) = sec.item.as_table_like() else {
@@ -895,6 +905,18 @@ fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
                             &src.key,
                             format!("invalid group name {s:?}: use [a-z_][a-z0-9_-]*"),
                         );
+                    }
+                }
+            }
+            "check_address" => {
+                if let Some(s) = get_str(cx, &src) {
+                    match s.parse::<std::net::SocketAddr>() {
+                        Ok(a) if a.ip().is_loopback() => n.check_address = s,
+                        _ => cx.err(
+                            src.span(),
+                            &src.key,
+                            format!("invalid address {s:?}: expected a loopback host:port such as \"127.0.0.1:80\""),
+                        ),
                     }
                 }
             }
@@ -1399,6 +1421,7 @@ mod tests {
                 locations: DEFAULT_LOCATIONS.into(),
                 unit: "nginx.service".into(),
                 socket_group: "www-data".into(),
+                check_address: "127.0.0.1:80".into(),
             }
         );
         assert!(c.watch_enabled);
@@ -1876,6 +1899,8 @@ health_path = "/health"
             ("unit = \"nginx\"", "invalid unit name"),
             ("unit = \"ng inx.service\"", "invalid unit name"),
             ("socket_group = \"www data\"", "invalid group name"),
+            ("check_address = \"192.0.2.1:80\"", "expected a loopback host:port"),
+            ("check_address = \"localhost\"", "expected a loopback host:port"),
             (
                 "upstreams = \"/etc/nginx/snippets/cgipool-locations.conf\"",
                 "must differ",

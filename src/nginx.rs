@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Where cgipool asks nginx which generation it serves.
-pub const GENERATION_URL_ADDR: &str = "127.0.0.1:80";
+/// Where nginx says which generation it serves (on `[nginx].check_address`).
 pub const GENERATION_PATH: &str = "/.cgipool/generation";
 
 /// The bytes of our two files before this run touched them (None: absent).
@@ -119,10 +118,11 @@ pub struct OldWorkers(BTreeSet<u32>);
 /// Returns the workers that were running before the reload.
 pub async fn reload_and_verify(
     systemd: &Systemd,
-    unit: &str,
+    cfg: &Nginx,
     generation: &str,
     limit: Duration,
 ) -> Result<OldWorkers> {
+    let unit = cfg.unit.as_str();
     let old = OldWorkers(worker_pids());
     systemd
         .run_jobs(&[Job::new(JobKind::Reload, unit)], limit)
@@ -130,7 +130,7 @@ pub async fn reload_and_verify(
         .with_context(|| format!("reloading {unit}"))?;
     let deadline = Instant::now() + limit;
     loop {
-        let last = match fetch_generation() {
+        let last = match fetch_generation(&cfg.check_address) {
             Ok(g) if g == generation => return Ok(old),
             Ok(g) => format!("it serves generation {g}"),
             Err(e) => format!("{e:#}"),
@@ -143,9 +143,9 @@ pub async fn reload_and_verify(
 }
 
 /// GET /.cgipool/generation on loopback; a tiny HTTP/1.0 client.
-pub fn fetch_generation() -> Result<String> {
-    let mut s = TcpStream::connect(GENERATION_URL_ADDR)
-        .with_context(|| format!("connecting to nginx at {GENERATION_URL_ADDR}"))?;
+pub fn fetch_generation(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)
+        .with_context(|| format!("connecting to nginx at {addr} ([nginx].check_address)"))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     write!(
