@@ -14,10 +14,10 @@ key() {
     (
         cd "$here"
         sha256sum build.sh packages.txt
-        find files -type f -o -type l -o -type d | LC_ALL=C sort | while read -r f; do
+        # Only what git tracks counts (no empty dirs, modes as git keeps them).
+        find files -type f -o -type l | LC_ALL=C sort | while read -r f; do
             if [ -L "$f" ]; then echo "link $f -> $(readlink "$f")"
-            elif [ -d "$f" ]; then echo "dir $f"
-            else echo "file $f $(sha256sum < "$f" | cut -c1-64) $(stat -c %a "$f")"; fi
+            else echo "file $f $(sha256sum < "$f" | cut -c1-64) $([ -x "$f" ] && echo x)"; fi
         done
     ) | sha256sum | cut -c1-16
 }
@@ -53,6 +53,7 @@ debootstrap --variant=minbase --include="$pkgs" bookworm "$work/rootfs" >"$work/
 root=$work/rootfs
 # Baked-in files (agent, masks, journald, emergency power-off, payload mount).
 cp -a "$here/files/." "$root/"
+mkdir -p "$root/payload" "$root/mnt/agent"   # mount points: payload, agent socket dir
 chown -R root:root "$root/usr/local/lib/cgipool-test" "$root/etc/systemd"
 
 # Mask gettys and every timer that could start jobs during a test.
