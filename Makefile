@@ -9,7 +9,7 @@ FUZZ_SECONDS ?= 60
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 
-.PHONY: all build deps test cargo-test workers-test fuzz image payload vm-test demo bench clean lint
+.PHONY: all build deps test cargo-test workers-test fuzz image payload vm-test demo bench bench-smoke clean lint
 
 all: build
 
@@ -55,6 +55,17 @@ vm-test: payload image
 demo: deps payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- demo
+
+# Benchmarks (bench/): figures next to baselines measured in the same run,
+# written to bench/results/latest.{md,json}. Never a gate: `make test` only
+# runs a few-second smoke of the same code.
+bench: payload image
+	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
+	  $(CARGO) run -q -p vm-tests -- bench
+
+bench-smoke: payload image
+	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
+	  $(CARGO) run -q -p vm-tests -- bench --smoke
 
 test: lint cargo-test workers-test vm-test
 	@echo "make test: all tiers passed"

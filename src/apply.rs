@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::files::{self, OnDisk};
 use crate::nginx;
-use crate::plan::{self, Desired, Observed, Plan};
+use crate::plan::{self, Desired, Observed, Plan, WatchAction, WATCH_UNIT};
 use crate::render::{self, NginxFiles};
 use crate::systemd::{by_name, Job, JobKind, Systemd};
 use anyhow::{bail, Context, Result};
@@ -126,6 +126,7 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
     }
     if plan.is_empty() {
         println!("no changes");
+        crate::watch::save_applied(cfg).ok();
         return Ok(plan);
     }
     if !host.nginx_active {
@@ -149,15 +150,17 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
     };
 
     // Phase 3: unit files, daemon-reload, start and roll workers.
-    let units_result = converge_units(&systemd, &desired, &plan, opts).await;
-    if let Err(e) = units_result {
-        if let Some(saved) = &saved {
-            nginx::restore(saved)?;
+    let mut problems = match converge_units(&systemd, &desired, &plan, opts).await {
+        Ok(problems) => problems,
+        Err(e) => {
+            if let Some(saved) = &saved {
+                nginx::restore(saved)?;
+            }
+            return Err(e.context(
+                "applying units failed (nginx files left as they were); run apply again once fixed",
+            ));
         }
-        return Err(e.context(
-            "applying units failed (nginx files left as they were); run apply again once fixed",
-        ));
-    }
+    };
 
     // Phase 4: nginx lists only workers that are really active.
     let mut reloaded = None;
@@ -231,6 +234,29 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
             plan.remove.len()
         );
     }
+    // Last: the watch daemon, once everything it watches is in place.
+    if let Some(action) = plan.watch {
+        let kind = match action {
+            WatchAction::Start => JobKind::Start,
+            WatchAction::Restart => JobKind::Restart,
+        };
+        match systemd
+            .run_jobs(&[Job::new(kind, WATCH_UNIT)], opts.job_timeout)
+            .await
+        {
+            Ok(()) => println!("systemd: {kind}ed {WATCH_UNIT}"),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if let Err(e) = crate::watch::save_applied(cfg) {
+        println!("note: could not save the applied config for watch: {e:#}");
+    }
+    if !problems.is_empty() {
+        bail!(
+            "some workers are not healthy (nginx routes only to the healthy ones): {}",
+            problems.join("; ")
+        );
+    }
     Ok(plan)
 }
 
@@ -239,7 +265,8 @@ async fn converge_units(
     desired: &Desired,
     plan: &Plan,
     opts: &Options,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
     for rel in &plan.write {
         if let Some(entry) = desired.units.entries.get(rel) {
             files::write_entry(&opts.unit_dir, rel, entry)?;
@@ -260,32 +287,52 @@ async fn converge_units(
         systemd.daemon_reload().await?;
         println!("systemd: daemon-reload");
     }
+    for unit in &plan.reset_failed {
+        systemd.reset_failed(unit).await?;
+    }
     if !plan.start.is_empty() {
         let jobs: Vec<Job> = plan
             .start
             .iter()
             .map(|u| Job::new(JobKind::Start, u))
             .collect();
-        systemd.run_jobs(&jobs, opts.job_timeout).await?;
         let services: Vec<&String> = plan
             .start
             .iter()
             .filter(|u| u.ends_with(".service"))
             .collect();
-        check_active(systemd, &services).await?;
-        println!("systemd: started {}", plan.start.join(" "));
+        // A worker that does not come up is reported, not fatal: nginx will
+        // route to the workers that did.
+        let started = match systemd.run_jobs(&jobs, opts.job_timeout).await {
+            Ok(()) => check_active(systemd, &services).await,
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(()) => println!("systemd: started {}", plan.start.join(" ")),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
     }
     for group in &plan.roll {
         let jobs: Vec<Job> = group
             .iter()
             .map(|u| Job::new(JobKind::Restart, u))
             .collect();
-        systemd.run_jobs(&jobs, opts.job_timeout).await?;
         let services: Vec<&String> = group.iter().filter(|u| u.ends_with(".service")).collect();
-        check_active(systemd, &services).await?;
+        let restarted = match systemd.run_jobs(&jobs, opts.job_timeout).await {
+            Ok(()) => check_active(systemd, &services).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restarted {
+            // Stop rolling: taking more workers down would cost capacity.
+            problems.push(format!(
+                "rolling restart stopped at {}: {e:#}",
+                group.join(" + ")
+            ));
+            break;
+        }
         println!("systemd: restarted {}", group.join(" "));
     }
-    Ok(())
+    Ok(problems)
 }
 
 /// A `done` job is not a healthy worker: read the state back.

@@ -82,6 +82,9 @@ pub struct Pool {
     pub read_only_paths: Vec<PathBuf>,
     pub private_network: bool,
     pub protocol: Protocol,
+    /// The cgipool binary whose `cgi-gateway` subcommand runs a
+    /// `protocol = "cgi"` pool's program (unused for "http" pools).
+    pub gateway: PathBuf,
     pub working_directory: Option<PathBuf>,
     /// Normalised systemd duration (render converts it to nginx syntax).
     pub request_timeout: String,
@@ -212,6 +215,7 @@ const POOL_KEYS: &[&str] = &[
     "read_only_paths",
     "private_network",
     "protocol",
+    "gateway",
     "working_directory",
     "request_timeout",
     "body_limit",
@@ -229,7 +233,9 @@ const WATCH_POOL_KEYS: &[&str] = &[
     "scale_down_after",
 ];
 const NOT_YET_WATCH: &str = "not supported yet (the watch daemon is issue 8)";
-const NOT_YET_CGI: &str = "not supported yet (the CGI gateway is issue 9)";
+/// Where `cargo install --path . --root /usr/local` puts cgipool; the
+/// default `gateway` of CGI pools.
+pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
 
 pub const MAX_POOL_NAME: usize = 32;
 pub const MAX_WORKERS: u32 = 512;
@@ -1023,6 +1029,7 @@ struct PoolFields {
     read_only_paths: Option<Vec<PathBuf>>,
     private_network: Option<bool>,
     protocol: Option<Protocol>,
+    gateway: Option<PathBuf>,
     working_directory: Option<PathBuf>,
     request_timeout: Option<String>,
     body_limit: Option<String>,
@@ -1161,12 +1168,12 @@ fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
                     _ => None,
                 };
                 match p {
-                    Some(Protocol::Http) => f.protocol = p,
-                    Some(Protocol::Cgi) => cx.err(sp, key, format!("\"cgi\" is {NOT_YET_CGI}")),
+                    Some(_) => f.protocol = p,
                     None => cx.err(sp, key, format!("expected \"http\" or \"cgi\", got {s:?}")),
                 }
             }
         }
+        "gateway" => f.gateway = get_abs_path(cx, src),
         "working_directory" => f.working_directory = get_abs_path(cx, src),
         "body_limit" => {
             if let Some(s) = get_str(cx, src) {
@@ -1288,6 +1295,13 @@ fn parse_pool(
             format!("min ({min}) must not be greater than max ({max})"),
         );
     }
+    if f.protocol == Some(Protocol::Cgi) && (f.notify == Some(true) || f.watchdog_sec.is_some()) {
+        cx.err(
+            here_or(psrc),
+            &format!("{}.protocol", psrc.key),
+            "notify and watchdog_sec are not available for protocol = \"cgi\" (the gateway does not send READY=1 or WATCHDOG=1)",
+        );
+    }
     if cx.errors != errors_before {
         return None;
     }
@@ -1314,6 +1328,7 @@ fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         protocol: f.protocol.unwrap_or(Protocol::Http),
+        gateway: f.gateway.unwrap_or_else(|| PathBuf::from(DEFAULT_GATEWAY)),
         working_directory: f.working_directory,
         request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
         body_limit: f.body_limit.unwrap_or_else(|| "1m".to_string()),
@@ -1452,6 +1467,7 @@ mod tests {
                 read_only_paths: vec![],
                 private_network: true,
                 protocol: Protocol::Http,
+                gateway: PathBuf::from(DEFAULT_GATEWAY),
                 working_directory: None,
                 request_timeout: "60s".into(),
                 body_limit: "1m".into(),
@@ -1494,6 +1510,7 @@ read_write_paths = ["/var/lib/x"]
 read_only_paths = ["/srv"]
 private_network = false
 protocol = "http"
+gateway = "/opt/cgipool/bin/cgipool"
 working_directory = "/var/lib/x"
 request_timeout = "2min"
 body_limit = "10M"
@@ -1520,6 +1537,8 @@ max_connections = 7
         assert_eq!(x.burst, 3);
         assert_eq!(x.max_connections, Some(7));
         assert!(!x.private_network);
+        assert_eq!(x.protocol, Protocol::Http);
+        assert_eq!(x.gateway, Path::new("/opt/cgipool/bin/cgipool"));
     }
 
     #[test]
@@ -1830,6 +1849,8 @@ health_path = "/health"
             "watchdog_sec = \"1min 30s\"",
             "user = \"_svc-1\"",
             "protocol = \"http\"",
+            "protocol = \"cgi\"",
+            "gateway = \"/usr/bin/cgipool\"",
             "max_connections = 1",
         ] {
             ok(&pool_with(good));
@@ -1860,9 +1881,10 @@ health_path = "/health"
             ("restart_sec = true", "expected a duration"),
             ("user = \"Root\"", "invalid user name"),
             ("user = \"a b\"", "invalid user name"),
+            ("gateway = \"cgipool\"", "must be an absolute path"),
             (
-                "protocol = \"cgi\"",
-                "\"cgi\" is not supported yet (the CGI gateway is issue 9)",
+                "gateway = \"/usr/local/bin/cgi pool\"",
+                "must not contain whitespace",
             ),
             ("protocol = \"fastcgi\"", "expected \"http\" or \"cgi\""),
             ("max_connections = 0", "must be between 1 and"),
@@ -1871,6 +1893,21 @@ health_path = "/health"
             let e = one_err(bad);
             assert!(e.contains(msg), "{bad}: {e}");
             assert!(e.starts_with("t.toml:4:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cgi_pools() {
+        let c = ok(&pool_with("protocol = \"cgi\""));
+        assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
+        assert_eq!(c.pools["p"].gateway, Path::new(DEFAULT_GATEWAY));
+        for bad in ["notify = true", "watchdog_sec = \"5s\""] {
+            let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(
+                e[0].contains("not available for protocol = \"cgi\""),
+                "{e:?}"
+            );
         }
     }
 
@@ -1899,8 +1936,14 @@ health_path = "/health"
             ("unit = \"nginx\"", "invalid unit name"),
             ("unit = \"ng inx.service\"", "invalid unit name"),
             ("socket_group = \"www data\"", "invalid group name"),
-            ("check_address = \"192.0.2.1:80\"", "expected a loopback host:port"),
-            ("check_address = \"localhost\"", "expected a loopback host:port"),
+            (
+                "check_address = \"192.0.2.1:80\"",
+                "expected a loopback host:port",
+            ),
+            (
+                "check_address = \"localhost\"",
+                "expected a loopback host:port",
+            ),
             (
                 "upstreams = \"/etc/nginx/snippets/cgipool-locations.conf\"",
                 "must differ",

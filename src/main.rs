@@ -2,6 +2,7 @@
 //!
 //! config → validated model → desired state → plan → executor → observed state.
 mod apply;
+mod cgi;
 mod config;
 mod escape;
 mod files;
@@ -11,6 +12,7 @@ mod plan;
 mod render;
 mod status;
 mod systemd;
+mod watch;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -84,6 +86,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The daemon behind cgipool-watch.service: nginx routes follow worker
+    /// health, pools scale between min and max, /pool-status and /metrics.
+    Watch {
+        #[arg(default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The units live in /run/systemd/system (they were applied with --runtime).
+        #[arg(long)]
+        runtime: bool,
+    },
+    /// Serve a classic CGI program (RFC 3875) on the worker's socket, one
+    /// fresh process per request (what `protocol = "cgi"` workers run).
+    CgiGateway(cgi::Args),
 }
 
 /// Exit status 2: bad usage or a bad config; nothing was touched.
@@ -126,6 +140,20 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = load(&config)?;
             println!("{}: ok ({} pools)", config.display(), cfg.pools.len());
             Ok(())
+        }
+        Command::CgiGateway(args) => cgi::run(args),
+        Command::Watch {
+            config,
+            runtime: rt,
+        } => {
+            let config = std::path::absolute(&config).unwrap_or(config);
+            let opts = watch::Options {
+                config,
+                unit_dir: unit_dir(rt),
+                tick: Duration::from_millis(500),
+                grace: Duration::from_secs(1),
+            };
+            runtime()?.block_on(watch::run(opts))
         }
         Command::Render { config, out } => {
             let cfg = load(&config)?;

@@ -114,7 +114,25 @@ pub fn test_config() -> Result<()> {
 #[derive(Debug, Clone, Default)]
 pub struct OldWorkers(BTreeSet<u32>);
 
-/// Reloads nginx through systemd and waits until it serves `generation`.
+impl OldWorkers {
+    /// True once every old worker has exited or begun its graceful shutdown
+    /// (nginx retitles it as it closes its listening sockets): from then on
+    /// only workers with the new configuration accept connections.
+    fn stopped_accepting(&self) -> bool {
+        self.0
+            .iter()
+            .all(|pid| match fs::read(format!("/proc/{pid}/cmdline")) {
+                Ok(c) => {
+                    !String::from_utf8_lossy(&c).starts_with("nginx: worker process")
+                        || String::from_utf8_lossy(&c).contains("shutting down")
+                }
+                Err(_) => true,
+            })
+    }
+}
+
+/// Reloads nginx through systemd and waits until it serves `generation`
+/// and no worker with the old configuration accepts connections any more.
 /// Returns the workers that were running before the reload.
 pub async fn reload_and_verify(
     systemd: &Systemd,
@@ -131,7 +149,8 @@ pub async fn reload_and_verify(
     let deadline = Instant::now() + limit;
     loop {
         let last = match fetch_generation(&cfg.check_address) {
-            Ok(g) if g == generation => return Ok(old),
+            Ok(g) if g == generation && old.stopped_accepting() => return Ok(old),
+            Ok(g) if g == generation => "old workers still accept connections".to_string(),
             Ok(g) => format!("it serves generation {g}"),
             Err(e) => format!("{e:#}"),
         };

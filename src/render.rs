@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use askama::Template;
 use sha2::{Digest, Sha256};
 
-use crate::config::{format_nginx_usec, Config, Pool};
+use crate::config::{format_nginx_usec, Config, Pool, Protocol};
 // The template filters (`exec_arg`, `env_quote`) are looked up as `filters::…`.
 use crate::escape::filters;
 
@@ -74,6 +74,8 @@ pub fn instance_name(pool: &str, n: u32, suffix: &str) -> String {
 #[template(path = "pool.service")]
 struct ServiceTemplate<'a> {
     pool: &'a Pool,
+    /// `protocol = "cgi"`: ExecStart runs `cgipool cgi-gateway -- exec args`.
+    cgi: bool,
 }
 
 #[derive(Template)]
@@ -114,7 +116,14 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
         let target = target_name(name);
         entries.insert(
             PathBuf::from(&service),
-            Entry::File(finish(&header, ServiceTemplate { pool }.render())),
+            Entry::File(finish(
+                &header,
+                ServiceTemplate {
+                    pool,
+                    cgi: pool.protocol == Protocol::Cgi,
+                }
+                .render(),
+            )),
         );
         entries.insert(
             PathBuf::from(&socket),
@@ -177,9 +186,16 @@ struct UpstreamView<'a> {
 struct LocationView<'a> {
     pool: &'a Pool,
     active: bool,
-    /// request_timeout in nginx syntax.
+    /// A `protocol = "cgi"` pool (the gateway needs X-Forwarded-Port).
+    cgi: bool,
+    /// nginx's proxy_read_timeout/proxy_send_timeout: request_timeout, plus
+    /// [`CGI_TIMEOUT_MARGIN`] for CGI pools so that the gateway's own 504
+    /// (and its cleanup) reaches the client rather than nginx's.
     timeout: String,
 }
+
+/// How much longer nginx waits for a CGI pool than the gateway's timeout.
+pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
 
 #[derive(Template)]
 #[template(path = "upstreams.conf")]
@@ -194,9 +210,10 @@ struct LocationsTemplate<'a> {
     generation: &'a str,
 }
 
-/// systemd duration (as stored in the config) → nginx time.
-fn nginx_time(systemd: &str) -> String {
+/// systemd duration (as stored in the config) plus `extra_usec` → nginx time.
+fn nginx_time(systemd: &str, extra_usec: u64) -> String {
     crate::config::duration_usec(systemd)
+        .and_then(|us| us.checked_add(extra_usec))
         .and_then(format_nginx_usec)
         // Unreachable for a validated config; the escaper keeps it one token
         // and `nginx -t` rejects it.
@@ -222,10 +239,15 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         if is_active {
             upstreams.push(UpstreamView { pool, workers });
         }
+        let cgi = pool.protocol == Protocol::Cgi;
         locations.push(LocationView {
             pool,
             active: is_active,
-            timeout: nginx_time(&pool.request_timeout),
+            cgi,
+            timeout: nginx_time(
+                &pool.request_timeout,
+                if cgi { CGI_TIMEOUT_MARGIN_USEC } else { 0 },
+            ),
         });
     }
     let upstreams = finish(&header, UpstreamsTemplate { upstreams }.render());
@@ -300,6 +322,29 @@ exec = "/usr/local/lib/cgipool/auth"
 route = "/api/auth"
 rate_limit = "600r/m"
 burst = 0
+"#;
+
+    /// CGI pools (`protocol = "cgi"`): the gateway in ExecStart.
+    const CGI: &str = r#"
+[pool.git]
+protocol = "cgi"
+exec = "/usr/lib/git-core/git-http-backend"
+route = "/git"
+min = 1
+user = "git"
+read_write_paths = ["/srv/git"]
+request_timeout = "1min 30s"
+body_limit = "100m"
+environment = { GIT_PROJECT_ROOT = "/srv/git", GIT_HTTP_EXPORT_ALL = "1" }
+
+[pool.shell]
+protocol = "cgi"
+gateway = "/opt/cgipool/bin/cgipool"
+exec = "/usr/local/lib/cgipool/cgi/shell.cgi"
+args = ["100%", "$HOME", 'say "hi"']
+route = "/cgi/shell"
+request_timeout = "1500ms"
+min = 1
 "#;
 
     fn cfg(name: &str, text: &str) -> Config {
@@ -401,6 +446,59 @@ burst = 0
         // auth has no active worker: 503 location, no upstream.
         let active = BTreeMap::from([("search".to_string(), vec![1])]);
         check_golden("full", &rendered(&c, &active));
+    }
+
+    #[test]
+    fn golden_cgi() {
+        let c = cfg("/etc/cgipool/cgi.toml", CGI);
+        check_golden("cgi", &rendered(&c, &all_active(&c)));
+    }
+
+    #[test]
+    fn cgi_pools_run_the_gateway() {
+        let c = cfg("x.toml", CGI);
+        let tree = units(&c, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        assert_eq!(
+            line(&unit_file(&tree, "cgipool-shell@.service"), "ExecStart="),
+            [
+                r#"ExecStart=/opt/cgipool/bin/cgipool cgi-gateway --route "/cgi/shell" --timeout "1500ms" --body-limit "1m" -- "/usr/local/lib/cgipool/cgi/shell.cgi" "100%%" "$$HOME" "say \"hi\"""#
+            ]
+        );
+        let git = unit_file(&tree, "cgipool-git@.service");
+        assert_eq!(
+            line(&git, "ExecStart="),
+            [
+                r#"ExecStart=/usr/local/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
+            ]
+        );
+        // Same sandbox as any pool, with the configured relaxations.
+        for want in [
+            "User=git",
+            "ReadWritePaths=/srv/git",
+            "ProtectSystem=strict",
+            "TasksMax=64",
+        ] {
+            assert!(git.lines().any(|l| l == want), "git lacks {want}\n{git}");
+        }
+        // nginx waits 5s longer than the gateway, so the gateway's 504 wins.
+        let ng = nginx(&c, &all_active(&c));
+        assert!(
+            ng.locations.contains("proxy_read_timeout 95s;"),
+            "{}",
+            ng.locations
+        );
+        assert!(
+            ng.locations.contains("proxy_read_timeout 6500ms;"),
+            "{}",
+            ng.locations
+        );
+        assert!(ng
+            .locations
+            .contains("proxy_set_header X-Forwarded-Port $server_port;"));
+        // HTTP pools keep their ExecStart and timeouts.
+        let demo = cfg("x.toml", DEMO);
+        let ng = nginx(&demo, &all_active(&demo));
+        assert!(!ng.locations.contains("X-Forwarded-Port"));
     }
 
     #[test]
@@ -627,9 +725,10 @@ burst = 0
         assert!(ng
             .upstreams
             .contains("limit_req_zone $binary_remote_addr zone=cgipool_auth_req:10m rate=600r/m;"));
-        assert_eq!(nginx_time("1min 30s"), "90s");
-        assert_eq!(nginx_time("1500ms"), "1500ms");
-        assert_eq!(nginx_time("2h"), "7200s");
+        assert_eq!(nginx_time("1min 30s", 0), "90s");
+        assert_eq!(nginx_time("1500ms", 0), "1500ms");
+        assert_eq!(nginx_time("2h", 0), "7200s");
+        assert_eq!(nginx_time("2h", CGI_TIMEOUT_MARGIN_USEC), "7205s");
     }
 
     /// `nginx -t` on the rendered files (skipped with a notice when nginx is
@@ -647,6 +746,7 @@ burst = 0
         for (text, active) in [
             (DEMO, None),
             (FULL, None),
+            (CGI, None),
             (
                 FULL,
                 Some(BTreeMap::from([("search".to_string(), vec![1, 3])])),

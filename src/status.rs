@@ -13,6 +13,8 @@ pub struct PoolStatus {
     pub pool: String,
     pub wanted: usize,
     pub healthy: usize,
+    /// What `cgipool watch` last decided for this pool, and why.
+    pub last_decision: Option<crate::watch::DecisionRecord>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -38,6 +40,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
                     pool: p.clone(),
                     wanted: ns.len(),
                     healthy: 0,
+                    last_decision: None,
                     workers: Vec::new(),
                 },
             )
@@ -51,6 +54,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
             pool: pool.to_string(),
             wanted: 0,
             healthy: 0,
+            last_decision: None,
             workers: Vec::new(),
         });
         if d.active_state == "active" {
@@ -65,7 +69,9 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         .into_values()
         .filter(|p| only.map(|o| o == p.pool).unwrap_or(true))
         .collect();
+    let decisions = crate::watch::read_decisions();
     for p in &mut out {
+        p.last_decision = decisions.get(&p.pool).cloned();
         p.workers.sort_by_key(|w| {
             plan::parse_instance(&w.service.unit)
                 .map(|(_, n, _)| n)
@@ -73,6 +79,13 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         });
     }
     Ok(out)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn or_na<T: ToString>(v: Option<T>) -> String {
@@ -110,6 +123,13 @@ pub fn print_table(pools: &[PoolStatus]) {
             "pool {}: {} healthy of {} wanted",
             p.pool, p.healthy, p.wanted
         );
+        if let Some(d) = &p.last_decision {
+            let ago = now_unix().saturating_sub(d.at_unix);
+            println!(
+                "  watch scaled {} -> {} {ago}s ago: {}",
+                d.from, d.to, d.reason
+            );
+        }
         println!(
             "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  SINCE",
             "WORKER", "STATE", "RESTARTS", "PID", "MEMORY", "CPU"

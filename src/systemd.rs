@@ -120,6 +120,14 @@ impl Systemd {
             .context("daemon-reload (Manager.Reload)")
     }
 
+    /// Clears a unit's failed state and start-limit counter.
+    pub async fn reset_failed(&self, unit: &str) -> Result<()> {
+        self.manager
+            .reset_failed_unit(unit.to_string())
+            .await
+            .with_context(|| format!("reset-failed {unit}"))
+    }
+
     /// Queues `jobs` (mode "replace") and waits for every one of them to be
     /// removed, within `deadline`. Any result but `done` is an error naming
     /// the unit. The JobRemoved stream is opened before the first job is queued.
@@ -253,6 +261,47 @@ fn bytes_hex(map: &HashMap<String, OwnedVariant>, key: &str) -> String {
     match v.try_clone().ok().and_then(|v| Vec::<u8>::try_from(v).ok()) {
         Some(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
         None => String::new(),
+    }
+}
+
+/// A stream that yields once for every change systemd reports that may
+/// alter a worker's health: job completions, units appearing or going away,
+/// daemon-reloads, and property changes of any unit (ActiveState and
+/// SubState among them). Signals flow because `connect` subscribed.
+pub type Changes =
+    futures_util::stream::SelectAll<futures_util::stream::BoxStream<'static, &'static str>>;
+
+impl Systemd {
+    pub async fn changes(&self) -> Result<Changes> {
+        use futures_util::stream::{select_all, BoxStream};
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.freedesktop.systemd1")
+            .interface("org.freedesktop.DBus.Properties")
+            .member("PropertiesChanged")
+            .path_namespace("/org/freedesktop/systemd1/unit")
+            .build()?;
+        let props = zbus::MessageStream::for_match_rule(rule, &self.conn, None)
+            .await
+            .context("listening for PropertiesChanged")?;
+        let streams: Vec<BoxStream<'static, &'static str>> = vec![
+            Box::pin(
+                self.manager
+                    .receive_job_removed()
+                    .await?
+                    .map(|_| "JobRemoved"),
+            ),
+            Box::pin(self.manager.receive_unit_new().await?.map(|_| "UnitNew")),
+            Box::pin(
+                self.manager
+                    .receive_unit_removed()
+                    .await?
+                    .map(|_| "UnitRemoved"),
+            ),
+            Box::pin(self.manager.receive_reloading().await?.map(|_| "Reloading")),
+            Box::pin(props.map(|_| "PropertiesChanged")),
+        ];
+        Ok(select_all(streams))
     }
 }
 

@@ -4,6 +4,7 @@
 //! in vm-tests/scenarios.txt must match what is registered, and a full run
 //! fails if fewer trials ran than listed.
 mod agent;
+mod bench;
 mod demo;
 mod machine;
 mod scenarios;
@@ -95,6 +96,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if std::env::args().nth(1).as_deref() == Some("bench") {
+        let smoke = std::env::args().skip(2).any(|a| a == "--smoke");
+        let result = Env::from_env().and_then(|env| bench::run(&env, smoke));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench: {e:#}");
                 ExitCode::FAILURE
             }
         };

@@ -209,14 +209,14 @@ fn python_pool(m: &mut Machine) -> Result<()> {
 }
 
 /// What wrk printed, reduced to the figures the test checks.
-struct WrkReport {
-    requests: u64,
-    non_2xx: u64,
-    socket_errors: u64,
-    text: String,
+pub struct WrkReport {
+    pub requests: u64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+    pub text: String,
 }
 
-fn parse_wrk(text: &str) -> Result<WrkReport> {
+pub fn parse_wrk(text: &str) -> Result<WrkReport> {
     let requests = text
         .lines()
         .find_map(|l| {
@@ -311,8 +311,9 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
         "a unit hit its start limit or failed:\n{failed}"
     );
     if report.non_2xx != 0 || report.socket_errors != 0 {
+        let codes = m.succeed("awk '{print $9}' /var/log/nginx/access.log | sort | uniq -c; grep -o '\\[error\\].*while [a-z ]*' /var/log/nginx/error.log | sed 's/.*: \\*[0-9]* //' | sort | uniq -c")?;
         bail!(
-            "{} non-2xx responses and {} socket errors in {} requests:\n{}",
+            "{} non-2xx responses and {} socket errors in {} requests:\n{}\nstatus codes and upstream errors seen by nginx:\n{codes}",
             report.non_2xx,
             report.socket_errors,
             report.requests,

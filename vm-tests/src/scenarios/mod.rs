@@ -1,4 +1,5 @@
 //! The scenario list. Each module owns the scenarios of one issue.
+mod cgi;
 pub mod common;
 mod core;
 mod edge;
@@ -13,5 +14,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(core::scenarios());
     v.extend(edge::scenarios());
     v.extend(machine_tier::scenarios());
+    v.extend(cgi::scenarios());
     v
 }

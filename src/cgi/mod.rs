@@ -1,0 +1,831 @@
+//! `cgipool cgi-gateway`: classic CGI programs (RFC 3875) in a pool.
+//!
+//! A worker unit of a `protocol = "cgi"` pool runs this gateway on its
+//! socket-activated listener. It serves HTTP/1.1 from nginx one request at a
+//! time (answering `Connection: close`) and runs the program as a fresh
+//! process per request (no shell), inside the unit's cgroup and sandbox:
+//!
+//! - meta-variables per RFC 3875 §4.1 ([`meta`]), plus the gateway's own
+//!   environment (the pool's `environment`) without `LISTEN_*` and
+//!   `NOTIFY_SOCKET`; the working directory is the unit's;
+//! - the request body goes to the program's stdin (a chunked body is
+//!   decoded into an anonymous temporary file first, so CONTENT_LENGTH is
+//!   always known); at most `--body-limit` bytes;
+//! - the response header block ([`response`]) is at most
+//!   `--max-header-bytes`; the body is streamed (Content-Length when the
+//!   program gives one, chunked otherwise). `nph-` programs pass through;
+//! - the program's stderr goes to the journal line by line, prefixed with
+//!   the request's X-Request-ID;
+//! - `--timeout`: the client gets 504 and every process of the request is
+//!   killed. After every request nothing the program started survives: the
+//!   gateway is a child subreaper and kills and reaps all its descendants
+//!   ([`reap`]).
+
+pub mod http;
+pub mod meta;
+pub mod reap;
+pub mod response;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// `cgipool cgi-gateway [OPTIONS] -- PROGRAM [ARGS...]`
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// The pool's route: SCRIPT_NAME, and the prefix removed from the path
+    /// to give PATH_INFO.
+    #[arg(long, default_value = "/")]
+    pub route: String,
+    /// Time for one request (systemd syntax, e.g. "60s"); then 504 and
+    /// every process of the request is killed.
+    #[arg(long, default_value = "60s")]
+    pub timeout: String,
+    /// Largest request head and largest CGI response header block.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Largest request body (nginx syntax: "1m", "512k"; "0" = no limit).
+    #[arg(long, default_value = "1m")]
+    pub body_limit: String,
+    /// DOCUMENT_ROOT (default: the working directory).
+    #[arg(long)]
+    pub document_root: Option<PathBuf>,
+    /// Listen on this unix socket path instead of the socket systemd passes
+    /// (for development).
+    #[arg(long)]
+    pub listen: Option<PathBuf>,
+    /// The CGI program and its arguments.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<OsString>,
+}
+
+/// Largest request body size in bytes from nginx syntax; None = no limit.
+pub fn parse_body_limit(s: &str) -> Option<Option<u64>> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1024),
+        b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
+        b'g' | b'G' => (&s[..s.len() - 1], 1024 * 1024 * 1024),
+        _ => (s, 1),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let bytes = n.checked_mul(mult)?;
+    Some((bytes > 0).then_some(bytes))
+}
+
+/// How long the gateway waits for nginx to send a request head or body.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on sending to nginx (it reads eagerly; this only stops a hang).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+const IO_BUF: usize = 64 * 1024;
+/// Environment variables of the gateway that the program must not inherit.
+const NOT_INHERITED: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+];
+
+struct Gateway {
+    program: OsString,
+    args: Vec<OsString>,
+    nph: bool,
+    route: String,
+    document_root: String,
+    timeout: Duration,
+    max_header: usize,
+    body_limit: Option<u64>,
+    worker: String,
+    env: Vec<(OsString, OsString)>,
+}
+
+/// The socket systemd passed (fd 3), if it was passed to this process.
+fn systemd_listener() -> Result<Option<UnixListener>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    match fds.parse::<u32>() {
+        Ok(1) => {}
+        Ok(n) => bail!("LISTEN_FDS={n}: expected exactly one socket"),
+        Err(_) => bail!("invalid LISTEN_FDS={fds:?}"),
+    }
+    // SAFETY: LISTEN_PID names this process, so systemd passed fd 3 to it
+    // (sd_listen_fds(3)); nothing else in this process owns fd 3.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    // Not inherited by the CGI programs.
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("fd 3 from systemd is not usable")?;
+    Ok(Some(UnixListener::from(fd)))
+}
+
+fn listener(args: &Args) -> Result<UnixListener> {
+    if let Some(path) = &args.listen {
+        let _ = std::fs::remove_file(path);
+        return UnixListener::bind(path)
+            .with_context(|| format!("listening on {}", path.display()));
+    }
+    systemd_listener()?.context(
+        "no listening socket: run under systemd socket activation (LISTEN_FDS=1) or pass --listen PATH",
+    )
+}
+
+/// Whether a request is being served, and whether SIGTERM asked to stop.
+#[derive(Default)]
+struct Busy {
+    busy: bool,
+    stop: bool,
+}
+
+/// SIGTERM/SIGINT: exit at once when idle, else after the request in flight.
+fn handle_signals(state: Arc<Mutex<Busy>>) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    // Blocked in this thread and (inherited) in every thread spawned later;
+    // std resets the mask in the CGI programs it spawns.
+    set.thread_block().context("blocking SIGTERM")?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if set.wait().is_err() {
+                continue;
+            }
+            let mut st = match state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !st.busy {
+                eprintln!("cgi-gateway: stopping");
+                std::process::exit(0);
+            }
+            st.stop = true;
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let timeout = crate::config::duration_usec(&args.timeout)
+        .filter(|&us| us > 0)
+        .map(Duration::from_micros)
+        .with_context(|| format!("invalid --timeout {:?} (e.g. \"60s\")", args.timeout))?;
+    let body_limit = parse_body_limit(&args.body_limit)
+        .with_context(|| format!("invalid --body-limit {:?} (e.g. \"1m\")", args.body_limit))?;
+    if !args.route.starts_with('/') {
+        bail!("--route must start with /");
+    }
+    let mut command = args.command.clone().into_iter();
+    let program = command.next().context("no CGI program given after --")?;
+    let nph = std::path::Path::new(&program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("nph-"));
+    let document_root = match &args.document_root {
+        Some(d) => d.clone(),
+        None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+    };
+    let listener = listener(&args)?;
+    reap::become_subreaper().context("prctl(PR_SET_CHILD_SUBREAPER)")?;
+    let state = Arc::new(Mutex::new(Busy::default()));
+    handle_signals(state.clone())?;
+    let gw = Gateway {
+        nph,
+        args: command.collect(),
+        route: args.route.clone(),
+        document_root: document_root.to_string_lossy().into_owned(),
+        timeout,
+        max_header: args.max_header_bytes.max(1024),
+        body_limit,
+        worker: std::env::var("CGIPOOL_WORKER").unwrap_or_else(|_| "cgi-gateway".into()),
+        env: std::env::vars_os()
+            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
+            .collect(),
+        program,
+    };
+    eprintln!(
+        "cgi-gateway: {} on route {} (timeout {:?}, one request at a time)",
+        gw.program.to_string_lossy(),
+        gw.route,
+        gw.timeout
+    );
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("cgi-gateway: accept: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        lock(&state).busy = true;
+        gw.serve(stream);
+        let mut st = lock(&state);
+        st.busy = false;
+        if st.stop {
+            eprintln!("cgi-gateway: stopping after the request in flight");
+            std::process::exit(0);
+        }
+    }
+}
+
+fn lock(m: &Mutex<Busy>) -> std::sync::MutexGuard<'_, Busy> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A request id fit for a log line.
+fn log_id(s: Option<&str>) -> String {
+    match s {
+        Some(s) if !s.is_empty() => s
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect(),
+        _ => "-".to_string(),
+    }
+}
+
+/// What happened to one request, for its log line.
+struct Outcome {
+    status: u16,
+    bytes: u64,
+    note: Vec<String>,
+}
+
+impl Outcome {
+    fn new(status: u16) -> Self {
+        Outcome {
+            status,
+            bytes: 0,
+            note: Vec::new(),
+        }
+    }
+}
+
+/// Writes a small complete response from the gateway itself.
+fn simple(out: &mut impl Write, worker: &str, status: u16, msg: &str) -> io::Result<u64> {
+    let body = format!("{status} {}: {msg}\n", http::reason(status));
+    write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nX-Cgipool-Worker: {worker}\r\nConnection: close\r\n\r\n{body}",
+        http::reason(status),
+        body.len()
+    )?;
+    out.flush()?;
+    Ok(body.len() as u64)
+}
+
+enum Body {
+    Empty,
+    Stream(Box<dyn Read + Send>),
+}
+
+impl Gateway {
+    fn serve(&self, stream: UnixStream) {
+        let started = Instant::now();
+        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
+        let (Ok(read_half), Ok(ctl)) = (stream.try_clone(), stream.try_clone()) else {
+            return;
+        };
+        let mut reader = BufReader::with_capacity(IO_BUF, read_half);
+        let mut out = BufWriter::with_capacity(IO_BUF, stream);
+        let req = match http::read_head(&mut reader, self.max_header) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(http::HeadError::Truncated) => return,
+            Err(http::HeadError::Io(e)) => {
+                eprintln!("- reading a request head: {e}");
+                return;
+            }
+            Err(http::HeadError::TooLarge) => {
+                let _ = simple(&mut out, &self.worker, 431, "request head too large");
+                eprintln!("- request head larger than {} bytes: 431", self.max_header);
+                return;
+            }
+            Err(http::HeadError::Malformed(m)) => {
+                let _ = simple(&mut out, &self.worker, 400, m);
+                eprintln!("- malformed request: {m}: 400");
+                return;
+            }
+        };
+        let rid = log_id(req.header("X-Request-ID"));
+        let outcome = self.handle(&req, &rid, reader, &mut out);
+        let _ = out.flush();
+        let _ = ctl.shutdown(std::net::Shutdown::Both);
+        let mut line = format!(
+            "{rid} {} {} {} {}B {}ms",
+            req.method,
+            req.target,
+            outcome.status,
+            outcome.bytes,
+            started.elapsed().as_millis()
+        );
+        for n in &outcome.note {
+            line.push(' ');
+            line.push_str(n);
+        }
+        eprintln!("{line}");
+    }
+
+    /// Everything after the head: body, program, response.
+    fn handle(
+        &self,
+        req: &http::Request,
+        rid: &str,
+        mut reader: BufReader<UnixStream>,
+        out: &mut BufWriter<UnixStream>,
+    ) -> Outcome {
+        let refuse = |out: &mut BufWriter<UnixStream>, status: u16, msg: &str| {
+            let mut o = Outcome::new(status);
+            o.bytes = simple(out, &self.worker, status, msg).unwrap_or(0);
+            o.note.push(format!("({msg})"));
+            o
+        };
+        let framing = match http::framing(req) {
+            Ok(f) => f,
+            Err((status, msg)) => return refuse(out, status, msg),
+        };
+        let too_big = |n: u64| self.body_limit.is_some_and(|l| n > l);
+        let (body, length) = match framing {
+            http::Framing::None => (Body::Empty, None),
+            http::Framing::Length(n) if too_big(n) => {
+                return refuse(out, 413, "request body larger than the pool's body_limit")
+            }
+            http::Framing::Length(n) => (Body::Stream(Box::new(reader.take(n))), Some(n)),
+            http::Framing::Chunked => match self.spool_chunked(&mut reader) {
+                Ok(Some((f, n))) => (Body::Stream(Box::new(f)), Some(n)),
+                Ok(None) => {
+                    return refuse(out, 413, "request body larger than the pool's body_limit")
+                }
+                Err(e) => return refuse(out, 400, &format!("bad chunked body: {e}")),
+            },
+        };
+        let program = self.program.to_string_lossy();
+        let cx = meta::Context {
+            route: &self.route,
+            document_root: &self.document_root,
+            program: &program,
+        };
+        let vars = match meta::variables(req, &cx, length) {
+            Ok(v) => v,
+            Err((status, msg)) => return refuse(out, status, msg),
+        };
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(vars)
+            .stdin(match body {
+                Body::Empty => Stdio::null(),
+                Body::Stream(_) => Stdio::piped(),
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{rid} cannot start {program}: {e}");
+                return refuse(out, 502, "the CGI program could not be started");
+            }
+        };
+        Run { gw: self, rid, req }.run(&mut child, body, out)
+    }
+
+    /// Decodes a chunked body into an anonymous temporary file. Ok(None):
+    /// larger than the body limit.
+    fn spool_chunked(&self, reader: &mut BufReader<UnixStream>) -> io::Result<Option<(File, u64)>> {
+        let mut f = tempfile::tempfile()?;
+        let mut dec = http::ChunkedReader::new(reader);
+        let limit = self.body_limit.map_or(u64::MAX, |l| l.saturating_add(1));
+        let n = io::copy(&mut (&mut dec).take(limit), &mut f)?;
+        if self.body_limit.is_some_and(|l| n > l) {
+            return Ok(None);
+        }
+        f.rewind()?;
+        Ok(Some((f, n)))
+    }
+}
+
+/// One running program.
+struct Run<'a> {
+    gw: &'a Gateway,
+    rid: &'a str,
+    req: &'a http::Request,
+}
+
+/// How the response to the client ended.
+enum Sent {
+    /// Complete.
+    Done,
+    /// Cut short (the connection must close without a proper end).
+    Aborted(String),
+}
+
+impl Run<'_> {
+    fn run(&self, child: &mut Child, body: Body, out: &mut BufWriter<UnixStream>) -> Outcome {
+        let rid = self.rid.to_string();
+        // stdin: the body, then EOF. If the program stops reading, the rest
+        // is read and dropped so nginx can finish sending.
+        let stdin_thread = match (child.stdin.take(), body) {
+            (Some(sin), Body::Stream(mut body)) => thread::Builder::new()
+                .name("cgi-stdin".into())
+                .spawn(move || {
+                    let mut sin = Some(sin);
+                    let mut buf = vec![0u8; IO_BUF];
+                    loop {
+                        let n = match body.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(_) => break,
+                        };
+                        if let Some(s) = sin.as_mut() {
+                            if s.write_all(&buf[..n]).is_err() {
+                                sin = None;
+                            }
+                        }
+                    }
+                })
+                .ok(),
+            _ => None,
+        };
+        // stderr → journal, line by line, tagged with the request id.
+        let stderr_thread = child.stderr.take().and_then(|err| {
+            let rid = rid.clone();
+            thread::Builder::new()
+                .name("cgi-stderr".into())
+                .spawn(move || {
+                    let mut r = BufReader::new(err);
+                    let mut line = Vec::with_capacity(256);
+                    loop {
+                        line.clear();
+                        match r.by_ref().take(8192).read_until(b'\n', &mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                while line.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+                                    line.pop();
+                                }
+                                eprintln!("{rid} stderr: {}", String::from_utf8_lossy(&line));
+                            }
+                        }
+                    }
+                })
+                .ok()
+        });
+        // The timeout: kill everything (again and again, in case something
+        // forks meanwhile) until the main thread says the request is over.
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let watchdog = {
+            let timed_out = timed_out.clone();
+            let timeout = self.gw.timeout;
+            thread::Builder::new()
+                .name("cgi-timeout".into())
+                .spawn(move || {
+                    if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                        timed_out.store(true, Ordering::SeqCst);
+                        loop {
+                            reap::kill_descendants();
+                            if !matches!(
+                                done_rx.recv_timeout(Duration::from_millis(50)),
+                                Err(RecvTimeoutError::Timeout)
+                            ) {
+                                break;
+                            }
+                        }
+                    }
+                })
+                .ok()
+        };
+
+        let mut outcome = Outcome::new(0);
+        match child.stdout.take() {
+            Some(stdout) => {
+                let sent = self.respond(stdout, out, &timed_out, &mut outcome);
+                if let Sent::Aborted(why) = sent {
+                    outcome.note.push(format!("aborted: {why}"));
+                    reap::kill_descendants();
+                }
+            }
+            None => outcome.status = 500,
+        }
+        let _ = out.flush();
+
+        let status = child.wait().ok();
+        let _ = done_tx.send(());
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
+        if timed_out.load(Ordering::SeqCst) {
+            outcome.note.push("timeout".to_string());
+        }
+        if let Some(st) = status {
+            outcome.note.push(describe_exit(st));
+        }
+        let leftover = reap::descendants().len();
+        if leftover > 0 {
+            outcome.note.push(format!("killed={leftover}"));
+        }
+        let survivors = reap::kill_and_reap_all(Duration::from_secs(10));
+        if !survivors.is_empty() {
+            outcome.note.push(format!("UNKILLABLE={survivors:?}"));
+        }
+        if let Some(t) = stderr_thread {
+            let _ = t.join();
+        }
+        // The stdin thread may still wait for nginx: closing our end of the
+        // connection (done by the caller) would end it, but by now the body
+        // has normally been read completely; don't wait for it here.
+        drop(stdin_thread);
+        outcome
+    }
+
+    /// Reads the program's output and sends the response.
+    fn respond(
+        &self,
+        mut stdout: ChildStdout,
+        out: &mut BufWriter<UnixStream>,
+        timed_out: &AtomicBool,
+        o: &mut Outcome,
+    ) -> Sent {
+        let worker = &self.gw.worker;
+        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        let mut chunk = vec![0u8; IO_BUF];
+        if self.gw.nph {
+            // Non-parsed headers: the program speaks HTTP itself.
+            o.status = 200;
+            loop {
+                match stdout.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if let Err(e) = out.write_all(&chunk[..n]) {
+                            return Sent::Aborted(format!("client: {e}"));
+                        }
+                        o.bytes += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Sent::Aborted(format!("stdout: {e}")),
+                }
+            }
+            if timed_out.load(Ordering::SeqCst) {
+                if o.bytes == 0 {
+                    o.status = 504;
+                    o.bytes = simple(out, worker, 504, "the CGI program timed out").unwrap_or(0);
+                    return Sent::Done;
+                }
+                return Sent::Aborted("timeout".into());
+            }
+            return Sent::Done;
+        }
+
+        // The header block.
+        let head_end = loop {
+            if let Some(e) = response::header_end(&buf) {
+                break Ok(e);
+            }
+            if buf.len() > self.gw.max_header {
+                break Err(format!(
+                    "header block larger than {} bytes",
+                    self.gw.max_header
+                ));
+            }
+            match stdout.read(&mut chunk) {
+                Ok(0) if buf.is_empty() => break Err("no output at all".to_string()),
+                Ok(0) => {
+                    break Err(
+                        "output ended before the blank line ending the header block".to_string()
+                    )
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(format!("reading its output: {e}")),
+            }
+        };
+        if timed_out.load(Ordering::SeqCst) && head_end.is_err() {
+            o.status = 504;
+            o.bytes =
+                simple(out, worker, 504, "the CGI program did not answer in time").unwrap_or(0);
+            return Sent::Done;
+        }
+        let parsed = head_end.and_then(|e| {
+            let block = &buf[..e];
+            response::parse(block).map(|h| (h, e))
+        });
+        let (head, body_start) = match parsed {
+            Ok(x) => x,
+            Err(why) => {
+                reap::kill_descendants();
+                eprintln!(
+                    "{} 502: the CGI program's response has no valid header block: {why}",
+                    self.rid
+                );
+                o.status = 502;
+                o.bytes = simple(
+                    out,
+                    worker,
+                    502,
+                    &format!("the CGI program sent an invalid response ({why})"),
+                )
+                .unwrap_or(0);
+                return Sent::Done;
+            }
+        };
+        if let response::Kind::LocalRedirect(path) = &head.kind {
+            reap::kill_descendants();
+            eprintln!(
+                "{} 502: local redirect to {path:?} refused: cgipool does not re-run requests; send `Status: 302` with the Location for a client redirect",
+                self.rid
+            );
+            o.status = 502;
+            o.bytes = simple(
+                out,
+                worker,
+                502,
+                "the CGI program asked for a local redirect, which cgipool does not support",
+            )
+            .unwrap_or(0);
+            return Sent::Done;
+        }
+
+        o.status = head.status;
+        let body_allowed = self.req.method != "HEAD" && !response::bodiless(head.status);
+        let mut h = format!("HTTP/1.1 {} {}\r\n", head.status, head.reason);
+        for (k, v) in &head.headers {
+            h.push_str(k);
+            h.push_str(": ");
+            h.push_str(v);
+            h.push_str("\r\n");
+        }
+        let chunked = body_allowed && head.content_length.is_none();
+        if let Some(n) = head.content_length {
+            if body_allowed || self.req.method == "HEAD" {
+                h.push_str(&format!("Content-Length: {n}\r\n"));
+            }
+        } else if chunked {
+            h.push_str("Transfer-Encoding: chunked\r\n");
+        }
+        h.push_str(&format!(
+            "X-Cgipool-Worker: {worker}\r\nConnection: close\r\n\r\n"
+        ));
+        if let Err(e) = out.write_all(h.as_bytes()) {
+            return Sent::Aborted(format!("client: {e}"));
+        }
+        let first = buf.split_off(body_start);
+        drop(buf);
+
+        if !body_allowed {
+            // Drain (and drop) whatever the program still writes.
+            let _ = out.flush();
+            let _ = io::copy(&mut stdout, &mut io::sink());
+            return self.check_timeout(timed_out);
+        }
+        if chunked {
+            let mut w = http::ChunkedWriter::new(&mut *out);
+            let r = pump(&first, &mut stdout, &mut chunk, &mut w, None, o);
+            if let Err(e) = r {
+                return Sent::Aborted(e);
+            }
+            if let Sent::Aborted(why) = self.check_timeout(timed_out) {
+                return Sent::Aborted(why);
+            }
+            if let Err(e) = w.finish() {
+                return Sent::Aborted(format!("client: {e}"));
+            }
+            return Sent::Done;
+        }
+        let want = head.content_length.unwrap_or(0);
+        if let Err(e) = pump(&first, &mut stdout, &mut chunk, out, Some(want), o) {
+            return Sent::Aborted(e);
+        }
+        if o.bytes < want {
+            return Sent::Aborted(match self.check_timeout(timed_out) {
+                Sent::Aborted(why) => why,
+                Sent::Done => format!(
+                    "output ended after {} of {want} bytes (Content-Length)",
+                    o.bytes
+                ),
+            });
+        }
+        let extra = io::copy(&mut stdout, &mut io::sink()).unwrap_or(0);
+        if extra > 0 {
+            eprintln!(
+                "{} the CGI program wrote {extra} bytes more than its Content-Length; dropped",
+                self.rid
+            );
+        }
+        Sent::Done
+    }
+
+    fn check_timeout(&self, timed_out: &AtomicBool) -> Sent {
+        if timed_out.load(Ordering::SeqCst) {
+            Sent::Aborted("timeout".into())
+        } else {
+            Sent::Done
+        }
+    }
+}
+
+/// Copies `first` and then the program's output to `w`, at most `limit`
+/// bytes in total; counts into `o.bytes`. Errors name the side that failed.
+fn pump(
+    first: &[u8],
+    stdout: &mut ChildStdout,
+    chunk: &mut [u8],
+    w: &mut impl Write,
+    limit: Option<u64>,
+    o: &mut Outcome,
+) -> std::result::Result<(), String> {
+    let room = |o: &Outcome, n: usize| -> usize {
+        match limit {
+            Some(l) => usize::try_from(l.saturating_sub(o.bytes))
+                .unwrap_or(usize::MAX)
+                .min(n),
+            None => n,
+        }
+    };
+    let n = room(o, first.len());
+    if n > 0 {
+        w.write_all(&first[..n])
+            .map_err(|e| format!("client: {e}"))?;
+        o.bytes += n as u64;
+    }
+    loop {
+        if limit.is_some_and(|l| o.bytes >= l) {
+            return Ok(());
+        }
+        let want = room(o, chunk.len());
+        match stdout.read(&mut chunk[..want]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                w.write_all(&chunk[..n])
+                    .map_err(|e| format!("client: {e}"))?;
+                o.bytes += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("stdout: {e}")),
+        }
+    }
+}
+
+fn describe_exit(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit={c}"),
+        (None, Some(s)) => format!("signal={s}"),
+        _ => "exit=?".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_limits() {
+        assert_eq!(parse_body_limit("1m"), Some(Some(1024 * 1024)));
+        assert_eq!(parse_body_limit("512k"), Some(Some(512 * 1024)));
+        assert_eq!(parse_body_limit("2G"), Some(Some(2 << 30)));
+        assert_eq!(parse_body_limit("100"), Some(Some(100)));
+        assert_eq!(parse_body_limit("0"), Some(None));
+        assert_eq!(parse_body_limit(""), None);
+        assert_eq!(parse_body_limit("m"), None);
+        assert_eq!(parse_body_limit("1 m"), None);
+        assert_eq!(parse_body_limit("99999999999999999999g"), None);
+    }
+
+    #[test]
+    fn log_ids() {
+        assert_eq!(log_id(None), "-");
+        assert_eq!(log_id(Some("")), "-");
+        assert_eq!(log_id(Some("abc 1\n")), "abc?1?");
+        assert_eq!(log_id(Some(&"x".repeat(100))).len(), 64);
+    }
+}

@@ -1,0 +1,1186 @@
+//! `make bench` (and `make bench-smoke`): cgipool's performance figures, each
+//! next to a baseline measured in the same run, inside one nspawn container
+//! (clients, nginx and workers share its cores). See bench/README.md.
+//!
+//! Full mode writes bench/results/latest.{md,json}; `--smoke` runs the same
+//! code with short runs and 10 workers instead of 100 and writes to
+//! target/bench-smoke/, so it never touches the committed report. Missed
+//! goals never make the run fail: only broken machinery does.
+use crate::machine::{shell_quote, Env, Machine, Options, Tier};
+use crate::scenarios::common::{apply, install, write_config, CONFIG};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const REPORT_LUA: &str = include_str!("../../bench/guest/report.lua");
+const MEASURE_PY: &str = include_str!("../../bench/guest/measure.py");
+const RECOVER_PY: &str = include_str!("../../bench/guest/recover.py");
+
+/// Where the guest-side helpers live (/run: no unit's PrivateTmp hides it).
+const GUEST_DIR: &str = "/run/bench";
+const WORKER: &str = "/usr/local/lib/cgipool/search";
+const SEARCH_PATH: &str = "/api/search?q=systemd";
+const TCP_PORTS: [u16; 4] = [9001, 9002, 9003, 9004];
+const POOL_SIZE: u32 = 4;
+
+/// How long and how often; the only difference between full and smoke.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    smoke: bool,
+    /// Seconds per wrk run on the data path.
+    secs: u32,
+    /// Rounds of the interleaved data-path runs (A B C A B C ...).
+    reps: u32,
+    /// Workers in the control-plane pool.
+    workers: u32,
+    /// Rounds of the control-plane sequence.
+    cp_reps: u32,
+    /// Repeats of the short no-change apply / batched show.
+    quick_reps: u32,
+    /// Seconds of load during the worker kill.
+    recover_secs: u32,
+}
+
+impl Mode {
+    fn new(smoke: bool) -> Result<Mode> {
+        let mut mode = Mode::defaults(smoke);
+        // Override the control plane's pool size (e.g. to find where it breaks).
+        if let Ok(w) = std::env::var("CGIPOOL_BENCH_WORKERS") {
+            mode.workers = w
+                .parse()
+                .ok()
+                .filter(|&n| (2..=512).contains(&n))
+                .with_context(|| format!("CGIPOOL_BENCH_WORKERS={w}: want 2..=512"))?;
+        }
+        Ok(mode)
+    }
+
+    fn defaults(smoke: bool) -> Mode {
+        if smoke {
+            Mode {
+                smoke,
+                secs: 1,
+                reps: 1,
+                workers: 10,
+                cp_reps: 1,
+                quick_reps: 2,
+                recover_secs: 2,
+            }
+        } else {
+            Mode {
+                smoke,
+                secs: 10,
+                reps: 2,
+                workers: 100,
+                cp_reps: 2,
+                quick_reps: 5,
+                recover_secs: 10,
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        if self.smoke {
+            "smoke"
+        } else {
+            "full"
+        }
+    }
+}
+
+/// One configuration on the data path; `na` marks rows that cannot be
+/// measured yet (the code that would serve them does not exist).
+struct Target {
+    key: &'static str,
+    label: &'static str,
+    url: &'static str,
+    na: Option<&'static str>,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        key: "ceiling",
+        label: "nginx `return 200` (ceiling)",
+        url: "http://127.0.0.1:8080/ceiling",
+        na: None,
+    },
+    Target {
+        key: "pool",
+        label: "nginx → cgipool pool (4 workers, as `apply` writes it)",
+        url: "http://127.0.0.1:80/api/search?q=systemd",
+        na: None,
+    },
+    Target {
+        key: "tcp",
+        label: "nginx → 4 TCP workers, PoC layout (no keepalive)",
+        url: "http://127.0.0.1:8080/api/search?q=systemd",
+        na: None,
+    },
+    Target {
+        key: "tcp_keepalive",
+        label: "nginx → 4 TCP workers, keepalive like cgipool (info)",
+        url: "http://127.0.0.1:8081/api/search?q=systemd",
+        na: None,
+    },
+    Target {
+        key: "fcgiwrap",
+        label: "nginx → fcgiwrap (-c 4) → C CGI program",
+        url: "",
+        na: Some("n/a (issue 9)"),
+    },
+    Target {
+        key: "pool_cgi",
+        label: "nginx → cgipool `protocol = \"cgi\"` → C CGI program",
+        url: "",
+        na: Some("n/a (issue 9)"),
+    },
+];
+
+const CONNS: [u32; 2] = [16, 64];
+
+/// The nginx side of the baselines, in the same nginx as the pool: the
+/// ceiling and the proof of concept's layout (round robin over TCP, HTTP/1.0
+/// to the upstream, no keepalive) on :8080, and the same TCP workers with
+/// cgipool's upstream settings (least_conn, keepalive 16) on :8081. The
+/// proxy headers and timeouts are cgipool's, so the rows differ only in the
+/// layout.
+const BENCH_NGINX: &str = r#"# written by vm-tests bench
+upstream bench_tcp {
+    server 127.0.0.1:9001;
+    server 127.0.0.1:9002;
+    server 127.0.0.1:9003;
+    server 127.0.0.1:9004;
+}
+upstream bench_tcp_keepalive {
+    zone bench_tcp_keepalive 64k;
+    least_conn;
+    server 127.0.0.1:9001 max_fails=0;
+    server 127.0.0.1:9002 max_fails=0;
+    server 127.0.0.1:9003 max_fails=0;
+    server 127.0.0.1:9004 max_fails=0;
+    keepalive 16;
+    keepalive_timeout 5s;
+}
+server {
+    listen 127.0.0.1:8080;
+    location = /ceiling {
+        default_type text/plain;
+        return 200 "ok\n";
+    }
+    location /api/search {
+        proxy_pass http://bench_tcp;
+        proxy_set_header Host $host;
+        proxy_set_header X-Request-ID $request_id;
+        proxy_hide_header X-Request-ID;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        add_header X-Request-ID $request_id always;
+        proxy_connect_timeout 2s;
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_tries 3;
+    }
+}
+server {
+    listen 127.0.0.1:8081;
+    location /api/search {
+        proxy_pass http://bench_tcp_keepalive;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Request-ID $request_id;
+        proxy_hide_header X-Request-ID;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        add_header X-Request-ID $request_id always;
+        proxy_connect_timeout 2s;
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_tries 3;
+    }
+}
+"#;
+
+fn pool_config(name: &str, route: &str, min: u32, max: u32) -> String {
+    format!(
+        "[nginx]\nupstreams = \"/etc/nginx/conf.d/cgipool-upstreams.conf\"\n\
+         locations = \"/etc/nginx/snippets/cgipool-locations.conf\"\n\
+         unit = \"nginx.service\"\n\n\
+         [pool.{name}]\nexec = \"{WORKER}\"\nroute = \"{route}\"\nmin = {min}\nmax = {max}\n"
+    )
+}
+
+pub fn run(env: &Env, smoke: bool) -> Result<()> {
+    let mode = Mode::new(smoke)?;
+    let t0 = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("vm-tests has no parent directory")?;
+    let out_dir = if smoke {
+        root.join("target/bench-smoke")
+    } else {
+        root.join("bench/results")
+    };
+    eprintln!("bench ({} mode): booting an nspawn container", mode.name());
+    let mut m = Machine::start(
+        env,
+        Tier::Nspawn,
+        &format!("bench-{}", mode.name()),
+        Options::default(),
+    )?;
+    let result = measure_all(&mut m, mode);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let dir = m.collect_artifacts();
+            bail!("{e:#}\nartifacts: {}", dir.display());
+        }
+    };
+    m.save_transcript();
+    drop(m);
+    let (md, json) = render(&report, mode, t0.elapsed());
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let md_path = out_dir.join("latest.md");
+    let json_path = out_dir.join("latest.json");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {} and {} in {:.0}s",
+        md_path.display(),
+        json_path.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Everything one run measured.
+struct Report {
+    machine: Value,
+    runs: Vec<Run>,
+    control: Vec<Value>,
+    recovery: Value,
+}
+
+/// One wrk run.
+struct Run {
+    target: &'static str,
+    conns: u32,
+    rep: u32,
+    wrk: Value,
+}
+
+impl Run {
+    fn rps(&self) -> f64 {
+        let req = self.wrk["requests"].as_f64().unwrap_or(0.0);
+        let us = self.wrk["duration_us"].as_f64().unwrap_or(0.0);
+        if us > 0.0 {
+            req / (us / 1e6)
+        } else {
+            0.0
+        }
+    }
+    fn num(&self, k: &str) -> f64 {
+        self.wrk[k].as_f64().unwrap_or(0.0)
+    }
+    fn errors(&self) -> u64 {
+        ["connect", "read", "write", "status", "timeout"]
+            .iter()
+            .map(|k| self.wrk[*k].as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
+    // The image forwards every journal line to the console the harness logs;
+    // under load that pty stops draining, journald blocks on it, and every
+    // worker then blocks writing its per-request log line to stderr. A
+    // production host does not forward to a console: turn it off.
+    m.write_text(
+        "/etc/systemd/journald.conf.d/zz-bench.conf",
+        "[Journal]\nForwardToConsole=no\n",
+    )?;
+    m.succeed("systemctl restart systemd-journald")?;
+    install(m)?;
+    m.write_text(&format!("{GUEST_DIR}/report.lua"), REPORT_LUA)?;
+    m.write_text(&format!("{GUEST_DIR}/measure.py"), MEASURE_PY)?;
+    m.write_text(&format!("{GUEST_DIR}/recover.py"), RECOVER_PY)?;
+    let mut machine = machine_info(m)?;
+    // The control plane first, on a quiet machine with no pool yet ("from
+    // nothing"); it leaves no pool behind. The machine is thrown away after
+    // the load runs, so no teardown under load is timed.
+    eprintln!("bench: control plane ({} workers)", mode.workers);
+    let control = control_plane(m, mode)?;
+    setup_data_path(m)?;
+    eprintln!("bench: data path ({} s per run)", mode.secs);
+    let runs = data_path(m, mode)?;
+    eprintln!("bench: recovery (kill -9 under load)");
+    let recovery = recovery(m, mode)?;
+    machine["loadavg_end"] = json!(m.succeed("cut -d' ' -f1-3 /proc/loadavg")?.trim());
+    Ok(Report {
+        machine,
+        runs,
+        control,
+        recovery,
+    })
+}
+
+fn setup_data_path(m: &mut Machine) -> Result<()> {
+    // The pool exactly as `apply` writes it: 4 workers of the C search worker.
+    write_config(
+        m,
+        &pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE),
+    )?;
+    apply(m)?;
+    // The proof of concept's layout: the same binary, 4 plain processes bound
+    // to TCP ports (no socket activation, no sandbox; logging to the journal
+    // like the pool's workers).
+    for (i, port) in TCP_PORTS.iter().enumerate() {
+        m.succeed(&format!(
+            "systemd-run --quiet --unit=bench-tcp-{n} --setenv=CGIPOOL_WORKER=tcp@{n} \
+             {WORKER} --listen 127.0.0.1:{port}",
+            n = i + 1
+        ))?;
+    }
+    m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
+    m.succeed("nginx -t -q && systemctl reload nginx")?;
+    for t in TARGETS.iter().filter(|t| t.na.is_none()) {
+        m.wait_until_succeeds(
+            &format!("curl -sf -o /dev/null {}", shell_quote(t.url)),
+            &format!("{} to answer 200", t.key),
+            Duration::from_secs(15),
+        )?;
+    }
+    for port in TCP_PORTS {
+        m.succeed(&format!(
+            "curl -sf -o /dev/null 'http://127.0.0.1:{port}{SEARCH_PATH}'"
+        ))?;
+    }
+    let hdr = m.succeed(&format!(
+        "curl -s -D - -o /dev/null 'http://127.0.0.1:80{SEARCH_PATH}'"
+    ))?;
+    ensure!(
+        hdr.contains("X-Cgipool-Worker: search@"),
+        "the pool route is not answered by a cgipool worker:\n{hdr}"
+    );
+    Ok(())
+}
+
+fn machine_info(m: &mut Machine) -> Result<Value> {
+    let get =
+        |m: &mut Machine, cmd: &str| -> Result<String> { Ok(m.succeed(cmd)?.trim().to_string()) };
+    Ok(json!({
+        "cores": get(m, "nproc")?,
+        "cpu": get(m, "sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1")?,
+        "kernel": get(m, "uname -r")?,
+        "nginx": get(m, "nginx -v 2>&1")?,
+        "wrk": get(m, "wrk -v 2>&1 | head -n1 || true")?,
+        "systemd": get(m, "systemctl --version | head -n1")?,
+        "date": get(m, "date -u +%Y-%m-%dT%H:%M:%SZ")?,
+        "loadavg_start": get(m, "cut -d' ' -f1-3 /proc/loadavg")?,
+        // Other people's VM tests share the host's cores; this one excluded.
+        "other_nspawn_containers": std::process::Command::new("pgrep")
+            .args(["-c", "-x", "systemd-nspawn"])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map(|n| n.saturating_sub(1)),
+    }))
+}
+
+/// Runs wrk in the guest and returns what report.lua printed.
+fn wrk(m: &mut Machine, url: &str, conns: u32, secs: u32) -> Result<Value> {
+    let cmd = format!(
+        "wrk -t2 -c{conns} -d{secs}s --latency -s {GUEST_DIR}/report.lua {}",
+        shell_quote(url)
+    );
+    let out = m.succeed_within(&cmd, Duration::from_secs(u64::from(secs) + 60))?;
+    parse_wrk(&out).with_context(|| format!("reading the output of `{cmd}`"))
+}
+
+fn parse_wrk(out: &str) -> Result<Value> {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCHJSON "))
+        .with_context(|| format!("no BENCHJSON line in wrk's output:\n{out}"))?;
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("wrk summary is not JSON: {line}"))?;
+    ensure!(
+        v["requests"].is_u64() && v["duration_us"].as_u64().unwrap_or(0) > 0,
+        "wrk summary lacks requests/duration: {line}"
+    );
+    Ok(v)
+}
+
+fn data_path(m: &mut Machine, mode: Mode) -> Result<Vec<Run>> {
+    let live: Vec<&Target> = TARGETS.iter().filter(|t| t.na.is_none()).collect();
+    if !mode.smoke {
+        // Warm up every path once (connections, page cache, nginx workers).
+        for t in &live {
+            wrk(m, t.url, 16, 2)?;
+        }
+    }
+    let mut runs = Vec::new();
+    for rep in 1..=mode.reps {
+        for conns in CONNS {
+            // Interleaved: every configuration once per round, so drift on
+            // the (shared) machine hits all of them.
+            for t in &live {
+                let v = wrk(m, t.url, conns, mode.secs)?;
+                let run = Run {
+                    target: t.key,
+                    conns,
+                    rep,
+                    wrk: v,
+                };
+                eprintln!(
+                    "  {:<14} c={conns:<3} round {rep}: {:>8.0} req/s  p99 {:>6.2} ms  errors {}",
+                    t.key,
+                    run.rps(),
+                    run.num("p99_us") / 1000.0,
+                    run.errors()
+                );
+                runs.push(run);
+            }
+        }
+    }
+    for i in 1..=TCP_PORTS.len() {
+        m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
+    }
+    Ok(runs)
+}
+
+fn recovery(m: &mut Machine, mode: Mode) -> Result<Value> {
+    let url = format!("http://127.0.0.1:80{SEARCH_PATH}");
+    let out = format!("{GUEST_DIR}/recover-wrk.out");
+    m.succeed(&format!(
+        "systemd-run --quiet --collect --unit=bench-wrk-recover \
+         -p StandardOutput=truncate:{out} -p StandardError=journal \
+         /usr/bin/wrk -t2 -c16 -d{secs}s --latency -s {GUEST_DIR}/report.lua {url}",
+        secs = mode.recover_secs,
+        url = shell_quote(&url)
+    ))?;
+    let delay = f64::from(mode.recover_secs) / 3.0;
+    let o = m.execute(
+        &format!(
+            "python3 {GUEST_DIR}/recover.py cgipool-search@1.service /run/cgipool/search/1.sock {} {delay:.2}",
+            shell_quote(SEARCH_PATH)
+        ),
+        Duration::from_secs(u64::from(mode.recover_secs) + 60),
+    )?;
+    let kill: Value = o
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "recover.py printed no JSON (exit {}):\n{}\n{}",
+                o.rc, o.stdout, o.stderr
+            )
+        })?;
+    ensure!(
+        o.rc == 0,
+        "the killed worker did not come back: {kill}\n{}",
+        o.stderr
+    );
+    let text = m.wait_until_succeeds(
+        &format!("grep -q '^BENCHJSON ' {out} && cat {out}"),
+        "the wrk run under the kill to finish",
+        Duration::from_secs(u64::from(mode.recover_secs) + 30),
+    )?;
+    let load = parse_wrk(&text)?;
+    Ok(json!({ "kill": kill, "wrk": load, "load_secs": mode.recover_secs, "connections": 16 }))
+}
+
+/// Runs a command through measure.py and returns its record, whatever the
+/// command's exit status (`rc`).
+fn measure(m: &mut Machine, cmd: &str) -> Result<Value> {
+    let o = m.succeed_within(
+        &format!("python3 {GUEST_DIR}/measure.py {}", shell_quote(cmd)),
+        Duration::from_secs(600),
+    )?;
+    let mut v: Value = o
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| format!("measure.py printed no JSON for `{cmd}`:\n{o}"))?;
+    v["cmd"] = json!(cmd);
+    Ok(v)
+}
+
+/// Runs a command through measure.py; it must exit 0.
+fn timed(m: &mut Machine, cmd: &str) -> Result<Value> {
+    let v = measure(m, cmd)?;
+    ensure!(
+        v["rc"].as_i64() == Some(0),
+        "`{cmd}` failed (exit {}):\n{}\n{}",
+        v["rc"],
+        v["stdout_tail"].as_str().unwrap_or(""),
+        v["stderr_tail"].as_str().unwrap_or("")
+    );
+    Ok(v)
+}
+
+fn secs(v: &Value) -> f64 {
+    v["secs"].as_f64().unwrap_or(f64::NAN)
+}
+
+/// The control plane, `cp_reps` rounds of: nothing → apply N → no-change
+/// applies and batched shows → apply 1 → batched start of the same N
+/// workers → batched stop of N-1 → a loop of N starts.
+fn control_plane(m: &mut Machine, mode: Mode) -> Result<Vec<Value>> {
+    let n = mode.workers;
+    let pool = "cp";
+    let units = |range: std::ops::RangeInclusive<u32>| -> String {
+        let (a, b) = (range.start(), range.end());
+        format!("cgipool-{pool}@{{{a}..{b}}}.socket cgipool-{pool}@{{{a}..{b}}}.service")
+    };
+    // Brace expansion needs bash.
+    let bash = |s: String| format!("exec bash -c {}", shell_quote(&s));
+    let apply_cmd = format!("exec cgipool apply {CONFIG}");
+    let mut rounds = Vec::new();
+    for rep in 1..=mode.cp_reps {
+        let mut r = json!({ "round": rep, "workers": n });
+        write_config(m, &pool_config(pool, "/api/cp", n, n))?;
+        // A failing apply is a finding, not broken machinery: it is reported
+        // (FAIL) and the baselines are still measured.
+        let up = measure(m, &apply_cmd)?;
+        let up_ok = up["rc"].as_i64() == Some(0);
+        r["apply_up"] = up;
+        if up_ok {
+            wait_active(m, pool, n)?;
+            let mut nochange = Vec::new();
+            for _ in 0..mode.quick_reps {
+                let v = timed(m, &apply_cmd)?;
+                ensure!(
+                    v["stdout_tail"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("no changes"),
+                    "a second apply changed something: {}",
+                    v["stdout_tail"]
+                );
+                nochange.push(v);
+            }
+            r["apply_nochange"] = json!(nochange);
+        }
+        write_config(m, &pool_config(pool, "/api/cp", 1, 1))?;
+        if up_ok {
+            r["apply_down"] = timed(m, &apply_cmd)?;
+        } else {
+            // Only to get the unit files (templates) the baselines start.
+            apply(m)?;
+        }
+        // Baselines on the same unit files: no unit of the pool runs, then
+        // systemctl starts the same N workers (socket and service each).
+        m.succeed(&format!(
+            "systemctl stop cgipool-{pool}@1.service cgipool-{pool}@1.socket"
+        ))?;
+        r["start_batched"] = timed(m, &bash(format!("systemctl start {}", units(1..=n))))?;
+        wait_active(m, pool, n)?;
+        let mut show = Vec::new();
+        for _ in 0..mode.quick_reps {
+            show.push(timed(
+                m,
+                &bash(format!("systemctl show {} >/dev/null", units(1..=n))),
+            )?);
+        }
+        r["show_batched"] = json!(show);
+        r["stop_batched"] = timed(m, &bash(format!("systemctl stop {}", units(2..=n))))?;
+        m.succeed(&format!("systemctl stop 'cgipool-{pool}@*'"))?;
+        r["start_loop"] = timed(
+            m,
+            &bash(format!(
+                "for i in $(seq 1 {n}); do systemctl start cgipool-{pool}@$i.socket cgipool-{pool}@$i.service || exit 1; done"
+            )),
+        )?;
+        wait_active(m, pool, n)?;
+        m.succeed(&format!("systemctl stop 'cgipool-{pool}@*'"))?;
+        // Back to nothing for the next round and the data path.
+        m.succeed_within(&format!("cgipool down {CONFIG}"), Duration::from_secs(120))?;
+        eprintln!(
+            "  round {rep}: apply 0→{n} {}, batched start {}, loop {}, apply {n}→1 {}, no-change apply {}, batched show {} (s)",
+            fmt_secs(&r["apply_up"]),
+            fmt_secs(&r["start_batched"]),
+            fmt_secs(&r["start_loop"]),
+            fmt_secs(&r["apply_down"]),
+            fmt_med(&r["apply_nochange"]),
+            fmt_med(&r["show_batched"]),
+        );
+        if !up_ok && rep == 1 {
+            r["largest_pool_apply_reaches"] = json!(largest_pool(m, pool, n)?);
+        }
+        rounds.push(r);
+    }
+    Ok(rounds)
+}
+
+/// When apply cannot reach `n` workers: the largest count it can reach from
+/// nothing, by bisection (each probe: write the config, apply, down).
+fn largest_pool(m: &mut Machine, pool: &str, n: u32) -> Result<u32> {
+    let (mut ok, mut bad) = (1u32, n);
+    while bad - ok > 1 {
+        let k = (ok + bad) / 2;
+        write_config(m, &pool_config(pool, "/api/cp", k, k))?;
+        let o = m.execute(
+            &format!("cgipool apply {CONFIG}"),
+            m.scaled(Duration::from_secs(300)),
+        )?;
+        if o.rc == 0 {
+            ok = k;
+            m.succeed_within(&format!("cgipool down {CONFIG}"), Duration::from_secs(120))?;
+        } else {
+            bad = k;
+        }
+    }
+    eprintln!("  apply reaches at most {ok} workers from nothing (fails at {bad})");
+    Ok(ok)
+}
+
+fn wait_active(m: &mut Machine, pool: &str, n: u32) -> Result<()> {
+    m.wait_until_succeeds(
+        &format!(
+            "test $(systemctl list-units --no-legend --plain --state=active 'cgipool-{pool}@*.service' | wc -l) -eq {n}"
+        ),
+        &format!("{n} workers of {pool} to be active"),
+        Duration::from_secs(60),
+    )?;
+    Ok(())
+}
+
+fn nochange_secs(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| a.iter().map(secs).collect())
+        .unwrap_or_default()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let k = v.len();
+    if k % 2 == 1 {
+        v[k / 2]
+    } else {
+        (v[k / 2 - 1] + v[k / 2]) / 2.0
+    }
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// One line of the summary table.
+struct Row {
+    section: &'static str,
+    figure: String,
+    value: Option<f64>,
+    shown: String,
+    baseline: String,
+    baseline_value: Option<f64>,
+    ratio: Option<f64>,
+    goal: String,
+    pass: Option<bool>,
+}
+
+impl Row {
+    fn na(section: &'static str, figure: &str, why: &str) -> Row {
+        Row {
+            section,
+            figure: figure.to_string(),
+            value: None,
+            shown: why.to_string(),
+            baseline: "—".into(),
+            baseline_value: None,
+            ratio: None,
+            goal: "—".into(),
+            pass: None,
+        }
+    }
+}
+
+/// Per (target, connections): the mean over the rounds.
+struct Agg {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    per_round: Vec<f64>,
+}
+
+fn aggregate(runs: &[Run], target: &str, conns: u32) -> Option<Agg> {
+    let rs: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.target == target && r.conns == conns)
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let per_round: Vec<f64> = rs.iter().map(|r| r.rps()).collect();
+    Some(Agg {
+        rps: mean(&per_round),
+        p50_ms: mean(
+            &rs.iter()
+                .map(|r| r.num("p50_us") / 1000.0)
+                .collect::<Vec<_>>(),
+        ),
+        p99_ms: mean(
+            &rs.iter()
+                .map(|r| r.num("p99_us") / 1000.0)
+                .collect::<Vec<_>>(),
+        ),
+        errors: rs.iter().map(|r| r.errors()).sum(),
+        per_round,
+    })
+}
+
+fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
+    let mut v = Vec::new();
+    let dp = "data path";
+    for conns in CONNS {
+        let get = |k: &str| aggregate(&rep.runs, k, conns);
+        let (pool, ceil, tcp, tcpk) = (
+            get("pool"),
+            get("ceiling"),
+            get("tcp"),
+            get("tcp_keepalive"),
+        );
+        if let (Some(p), Some(c)) = (&pool, &ceil) {
+            let ratio = p.rps / c.rps;
+            let goal = conns == 16;
+            v.push(Row {
+                section: dp,
+                figure: format!("pool req/s, {conns} conns, vs nginx `return 200`"),
+                value: Some(p.rps),
+                shown: format!("{:.0}", p.rps),
+                baseline: format!("{:.0}", c.rps),
+                baseline_value: Some(c.rps),
+                ratio: Some(ratio),
+                goal: if goal {
+                    "≥ 0.40".into()
+                } else {
+                    "— (info)".into()
+                },
+                pass: goal.then_some(ratio >= 0.40),
+            });
+        }
+        if let (Some(p), Some(t)) = (&pool, &tcp) {
+            let ratio = p.rps / t.rps;
+            v.push(Row {
+                section: dp,
+                figure: format!("pool req/s, {conns} conns, vs PoC TCP layout"),
+                value: Some(p.rps),
+                shown: format!("{:.0}", p.rps),
+                baseline: format!("{:.0}", t.rps),
+                baseline_value: Some(t.rps),
+                ratio: Some(ratio),
+                goal: "≥ 1.2".into(),
+                pass: Some(ratio >= 1.2),
+            });
+        }
+        if let (Some(p), Some(t)) = (&pool, &tcpk) {
+            v.push(Row {
+                section: dp,
+                figure: format!("pool req/s, {conns} conns, vs TCP + keepalive"),
+                value: Some(p.rps),
+                shown: format!("{:.0}", p.rps),
+                baseline: format!("{:.0}", t.rps),
+                baseline_value: Some(t.rps),
+                ratio: Some(p.rps / t.rps),
+                goal: "— (info)".into(),
+                pass: None,
+            });
+        }
+        if let Some(p) = &pool {
+            v.push(Row {
+                section: dp,
+                figure: format!("pool errors, {conns} conns (all rounds)"),
+                value: Some(p.errors as f64),
+                shown: p.errors.to_string(),
+                baseline: "—".into(),
+                baseline_value: None,
+                ratio: None,
+                goal: "0".into(),
+                pass: Some(p.errors == 0),
+            });
+        }
+    }
+    v.push(Row::na(
+        dp,
+        "cgipool `protocol = \"cgi\"` vs fcgiwrap (-c 4)",
+        "n/a (issue 9)",
+    ));
+    let cp = "control plane";
+    let n = mode.workers;
+    let med = |k: &str| median(rep.control.iter().map(|r| secs(&r[k])).collect());
+    let medl = |k: &str| {
+        median(
+            rep.control
+                .iter()
+                .flat_map(|r| nochange_secs(&r[k]))
+                .collect(),
+        )
+    };
+    let up = med("apply_up");
+    let start_b = med("start_batched");
+    let start_l = med("start_loop");
+    let down = med("apply_down");
+    let stop_b = med("stop_batched");
+    let noch = medl("apply_nochange");
+    let show = medl("show_batched");
+    // Why apply 0→N failed in some round, if it did (one line, table-safe).
+    let up_failed: Option<String> = rep
+        .control
+        .iter()
+        .find(|r| r["apply_up"]["rc"].as_i64() != Some(0))
+        .map(|r| {
+            let err = r["apply_up"]["stderr_tail"].as_str().unwrap_or("");
+            let line = err
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                // nginx's "2026/01/01 00:00:00 [crit] 141#141: " prefix
+                .map(|l| match l.find("] ") {
+                    Some(i) if l.starts_with(|c: char| c.is_ascii_digit()) => {
+                        let rest = &l[i + 2..];
+                        rest.find(": ").map_or(rest, |j| &rest[j + 2..])
+                    }
+                    _ => l,
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+                .replace('|', "\\|");
+            let short: String = line.chars().take(220).collect();
+            format!("FAILED (exit {}): {short}", r["apply_up"]["rc"])
+        });
+    let time_row = |figure: String,
+                    a: f64,
+                    failed: Option<&str>,
+                    base_label: &str,
+                    b: f64,
+                    goal: Option<f64>| {
+        let goal_s = goal.map_or("— (info)".into(), |g| format!("≤ {g}"));
+        let baseline = format!("{b:.3} s ({base_label})");
+        match failed {
+            Some(why) => Row {
+                section: cp,
+                figure,
+                value: None,
+                shown: why.to_string(),
+                baseline,
+                baseline_value: Some(b),
+                ratio: None,
+                goal: goal_s,
+                pass: goal.map(|_| false),
+            },
+            None => Row {
+                section: cp,
+                figure,
+                value: Some(a),
+                shown: format!("{a:.3} s"),
+                baseline,
+                baseline_value: Some(b),
+                ratio: Some(a / b),
+                goal: goal_s,
+                pass: goal.map(|g| a / b <= g),
+            },
+        }
+    };
+    let not_run = up_failed
+        .as_ref()
+        .map(|_| format!("not measured: apply 0 → {n} failed"));
+    v.push(time_row(
+        format!("`cgipool apply` 0 → {n} workers"),
+        up,
+        up_failed.as_deref(),
+        &format!("one batched `systemctl start` of {n}"),
+        start_b,
+        Some(1.5),
+    ));
+    v.push(time_row(
+        format!("`cgipool apply` 0 → {n} workers"),
+        up,
+        up_failed.as_deref(),
+        &format!("loop of {n} `systemctl start`"),
+        start_l,
+        None,
+    ));
+    let mut down_row = time_row(
+        format!("`cgipool apply` {n} → 1 workers"),
+        down,
+        not_run.as_deref(),
+        &format!("one batched `systemctl stop` of {}", n - 1),
+        stop_b,
+        None,
+    );
+    let mut noch_row = time_row(
+        format!("no-change `cgipool apply`, {n} workers"),
+        noch,
+        not_run.as_deref(),
+        &format!("one batched `systemctl show` of {} units", 2 * n),
+        show,
+        Some(3.0),
+    );
+    if not_run.is_some() {
+        // Not measurable is not a verdict on the figure itself.
+        down_row.pass = None;
+        noch_row.pass = None;
+    }
+    v.push(down_row);
+    v.push(noch_row);
+    if let Some(k) = rep
+        .control
+        .iter()
+        .find_map(|r| r["largest_pool_apply_reaches"].as_u64())
+    {
+        v.push(Row {
+            section: cp,
+            figure: "largest pool `cgipool apply` reaches from nothing".into(),
+            value: Some(k as f64),
+            shown: format!("{k} workers (fails at {})", k + 1),
+            baseline: "—".into(),
+            baseline_value: None,
+            ratio: None,
+            goal: format!("≥ {n} (info)"),
+            pass: None,
+        });
+    }
+    let rss = rep
+        .control
+        .iter()
+        .flat_map(|r| {
+            [&r["apply_up"], &r["apply_down"]]
+                .into_iter()
+                .chain(r["apply_nochange"].as_array().into_iter().flatten())
+                .map(|v| v["peak_rss_kb"].as_f64().unwrap_or(0.0))
+                .collect::<Vec<_>>()
+        })
+        .fold(0.0, f64::max);
+    v.push(Row {
+        section: cp,
+        figure: "peak RSS of `cgipool apply` (VmHWM)".into(),
+        value: Some(rss),
+        shown: format!("{:.1} MiB", rss / 1024.0),
+        baseline: "—".into(),
+        baseline_value: None,
+        ratio: None,
+        goal: "— (info)".into(),
+        pass: None,
+    });
+    v.push(Row::na(cp, "peak RSS of `cgipool watch`", "n/a (issue 8)"));
+    let rc = "recovery";
+    let kill = &rep.recovery["kill"];
+    let ans = kill["secs_to_answer"].as_f64().unwrap_or(f64::NAN);
+    v.push(Row {
+        section: rc,
+        figure: "kill -9 of a worker under load: until it answers again".into(),
+        value: Some(ans),
+        shown: format!("{:.0} ms", ans * 1000.0),
+        baseline: "—".into(),
+        baseline_value: None,
+        ratio: None,
+        goal: "— (info)".into(),
+        pass: None,
+    });
+    let w = &rep.recovery["wrk"];
+    let failed: u64 = ["connect", "read", "write", "status", "timeout"]
+        .iter()
+        .map(|k| w[*k].as_u64().unwrap_or(0))
+        .sum();
+    v.push(Row {
+        section: rc,
+        figure: format!(
+            "failed requests during the kill ({} requests, 16 conns)",
+            w["requests"].as_u64().unwrap_or(0)
+        ),
+        value: Some(failed as f64),
+        shown: failed.to_string(),
+        baseline: "—".into(),
+        baseline_value: None,
+        ratio: None,
+        goal: "0".into(),
+        pass: Some(failed == 0),
+    });
+    v.push(Row::na(
+        "scaling",
+        "load step → pool at max, and back to min",
+        "n/a (issue 8)",
+    ));
+    v
+}
+
+/// A measure.py record as seconds for a table cell.
+fn fmt_secs(v: &Value) -> String {
+    match v["rc"].as_i64() {
+        None => "—".into(),
+        Some(0) => format!("{:.3}", secs(v)),
+        Some(rc) => format!("failed (exit {rc})"),
+    }
+}
+
+fn fmt_med(v: &Value) -> String {
+    let m = median(nochange_secs(v));
+    if m.is_finite() {
+        format!("{m:.3}")
+    } else {
+        "—".into()
+    }
+}
+
+fn verdict(p: Option<bool>) -> &'static str {
+    match p {
+        Some(true) => "pass",
+        Some(false) => "FAIL",
+        None => "—",
+    }
+}
+
+fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
+    let rows = rows(rep, mode);
+    let mi = &rep.machine;
+    let s = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let mut md = String::new();
+    let _ = writeln!(md, "# cgipool bench: {} run\n", mode.name());
+    let _ = writeln!(
+        md,
+        "- date: {}\n- machine: {} cores ({}), kernel {}, {}, {}\n- {}\n- load average (1/5/15 min) at start {}, at end {}; other nspawn containers on the host at start: {}\n- mode: {} ({} s per wrk run, {} round(s) interleaved; control plane with {} workers, {} round(s)); took {:.0} s\n",
+        s(&mi["date"]),
+        s(&mi["cores"]),
+        s(&mi["cpu"]),
+        s(&mi["kernel"]),
+        s(&mi["nginx"]),
+        s(&mi["wrk"]),
+        s(&mi["systemd"]),
+        s(&mi["loadavg_start"]),
+        s(&mi["loadavg_end"]),
+        mi["other_nspawn_containers"],
+        mode.name(),
+        mode.secs,
+        mode.reps,
+        mode.workers,
+        mode.cp_reps,
+        took.as_secs_f64(),
+    );
+    if mode.smoke {
+        let _ = writeln!(md, "**Smoke run: the figures only show that the machinery works; they are not the report.**\n");
+    }
+    let _ = writeln!(md, "## Summary\n");
+    let _ = writeln!(
+        md,
+        "| section | figure | value | baseline (same run) | ratio | goal | result |\n|---|---|---|---|---|---|---|"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.section,
+            r.figure,
+            r.shown,
+            r.baseline,
+            r.ratio.map_or("—".into(), |x| format!("{x:.2}")),
+            r.goal,
+            verdict(r.pass)
+        );
+    }
+    let _ = writeln!(md, "\n## Data path (wrk -t2, mean over rounds)\n");
+    let _ = writeln!(
+        md,
+        "| configuration | conns | req/s | req/s per round | p50 | p99 | errors |\n|---|---|---|---|---|---|---|"
+    );
+    for conns in CONNS {
+        for t in TARGETS {
+            if let Some(na) = t.na {
+                let _ = writeln!(md, "| {} | {conns} | {na} | | | | |", t.label);
+                continue;
+            }
+            if let Some(a) = aggregate(&rep.runs, t.key, conns) {
+                let rounds: Vec<String> = a.per_round.iter().map(|x| format!("{x:.0}")).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {conns} | {:.0} | {} | {:.2} ms | {:.2} ms | {} |",
+                    t.label,
+                    a.rps,
+                    rounds.join(", "),
+                    a.p50_ms,
+                    a.p99_ms,
+                    a.errors
+                );
+            }
+        }
+    }
+    let _ = writeln!(md, "\n## Control plane (seconds, per round)\n");
+    let _ = writeln!(
+        md,
+        "| round | apply 0→N | batched start | loop of starts | apply N→1 | batched stop of N-1 | no-change apply (median) | batched show (median) | apply peak RSS (self / with children) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for r in &rep.control {
+        let up = &r["apply_up"];
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB |",
+            r["round"],
+            fmt_secs(up),
+            fmt_secs(&r["start_batched"]),
+            fmt_secs(&r["start_loop"]),
+            fmt_secs(&r["apply_down"]),
+            fmt_secs(&r["stop_batched"]),
+            fmt_med(&r["apply_nochange"]),
+            fmt_med(&r["show_batched"]),
+            up["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+            up["tree_maxrss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
+        );
+    }
+    let k = &rep.recovery["kill"];
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map_or("—".to_string(), |x| format!("{:.0} ms", x * 1000.0))
+    };
+    let _ = writeln!(
+        md,
+        "\n## Recovery\n\n`kill -9` of cgipool-search@1 (PID {} → {}) {:.1} s into {} s of wrk at 16 connections on the pool: new main PID active after {}, a request sent to its socket after that answered at {}, a request sent to its socket right at the kill answered at {}; NRestarts {} → {}.\n",
+        k["old_pid"],
+        k["new_pid"],
+        f64::from(mode.recover_secs) / 3.0,
+        mode.recover_secs,
+        ms(&k["secs_to_active"]),
+        ms(&k["secs_to_answer"]),
+        ms(&k["secs_queued_request_answered"]),
+        k["nrestarts_before"],
+        k["nrestarts_after"],
+    );
+    let _ = writeln!(md, "How to read this: bench/README.md.");
+    let json = json!({
+        "mode": mode.name(),
+        "machine": rep.machine,
+        "settings": {
+            "wrk_secs": mode.secs, "rounds": mode.reps, "connections": CONNS,
+            "control_plane_workers": mode.workers, "control_plane_rounds": mode.cp_reps,
+            "quick_repeats": mode.quick_reps, "recovery_load_secs": mode.recover_secs,
+        },
+        "summary": rows.iter().map(|r| json!({
+            "section": r.section, "figure": r.figure, "value": r.value, "shown": r.shown,
+            "baseline": r.baseline, "baseline_value": r.baseline_value, "ratio": r.ratio,
+            "goal": r.goal, "pass": r.pass,
+        })).collect::<Vec<_>>(),
+        "data_path": rep.runs.iter().map(|r| json!({
+            "target": r.target, "connections": r.conns, "round": r.rep,
+            "rps": r.rps(), "errors": r.errors(), "wrk": r.wrk,
+        })).collect::<Vec<_>>(),
+        "data_path_not_measured": TARGETS.iter().filter_map(|t| t.na.map(|na| json!({"target": t.key, "why": na}))).collect::<Vec<_>>(),
+        "control_plane": rep.control,
+        "recovery": rep.recovery,
+        "took_secs": took.as_secs_f64(),
+    });
+    (md, json)
+}

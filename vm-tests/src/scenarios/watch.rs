@@ -1,0 +1,194 @@
+//! Issue 8 acceptance: `cgipool watch` scales a pool under a load step and
+//! back, takes a worker that hit its start limit out of nginx, survives its
+//! own kill -9 without touching a healthy pool, and serves /pool-status and
+//! /metrics through nginx.
+use super::common::{apply, assert_pool_running, install, write_config};
+use crate::machine::{Machine, Options, Tier};
+use crate::Scenario;
+use anyhow::{bail, ensure, Context, Result};
+use std::time::{Duration, Instant};
+
+pub fn scenarios() -> Vec<Scenario> {
+    let s = |name, run| Scenario { name, tiers: &[Tier::Nspawn], opts: Options::default(), expect_failure: false, run };
+    vec![
+        s("watch_autoscale_load_step", autoscale_load_step),
+        s("watch_failed_worker_leaves_upstream", failed_worker_leaves_upstream),
+        s("watch_kill_resumes_without_change", kill_resumes_without_change),
+        s("watch_pool_status_and_metrics", pool_status_and_metrics),
+    ]
+}
+
+const SLOW_POOL: &str = r#"[pool.search]
+exec = "/usr/local/lib/cgipool/search"
+route = "/api/search"
+min = 2
+max = 6
+environment = { CGIPOOL_TEST_DELAY_MS = "20" }
+scale_up_after = "2s"
+scale_down_after = "5s"
+"#;
+
+fn active_workers(m: &mut Machine, pool: &str) -> Result<u32> {
+    let out = m.succeed(&format!("systemctl list-units --no-legend --plain --state=active 'cgipool-{pool}@*.service' | wc -l"))?;
+    out.trim().parse().context("counting active workers")
+}
+
+fn wait_watch(m: &mut Machine) -> Result<()> {
+    m.wait_for_unit("cgipool-watch.service")?;
+    m.wait_until_succeeds("test -S /run/cgipool/watch.sock", "watch's status socket", Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn autoscale_load_step(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    write_config(m, SLOW_POOL)?;
+    apply(m)?;
+    assert_pool_running(m, "search", 2)?;
+    wait_watch(m)?;
+    let secs = 20;
+    m.succeed(&format!(
+        "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c32 -d{secs}s -H 'Connection: close' 'http://127.0.0.1:80/api/search?q=load'"
+    ))?;
+    let start = Instant::now();
+    let mut timeline = Vec::new();
+    let mut last = 0;
+    let mut reached_max = None;
+    let up_limit = m.scaled(Duration::from_secs(10));
+    while start.elapsed() < Duration::from_secs(secs) {
+        let n = active_workers(m, "search")?;
+        if n != last {
+            timeline.push(format!("{:5.1}s {n} workers", start.elapsed().as_secs_f64()));
+            last = n;
+        }
+        if n == 6 && reached_max.is_none() {
+            reached_max = Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = m.wait_until_succeeds("grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out", "wrk to finish", Duration::from_secs(30))?;
+    let load_end = start.elapsed();
+    let down_limit = Duration::from_secs(5) + m.scaled(Duration::from_secs(10));
+    let mut back_at_min = None;
+    while start.elapsed() < load_end + down_limit + Duration::from_secs(2) {
+        let n = active_workers(m, "search")?;
+        if n != last {
+            timeline.push(format!("{:5.1}s {n} workers", start.elapsed().as_secs_f64()));
+            last = n;
+        }
+        if n == 2 {
+            back_at_min = Some(start.elapsed() - load_end);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!("autoscale timeline (load 0s..{:.1}s):\n  {}", load_end.as_secs_f64(), timeline.join("\n  "));
+    let report = super::edge::parse_wrk(&out)?;
+    if report.non_2xx != 0 || report.socket_errors != 0 {
+        bail!("{} non-2xx and {} socket errors in {} requests during the load step:\n{}", report.non_2xx, report.socket_errors, report.requests, out);
+    }
+    let reached = reached_max.with_context(|| format!("the pool never reached max=6 under load; timeline: {timeline:?}"))?;
+    ensure!(reached <= up_limit, "the pool reached max after {:.1}s (limit {:.1}s)", reached.as_secs_f64(), up_limit.as_secs_f64());
+    let back = back_at_min.with_context(|| format!("the pool did not return to min within {:.0}s after the load; timeline: {timeline:?}", down_limit.as_secs_f64()))?;
+    println!("reached max in {:.1}s; back at min {:.1}s after the load stopped; {} requests, 0 failed", reached.as_secs_f64(), back.as_secs_f64(), report.requests);
+    let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'scale '")?;
+    ensure!(log.contains("scale 2 -> 4") && log.contains("queues: search@1 backlog="), "watch's decision log lacks the figures:\n{log}");
+    ensure!(log.contains("idle for"), "no scale-down decision logged:\n{log}");
+    let status = m.succeed("cgipool status search")?;
+    ensure!(status.contains("watch scaled"), "cgipool status does not show watch's last decision:\n{status}");
+    Ok(())
+}
+
+fn failed_worker_leaves_upstream(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    apply(m)?;
+    wait_watch(m)?;
+    m.succeed(
+        "mkdir -p /etc/systemd/system/cgipool-search@2.service.d && printf '[Service]\\nExecStart=\\nExecStart=/bin/false\\n' > /etc/systemd/system/cgipool-search@2.service.d/fail.conf && systemctl daemon-reload && systemctl kill -s KILL cgipool-search@2.service",
+    )?;
+    m.wait_until_succeeds("systemctl is-failed -q cgipool-search@2.service", "search@2 to hit its start limit", Duration::from_secs(30))?;
+    let failed_at = Instant::now();
+    m.wait_until_succeeds(
+        "! grep -q '/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf && test \"$(curl -s http://127.0.0.1/.cgipool/generation)\" = \"$(grep -o 'return 200 \"[0-9a-f]*' /etc/nginx/snippets/cgipool-locations.conf | cut -d'\"' -f2)\"",
+        "search@2 to leave the upstream nginx serves",
+        Duration::from_secs(3),
+    )?;
+    println!("failed worker left the upstream {:.1}s after it failed", failed_at.elapsed().as_secs_f64());
+    let codes = m.succeed("for i in $(seq 40); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
+    ensure!(codes.trim() == "40 200", "requests while search@2 is failed: {codes}");
+    let status = m.succeed("cgipool status --json")?;
+    ensure!(status.contains("\"failed\""), "status does not show the failed worker:\n{status}");
+    m.wait_until_succeeds(
+        "curl -s http://127.0.0.1/metrics | grep -q 'cgipool_workers{pool=\"search\",state=\"failed\"} 1'",
+        "metrics to show the failed worker",
+        Duration::from_secs(10),
+    )?;
+    m.succeed("rm -r /etc/systemd/system/cgipool-search@2.service.d && systemctl daemon-reload")?;
+    apply(m)?;
+    assert_pool_running(m, "search", 2)?;
+    m.wait_until_succeeds("grep -q '/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf", "search@2 to be back in the upstream", Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    apply(m)?;
+    wait_watch(m)?;
+    // Let watch's first look settle, then kill it.
+    m.wait_until_succeeds("journalctl -b -o cat -u cgipool-watch.service | grep -q 'routes follow health'", "watch's first look", Duration::from_secs(10))?;
+    let nginx = m.succeed("pgrep -f 'nginx: worker process$' | sort")?;
+    let jobs_units = m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?;
+    let pid = m.unit_property("cgipool-watch.service", "MainPID")?;
+    m.succeed(&format!("kill -9 {pid}"))?;
+    m.wait_until_succeeds(
+        &format!("test \"$(systemctl show -P MainPID cgipool-watch.service)\" != {pid} && systemctl is-active -q cgipool-watch.service"),
+        "systemd to restart watch",
+        Duration::from_secs(15),
+    )?;
+    ensure!(m.unit_property("cgipool-watch.service", "NRestarts")? == "1", "watch was not restarted by systemd");
+    m.wait_until_succeeds(
+        "test $(journalctl -b -o cat -u cgipool-watch.service | grep -c 'watching 2 pools') -ge 2",
+        "the restarted watch to report in",
+        Duration::from_secs(10),
+    )?;
+    std::thread::sleep(Duration::from_secs(2)); // give a wrong decision the chance to happen
+    assert_pool_running(m, "search", 2)?;
+    assert_pool_running(m, "auth", 2)?;
+    ensure!(nginx == m.succeed("pgrep -f 'nginx: worker process$' | sort")?, "nginx was reloaded after watch restarted");
+    ensure!(jobs_units == m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?, "unit files changed after watch restarted");
+    Ok(())
+}
+
+fn pool_status_and_metrics(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    apply(m)?;
+    wait_watch(m)?;
+    m.wait_until_succeeds("curl -sf http://127.0.0.1/pool-status | grep -q search@2", "/pool-status through nginx", Duration::from_secs(10))?;
+    m.succeed(
+        r#"curl -sf http://127.0.0.1/pool-status | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+pools = {p["pool"]: p for p in s["pools"]}
+assert set(pools) == {"search", "auth"}, pools.keys()
+for p in pools.values():
+    assert p["wanted"] == 2 and p["healthy"] == 2, p
+    for w in p["workers"]:
+        assert w["active_state"] == "active" and "queue" not in w and "waiting" in w and "busy" in w, w
+        assert w["n_restarts"] == 0 and w["main_pid"] > 0, w
+print("pool-status ok")
+'"#,
+    )?;
+    let out = m.succeed(
+        r#"curl -sf http://127.0.0.1/metrics | python3 -c '
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+fams = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}
+for name in ["cgipool_workers", "cgipool_worker_restarts", "cgipool_worker_memory_bytes", "cgipool_pool_queue_depth", "cgipool_scale_events"]:
+    assert name in fams, (name, sorted(fams))
+active = [s for s in fams["cgipool_workers"].samples if s.labels.get("state") == "active"]
+assert sum(s.value for s in active) == 4, active
+print("metrics ok:", len(fams), "families")
+'"#,
+    )?;
+    ensure!(out.contains("metrics ok"), "{out}");
+    Ok(())
+}
