@@ -211,7 +211,8 @@ const BAD: &[(&str, &str, &str)] = &[
     ("brace in route", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x{\"\n", "pool.search.route"),
     ("bad duration", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nrestart_sec = \"soon\"\n", "pool.search.restart_sec"),
     ("toml syntax", "[pool.search\nexec = 1\n", ":1:"),
-    ("cgi not yet", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nprotocol = \"cgi\"\n", "not supported yet"),
+    ("probe not yet", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nhealth_path = \"/healthz\"\n", "not supported yet"),
+    ("notify on cgi", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nprotocol = \"cgi\"\nnotify = true\n", "pool.search.protocol"),
 ];
 
 fn bad_configs(m: &mut Machine) -> Result<()> {
