@@ -23,6 +23,8 @@ pub struct Options {
     /// pool → count requested by `cgipool scale` (already checked against min/max).
     pub counts: BTreeMap<String, u32>,
     pub job_timeout: Duration,
+    /// Don't reset and start workers that are `failed` (watch's applies).
+    pub leave_failed: bool,
 }
 
 /// Everything `plan` needs, read from the host.
@@ -72,6 +74,51 @@ fn counts(cfg: &Config, disk: &OnDisk, requested: &BTreeMap<String, u32>) -> BTr
         .collect()
 }
 
+/// The plan, less the start of failed workers when `leave_failed` (watch
+/// never revives what systemd gave up on: that is the operator's apply).
+fn plan_with(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
+    let mut p = plan::plan(desired, observed);
+    if opts.leave_failed {
+        let failed = |u: &String| {
+            observed
+                .active
+                .get(u)
+                .map(|s| s == "failed")
+                .unwrap_or(false)
+        };
+        p.start.retain(|u| !failed(u));
+        p.reset_failed.clear();
+    }
+    p
+}
+
+/// Workers that will be active after `plan`: running now, or started by it.
+fn expected_active(
+    wanted: &BTreeMap<String, BTreeSet<u32>>,
+    plan: &Plan,
+    observed: &Observed,
+) -> BTreeMap<String, BTreeSet<u32>> {
+    wanted
+        .iter()
+        .map(|(pool, ns)| {
+            let up = ns
+                .iter()
+                .copied()
+                .filter(|&n| {
+                    let unit = plan::service(pool, n);
+                    plan.start.contains(&unit)
+                        || observed
+                            .active
+                            .get(&unit)
+                            .map(|s| s == "active")
+                            .unwrap_or(false)
+                })
+                .collect();
+            (pool.clone(), up)
+        })
+        .collect()
+}
+
 fn instances(counts: &BTreeMap<String, u32>) -> BTreeMap<String, BTreeSet<u32>> {
     counts
         .iter()
@@ -105,15 +152,18 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
             f.display()
         );
     }
-    let candidate = nginx_for(cfg, &wanted);
-    let desired = Desired {
+    // nginx will list the workers that are active once the planned jobs ran.
+    let mut desired = Desired {
         units,
         instances: wanted.clone(),
-        nginx: host
-            .nginx_active
-            .then(|| (candidate.upstreams.clone(), candidate.locations.clone())),
+        nginx: None,
     };
-    let plan = plan::plan(&desired, &host.observed);
+    let first = plan_with(&desired, &host.observed, opts);
+    let candidate = nginx_for(cfg, &expected_active(&wanted, &first, &host.observed));
+    desired.nginx = host
+        .nginx_active
+        .then(|| (candidate.upstreams.clone(), candidate.locations.clone()));
+    let plan = plan_with(&desired, &host.observed, opts);
     if opts.dry_run {
         print!("{plan}");
         if !host.nginx_active {
@@ -448,6 +498,7 @@ pub async fn down(cfg: &Config, unit_dir: &Path, job_timeout: Duration) -> Resul
             files::remove_entry(unit_dir, rel)?;
         }
         systemd.daemon_reload().await?;
+        let _ = std::fs::remove_file(crate::watch::APPLIED_CONFIG);
         println!(
             "units: removed {} files and links, daemon-reload",
             host.disk.entries.len()

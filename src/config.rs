@@ -92,6 +92,12 @@ pub struct Pool {
     pub rate_limit: Option<String>,
     pub burst: u32,
     pub max_connections: Option<u32>,
+    /// Normalised systemd duration: how long the pool must be saturated
+    /// before `cgipool watch` grows it.
+    pub scale_up_after: String,
+    /// Normalised systemd duration: how long the pool must be idle before
+    /// `cgipool watch` shrinks it.
+    pub scale_down_after: String,
 }
 
 /// One problem in a config file.
@@ -222,22 +228,24 @@ const POOL_KEYS: &[&str] = &[
     "rate_limit",
     "burst",
     "max_connections",
+    "scale_up_after",
+    "scale_down_after",
 ];
-/// Pool keys that parse but belong to the watch daemon (issue 8).
+/// Pool keys of the active health probe, which is not built yet.
 const WATCH_POOL_KEYS: &[&str] = &[
     "health_path",
     "health_interval",
     "health_timeout",
     "unhealthy_after",
-    "scale_up_after",
-    "scale_down_after",
 ];
-const NOT_YET_WATCH: &str = "not supported yet (the watch daemon is issue 8)";
+const NOT_YET_WATCH: &str = "not supported yet (active health probes are not built; watch follows systemd's view of health)";
 /// Where `cargo install --path . --root /usr/local` puts cgipool; the
 /// default `gateway` of CGI pools.
 pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
 
 pub const MAX_POOL_NAME: usize = 32;
+/// Environment variables the units set for every worker.
+const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER"];
 pub const MAX_WORKERS: u32 = 512;
 
 // ---------------------------------------------------------------------------
@@ -990,11 +998,11 @@ fn parse_env(cx: &mut Cx<'_>, src: &Src<'_>) -> Option<Vec<(String, String)>> {
             ok = false;
             continue;
         }
-        if raw_key.starts_with("CGIPOOL_") {
+        if RESERVED_ENV.contains(&raw_key.as_ref()) {
             cx.err(
                 e.key_span.clone(),
                 &e.key,
-                "CGIPOOL_* variables are reserved (cgipool sets them)",
+                "CGIPOOL_POOL and CGIPOOL_WORKER are reserved (cgipool sets them)",
             );
             ok = false;
             continue;
@@ -1033,6 +1041,8 @@ struct PoolFields {
     working_directory: Option<PathBuf>,
     request_timeout: Option<String>,
     body_limit: Option<String>,
+    scale_up_after: Option<String>,
+    scale_down_after: Option<String>,
     rate_limit: Option<String>,
     burst: Option<u32>,
     max_connections: Option<u32>,
@@ -1073,6 +1083,12 @@ fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         "notify" => f.notify = get_bool(cx, src),
         "watchdog_sec" => f.watchdog_sec = get_duration(cx, src, false).map(format_systemd_usec),
         "restart_sec" => f.restart_sec = get_duration(cx, src, true).map(format_systemd_usec),
+        "scale_up_after" => {
+            f.scale_up_after = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "scale_down_after" => {
+            f.scale_down_after = get_duration(cx, src, false).map(format_systemd_usec)
+        }
         "runtime_max_sec" => {
             if src.item.as_str() == Some("infinity") {
                 f.runtime_max_sec = Some("infinity".to_string());
@@ -1335,6 +1351,8 @@ fn parse_pool(
         rate_limit,
         burst,
         max_connections: f.max_connections,
+        scale_up_after: f.scale_up_after.unwrap_or_else(|| "2s".to_string()),
+        scale_down_after: f.scale_down_after.unwrap_or_else(|| "30s".to_string()),
     })
 }
 
@@ -1474,6 +1492,8 @@ mod tests {
                 rate_limit: None,
                 burst: 0,
                 max_connections: None,
+                scale_up_after: "2s".into(),
+                scale_down_after: "30s".into(),
             }
         );
     }
@@ -1639,7 +1659,7 @@ health_path = "/health"
                 "t.toml:10:1: pool.search.mim: unknown key `mim` in [pool.search]; did you mean `min`?",
                 "t.toml:12:7: pool.Bad-Name: invalid pool name \"Bad-Name\": use [a-z0-9][a-z0-9_]*, at most 32 characters",
                 "t.toml:16:1: pool.auth.exec: missing required key `exec` (absolute path of the worker program)",
-                "t.toml:18:1: pool.auth.health_path: not supported yet (the watch daemon is issue 8)",
+                "t.toml:18:1: pool.auth.health_path: not supported yet (active health probes are not built; watch follows systemd's view of health)",
             ]
         );
     }
@@ -1790,7 +1810,13 @@ health_path = "/health"
 
     #[test]
     fn environment_keys() {
-        assert!(one_err("environment = { CGIPOOL_X = \"1\" }").contains("reserved"));
+        assert!(one_err("environment = { CGIPOOL_WORKER = \"1\" }").contains("reserved"));
+        assert!(ok(&pool_with(
+            "environment = { CGIPOOL_TEST_DELAY_MS = \"20\" }"
+        ))
+        .pools["p"]
+            .environment
+            .contains_key("CGIPOOL_TEST_DELAY_MS"));
         assert!(one_err("environment = { \"1A\" = \"1\" }")
             .contains("invalid environment variable name"));
         assert!(one_err("environment = { \"A-B\" = \"1\" }")
@@ -1915,10 +1941,7 @@ health_path = "/health"
     fn watch_keys_not_supported_yet() {
         for k in WATCH_POOL_KEYS {
             let e = one_err(&format!("{k} = \"5s\""));
-            assert!(
-                e.ends_with("not supported yet (the watch daemon is issue 8)"),
-                "{e}"
-            );
+            assert!(e.ends_with(NOT_YET_WATCH), "{e}");
         }
         assert!(
             errs("[watch]\nenabled = \"yes\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n")[0]

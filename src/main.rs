@@ -178,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
                 dry_run,
                 counts: BTreeMap::new(),
                 job_timeout: Duration::from_secs(target.timeout),
+                leave_failed: false,
             };
             runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
         }
@@ -214,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
                 dry_run: false,
                 counts: BTreeMap::from([(pool, count)]),
                 job_timeout: Duration::from_secs(target.timeout),
+                leave_failed: false,
             };
             runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
         }

@@ -152,6 +152,13 @@ pub async fn reload_and_verify(
             Ok(g) if g == generation && old.stopped_accepting() => return Ok(old),
             Ok(g) if g == generation => "old workers still accept connections".to_string(),
             Ok(g) => format!("it serves generation {g}"),
+            // Only new workers answer now, and none knows the location: the
+            // locations file is not included where check_address points.
+            Err(e) if e.to_string().contains("answered") && old.stopped_accepting() => bail!(
+                "{e:#}: nginx reloaded but does not serve {GENERATION_PATH}; include {} in the server that listens on {} ([nginx].check_address)",
+                cfg.locations.display(),
+                cfg.check_address
+            ),
             Err(e) => format!("{e:#}"),
         };
         if Instant::now() >= deadline {

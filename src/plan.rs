@@ -52,7 +52,7 @@ pub enum WatchAction {
     Restart,
 }
 
-pub const WATCH_UNIT: &str = "cgipool-watch.service";
+pub use crate::render::WATCH_UNIT;
 
 impl Plan {
     pub fn is_empty(&self) -> bool {

@@ -70,6 +70,18 @@ pub fn instance_name(pool: &str, n: u32, suffix: &str) -> String {
     format!("cgipool-{pool}@{n}.{suffix}")
 }
 
+/// The watch daemon's unit (`[watch] enabled`), wanted by cgipool.target.
+pub const WATCH_UNIT: &str = "cgipool-watch.service";
+
+#[derive(Template)]
+#[template(path = "watch.service")]
+struct WatchTemplate<'a> {
+    config: String,
+    nginx_unit: &'a str,
+    binary: &'a str,
+    runtime: bool,
+}
+
 #[derive(Template)]
 #[template(path = "pool.service")]
 struct ServiceTemplate<'a> {
@@ -157,6 +169,22 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
             Entry::Link(unit_dir.join(&target)),
         );
     }
+    if cfg.watch_enabled {
+        let watch = WatchTemplate {
+            config: cfg.source.display().to_string(),
+            nginx_unit: &cfg.nginx.unit,
+            binary: crate::config::DEFAULT_GATEWAY,
+            runtime: unit_dir == Path::new("/run/systemd/system"),
+        };
+        entries.insert(
+            PathBuf::from(WATCH_UNIT),
+            Entry::File(finish(&header, watch.render())),
+        );
+        entries.insert(
+            PathBuf::from(format!("{TOP_TARGET}.wants")).join(WATCH_UNIT),
+            Entry::Link(unit_dir.join(WATCH_UNIT)),
+        );
+    }
     entries.insert(
         PathBuf::from(TOP_TARGET),
         Entry::File(finish(&header, Ok(TOP_TARGET_BODY.to_string()))),
@@ -208,6 +236,8 @@ struct UpstreamsTemplate<'a> {
 struct LocationsTemplate<'a> {
     locations: Vec<LocationView<'a>>,
     generation: &'a str,
+    /// Route /pool-status and /metrics to `cgipool watch`.
+    watch: bool,
 }
 
 /// systemd duration (as stored in the config) plus `extra_usec` → nginx time.
@@ -254,6 +284,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
     let mut loc = LocationsTemplate {
         locations,
         generation: "",
+        watch: cfg.watch_enabled,
     };
     let unhashed = finish(&header, loc.render());
     let mut hasher = Sha256::new();
@@ -667,6 +698,7 @@ min = 1
                 "cgipool-search.target",
                 "cgipool-search@.service",
                 "cgipool-search@.socket",
+                "cgipool-watch.service",
                 "cgipool.target"
             ]
         );
@@ -693,7 +725,7 @@ min = 1
         assert!(none
             .locations
             .contains(r#"return 503 '{"error":"no healthy workers","pool":"search"}\n';"#));
-        assert!(!none.locations.contains("proxy_pass"));
+        assert!(!none.locations.contains("proxy_pass http://cgipool_"));
         let some = nginx(&c, &all_active(&c));
         assert_ne!(none.generation, some.generation);
         assert_eq!(some.generation.len(), 16);
@@ -816,7 +848,9 @@ min = 1
         let mut check = Vec::new();
         for (p, e) in &tree.entries {
             if let Entry::File(s) = e {
-                // Instances of the templates, as systemd would load them.
+                // Instances of the templates, as systemd would load them;
+                // the watch unit runs a cgipool that is not installed here.
+                let s = &s.replace(crate::config::DEFAULT_GATEWAY, "/bin/true");
                 let name = p.display().to_string();
                 let inst = name.replace("@.", "@1.");
                 fs::write(d.join(&inst), s).unwrap();

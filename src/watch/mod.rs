@@ -115,11 +115,16 @@ pub fn save_applied(cfg: &Config) -> Result<()> {
 }
 
 fn policy(pool: &Pool) -> Policy {
+    let dur = |s: &str, default: u64| {
+        config::duration_usec(s)
+            .map(Duration::from_micros)
+            .unwrap_or(Duration::from_secs(default))
+    };
     Policy {
         min: pool.min,
         max: pool.max,
-        up_after: Duration::from_secs(2),
-        down_after: Duration::from_secs(30),
+        up_after: dur(&pool.scale_up_after, 2),
+        down_after: dur(&pool.scale_down_after, 30),
     }
 }
 
@@ -143,7 +148,16 @@ struct Watcher {
 pub async fn run(opts: Options) -> Result<()> {
     let cfg = load_applied(&opts.config)?;
     let systemd = Systemd::connect().await?;
+    // Drain systemd's signals in their own task: a stream nobody reads
+    // fills up and stalls the whole bus connection (method replies too).
     let mut changes = systemd.changes().await?;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&changed);
+    let drain = tokio::spawn(async move {
+        while changes.next().await.is_some() {
+            signal.notify_one();
+        }
+    });
     let snapshot = Arc::new(Mutex::new(Snapshot::default()));
     let server_state = Arc::clone(&snapshot);
     let group = cfg.nginx.socket_group.clone();
@@ -180,13 +194,11 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         let sample = tokio::select! {
             _ = tick.tick() => true,
-            ev = changes.next() => {
-                if ev.is_none() {
-                    bail!("systemd's signal stream ended (bus connection lost); exiting so systemd restarts watch");
-                }
-                false
-            }
+            _ = changed.notified() => false,
         };
+        if drain.is_finished() {
+            bail!("systemd's signal stream ended (bus connection lost); exiting so systemd restarts watch");
+        }
         if server.is_finished() {
             bail!("the status server stopped");
         }
@@ -260,8 +272,9 @@ impl Watcher {
 
     /// Active workers per pool, and whether a worker that left `active` is
     /// still within its grace period (restarting after a crash: its socket
-    /// keeps connections queued, so nginx need not be touched yet). `failed`
-    /// workers have no grace.
+    /// keeps connections queued, so nginx need not be touched yet). A worker
+    /// in a crash loop is active now and then and stays routed until systemd
+    /// gives up on it (start-limit-hit), then leaves after the grace period.
     fn active(
         &mut self,
         units: &BTreeMap<String, UnitState>,
@@ -283,7 +296,6 @@ impl Watcher {
                         self.down_since.remove(&unit);
                         up.insert(n);
                     }
-                    "failed" => {}
                     _ => {
                         let since = *self.down_since.entry(unit).or_insert(now);
                         in_grace |= now.duration_since(since) < self.opts.grace;
@@ -356,6 +368,7 @@ impl Watcher {
             dry_run: false,
             counts,
             job_timeout: Duration::from_secs(90),
+            leave_failed: true,
         };
         println!("watch: {why}: applying");
         match apply::apply(&self.cfg, &opts).await {

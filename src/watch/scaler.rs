@@ -59,12 +59,9 @@ impl Scaler {
     pub fn observe(&mut self, s: Sample) -> Option<Decision> {
         let keep = self.policy.up_after.max(self.policy.down_after);
         self.samples.push_back(s);
-        while self
-            .samples
-            .front()
-            .map(|f| s.at.duration_since(f.at) > keep)
-            .unwrap_or(false)
-        {
+        // Keep one sample older than the longest window, so that a window's
+        // start is always covered by history.
+        while self.samples.len() > 1 && self.samples[1].at + keep <= s.at {
             self.samples.pop_front();
         }
         let n = s.workers;
@@ -209,6 +206,32 @@ mod tests {
             });
             assert_eq!(d, None, "sample {i}");
         }
+    }
+
+    #[test]
+    fn jittered_sampling_still_decides() {
+        let t0 = Instant::now();
+        let mut s = Scaler::new(policy());
+        s.reset(t0);
+        let mut decided = None;
+        for i in 0..200u64 {
+            // 500 ms ticks that drift by a few ms, as a real loop does.
+            let at = t0 + Duration::from_millis(i * 503 + (i * 7) % 11);
+            if let Some(d) = s.observe(Sample {
+                at,
+                workers: 6,
+                waiting: 0,
+            }) {
+                decided = Some((at - t0, d));
+                break;
+            }
+        }
+        let (when, d) = decided.expect("an idle pool above min must shrink");
+        assert_eq!((d.from, d.to), (6, 3));
+        assert!(
+            when >= Duration::from_secs(8) && when < Duration::from_secs(9),
+            "{when:?}"
+        );
     }
 
     #[test]

@@ -452,7 +452,7 @@ fn spawn_nspawn(env: &Env, run_dir: &Path, console: fs::File) -> Result<(Child, 
             "--keep-unit",
             "--volatile=overlay",
             "--private-network",
-            "--console=passive",
+            "--console=read-only",
         ])
         .arg(format!(
             "--bind={}:/mnt/agent",

@@ -64,6 +64,9 @@ pub fn expected_listing(counts: &[(&str, u32)]) -> Vec<String> {
         "cgipool.target".to_string(),
         "cgipool.target.wants".to_string(),
         "multi-user.target.wants/cgipool.target".to_string(),
+        // [watch] enabled = true by default
+        "cgipool-watch.service".to_string(),
+        "cgipool.target.wants/cgipool-watch.service".to_string(),
     ];
     for (pool, n) in counts {
         v.push(format!("cgipool.target.wants/cgipool-{pool}.target"));

@@ -5,6 +5,7 @@ mod core;
 mod edge;
 mod harness;
 mod machine_tier;
+mod watch;
 
 use crate::Scenario;
 
@@ -15,5 +16,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(edge::scenarios());
     v.extend(machine_tier::scenarios());
     v.extend(cgi::scenarios());
+    v.extend(watch::scenarios());
     v
 }

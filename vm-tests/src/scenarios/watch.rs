@@ -9,11 +9,23 @@ use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, run| Scenario { name, tiers: &[Tier::Nspawn], opts: Options::default(), expect_failure: false, run };
+    let s = |name, run| Scenario {
+        name,
+        tiers: &[Tier::Nspawn],
+        opts: Options::default(),
+        expect_failure: false,
+        run,
+    };
     vec![
         s("watch_autoscale_load_step", autoscale_load_step),
-        s("watch_failed_worker_leaves_upstream", failed_worker_leaves_upstream),
-        s("watch_kill_resumes_without_change", kill_resumes_without_change),
+        s(
+            "watch_failed_worker_leaves_upstream",
+            failed_worker_leaves_upstream,
+        ),
+        s(
+            "watch_kill_resumes_without_change",
+            kill_resumes_without_change,
+        ),
         s("watch_pool_status_and_metrics", pool_status_and_metrics),
     ]
 }
@@ -35,7 +47,11 @@ fn active_workers(m: &mut Machine, pool: &str) -> Result<u32> {
 
 fn wait_watch(m: &mut Machine) -> Result<()> {
     m.wait_for_unit("cgipool-watch.service")?;
-    m.wait_until_succeeds("test -S /run/cgipool/watch.sock", "watch's status socket", Duration::from_secs(10))?;
+    m.wait_until_succeeds(
+        "test -S /run/cgipool/watch.sock",
+        "watch's status socket",
+        Duration::from_secs(10),
+    )?;
     Ok(())
 }
 
@@ -47,7 +63,7 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
     wait_watch(m)?;
     let secs = 20;
     m.succeed(&format!(
-        "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c32 -d{secs}s -H 'Connection: close' 'http://127.0.0.1:80/api/search?q=load'"
+        "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c32 -d{secs}s --timeout 10s --latency -H 'Connection: close' 'http://127.0.0.1:80/api/search?q=load'"
     ))?;
     let start = Instant::now();
     let mut timeline = Vec::new();
@@ -57,7 +73,10 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
     while start.elapsed() < Duration::from_secs(secs) {
         let n = active_workers(m, "search")?;
         if n != last {
-            timeline.push(format!("{:5.1}s {n} workers", start.elapsed().as_secs_f64()));
+            timeline.push(format!(
+                "{:5.1}s {n} workers",
+                start.elapsed().as_secs_f64()
+            ));
             last = n;
         }
         if n == 6 && reached_max.is_none() {
@@ -65,14 +84,21 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let out = m.wait_until_succeeds("grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out", "wrk to finish", Duration::from_secs(30))?;
+    let out = m.wait_until_succeeds(
+        "grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out",
+        "wrk to finish",
+        Duration::from_secs(30),
+    )?;
     let load_end = start.elapsed();
     let down_limit = Duration::from_secs(5) + m.scaled(Duration::from_secs(10));
     let mut back_at_min = None;
     while start.elapsed() < load_end + down_limit + Duration::from_secs(2) {
         let n = active_workers(m, "search")?;
         if n != last {
-            timeline.push(format!("{:5.1}s {n} workers", start.elapsed().as_secs_f64()));
+            timeline.push(format!(
+                "{:5.1}s {n} workers",
+                start.elapsed().as_secs_f64()
+            ));
             last = n;
         }
         if n == 2 {
@@ -81,20 +107,56 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    println!("autoscale timeline (load 0s..{:.1}s):\n  {}", load_end.as_secs_f64(), timeline.join("\n  "));
+    println!(
+        "autoscale timeline (load 0s..{:.1}s):\n  {}",
+        load_end.as_secs_f64(),
+        timeline.join("\n  ")
+    );
     let report = super::edge::parse_wrk(&out)?;
     if report.non_2xx != 0 || report.socket_errors != 0 {
-        bail!("{} non-2xx and {} socket errors in {} requests during the load step:\n{}", report.non_2xx, report.socket_errors, report.requests, out);
+        bail!(
+            "{} non-2xx and {} socket errors in {} requests during the load step:\n{}",
+            report.non_2xx,
+            report.socket_errors,
+            report.requests,
+            out
+        );
     }
-    let reached = reached_max.with_context(|| format!("the pool never reached max=6 under load; timeline: {timeline:?}"))?;
-    ensure!(reached <= up_limit, "the pool reached max after {:.1}s (limit {:.1}s)", reached.as_secs_f64(), up_limit.as_secs_f64());
-    let back = back_at_min.with_context(|| format!("the pool did not return to min within {:.0}s after the load; timeline: {timeline:?}", down_limit.as_secs_f64()))?;
-    println!("reached max in {:.1}s; back at min {:.1}s after the load stopped; {} requests, 0 failed", reached.as_secs_f64(), back.as_secs_f64(), report.requests);
+    let reached = reached_max.with_context(|| {
+        format!("the pool never reached max=6 under load; timeline: {timeline:?}")
+    })?;
+    ensure!(
+        reached <= up_limit,
+        "the pool reached max after {:.1}s (limit {:.1}s)",
+        reached.as_secs_f64(),
+        up_limit.as_secs_f64()
+    );
+    let back = back_at_min.with_context(|| {
+        format!(
+            "the pool did not return to min within {:.0}s after the load; timeline: {timeline:?}",
+            down_limit.as_secs_f64()
+        )
+    })?;
+    println!(
+        "reached max in {:.1}s; back at min {:.1}s after the load stopped; {} requests, 0 failed",
+        reached.as_secs_f64(),
+        back.as_secs_f64(),
+        report.requests
+    );
     let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'scale '")?;
-    ensure!(log.contains("scale 2 -> 4") && log.contains("queues: search@1 backlog="), "watch's decision log lacks the figures:\n{log}");
-    ensure!(log.contains("idle for"), "no scale-down decision logged:\n{log}");
+    ensure!(
+        log.contains("scale 2 -> 4") && log.contains("queues: search@1 backlog="),
+        "watch's decision log lacks the figures:\n{log}"
+    );
+    ensure!(
+        log.contains("idle for"),
+        "no scale-down decision logged:\n{log}"
+    );
     let status = m.succeed("cgipool status search")?;
-    ensure!(status.contains("watch scaled"), "cgipool status does not show watch's last decision:\n{status}");
+    ensure!(
+        status.contains("watch scaled"),
+        "cgipool status does not show watch's last decision:\n{status}"
+    );
     Ok(())
 }
 
@@ -105,18 +167,31 @@ fn failed_worker_leaves_upstream(m: &mut Machine) -> Result<()> {
     m.succeed(
         "mkdir -p /etc/systemd/system/cgipool-search@2.service.d && printf '[Service]\\nExecStart=\\nExecStart=/bin/false\\n' > /etc/systemd/system/cgipool-search@2.service.d/fail.conf && systemctl daemon-reload && systemctl kill -s KILL cgipool-search@2.service",
     )?;
-    m.wait_until_succeeds("systemctl is-failed -q cgipool-search@2.service", "search@2 to hit its start limit", Duration::from_secs(30))?;
+    m.wait_until_succeeds(
+        "systemctl is-failed -q cgipool-search@2.service && journalctl -b -u cgipool-search@2.service | grep -q 'Start request repeated too quickly'",
+        "search@2 to hit its start limit",
+        Duration::from_secs(30),
+    )?;
     let failed_at = Instant::now();
     m.wait_until_succeeds(
-        "! grep -q '/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf && test \"$(curl -s http://127.0.0.1/.cgipool/generation)\" = \"$(grep -o 'return 200 \"[0-9a-f]*' /etc/nginx/snippets/cgipool-locations.conf | cut -d'\"' -f2)\"",
+        "! grep -q 'search/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf && test \"$(curl -s http://127.0.0.1/.cgipool/generation)\" = \"$(grep -o 'return 200 \"[0-9a-f]*' /etc/nginx/snippets/cgipool-locations.conf | cut -d'\"' -f2)\"",
         "search@2 to leave the upstream nginx serves",
         Duration::from_secs(3),
     )?;
-    println!("failed worker left the upstream {:.1}s after it failed", failed_at.elapsed().as_secs_f64());
+    println!(
+        "failed worker left the upstream {:.1}s after it failed",
+        failed_at.elapsed().as_secs_f64()
+    );
     let codes = m.succeed("for i in $(seq 40); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
-    ensure!(codes.trim() == "40 200", "requests while search@2 is failed: {codes}");
+    ensure!(
+        codes.trim() == "40 200",
+        "requests while search@2 is failed: {codes}"
+    );
     let status = m.succeed("cgipool status --json")?;
-    ensure!(status.contains("\"failed\""), "status does not show the failed worker:\n{status}");
+    ensure!(
+        status.contains("\"failed\""),
+        "status does not show the failed worker:\n{status}"
+    );
     m.wait_until_succeeds(
         "curl -s http://127.0.0.1/metrics | grep -q 'cgipool_workers{pool=\"search\",state=\"failed\"} 1'",
         "metrics to show the failed worker",
@@ -125,7 +200,11 @@ fn failed_worker_leaves_upstream(m: &mut Machine) -> Result<()> {
     m.succeed("rm -r /etc/systemd/system/cgipool-search@2.service.d && systemctl daemon-reload")?;
     apply(m)?;
     assert_pool_running(m, "search", 2)?;
-    m.wait_until_succeeds("grep -q '/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf", "search@2 to be back in the upstream", Duration::from_secs(10))?;
+    m.wait_until_succeeds(
+        "grep -q 'search/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf",
+        "search@2 to be back in the upstream",
+        Duration::from_secs(10),
+    )?;
     Ok(())
 }
 
@@ -134,7 +213,11 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
     apply(m)?;
     wait_watch(m)?;
     // Let watch's first look settle, then kill it.
-    m.wait_until_succeeds("journalctl -b -o cat -u cgipool-watch.service | grep -q 'routes follow health'", "watch's first look", Duration::from_secs(10))?;
+    m.wait_until_succeeds(
+        "journalctl -b -o cat -u cgipool-watch.service | grep -q 'routes follow health'",
+        "watch's first look",
+        Duration::from_secs(10),
+    )?;
     let nginx = m.succeed("pgrep -f 'nginx: worker process$' | sort")?;
     let jobs_units = m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?;
     let pid = m.unit_property("cgipool-watch.service", "MainPID")?;
@@ -144,7 +227,10 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
         "systemd to restart watch",
         Duration::from_secs(15),
     )?;
-    ensure!(m.unit_property("cgipool-watch.service", "NRestarts")? == "1", "watch was not restarted by systemd");
+    ensure!(
+        m.unit_property("cgipool-watch.service", "NRestarts")? == "1",
+        "watch was not restarted by systemd"
+    );
     m.wait_until_succeeds(
         "test $(journalctl -b -o cat -u cgipool-watch.service | grep -c 'watching 2 pools') -ge 2",
         "the restarted watch to report in",
@@ -153,8 +239,14 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2)); // give a wrong decision the chance to happen
     assert_pool_running(m, "search", 2)?;
     assert_pool_running(m, "auth", 2)?;
-    ensure!(nginx == m.succeed("pgrep -f 'nginx: worker process$' | sort")?, "nginx was reloaded after watch restarted");
-    ensure!(jobs_units == m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?, "unit files changed after watch restarted");
+    ensure!(
+        nginx == m.succeed("pgrep -f 'nginx: worker process$' | sort")?,
+        "nginx was reloaded after watch restarted"
+    );
+    ensure!(
+        jobs_units == m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?,
+        "unit files changed after watch restarted"
+    );
     Ok(())
 }
 
@@ -162,7 +254,11 @@ fn pool_status_and_metrics(m: &mut Machine) -> Result<()> {
     install(m)?;
     apply(m)?;
     wait_watch(m)?;
-    m.wait_until_succeeds("curl -sf http://127.0.0.1/pool-status | grep -q search@2", "/pool-status through nginx", Duration::from_secs(10))?;
+    m.wait_until_succeeds(
+        "curl -sf http://127.0.0.1/pool-status | grep -q search@2",
+        "/pool-status through nginx",
+        Duration::from_secs(10),
+    )?;
     m.succeed(
         r#"curl -sf http://127.0.0.1/pool-status | python3 -c '
 import json, sys
