@@ -98,21 +98,28 @@ fn expected_active(
     plan: &Plan,
     observed: &Observed,
 ) -> BTreeMap<String, BTreeSet<u32>> {
+    wanted_where(wanted, |unit| {
+        plan.start.iter().any(|u| u == unit)
+            || observed
+                .active
+                .get(unit)
+                .map(|s| s == "active")
+                .unwrap_or(false)
+    })
+}
+
+/// The wanted workers whose service unit satisfies `pred`.
+fn wanted_where(
+    wanted: &BTreeMap<String, BTreeSet<u32>>,
+    pred: impl Fn(&str) -> bool,
+) -> BTreeMap<String, BTreeSet<u32>> {
     wanted
         .iter()
         .map(|(pool, ns)| {
             let up = ns
                 .iter()
                 .copied()
-                .filter(|&n| {
-                    let unit = plan::service(pool, n);
-                    plan.start.contains(&unit)
-                        || observed
-                            .active
-                            .get(&unit)
-                            .map(|s| s == "active")
-                            .unwrap_or(false)
-                })
+                .filter(|&n| pred(&plan::service(pool, n)))
                 .collect();
             (pool.clone(), up)
         })
@@ -423,22 +430,12 @@ async fn active_instances(
     wanted: &BTreeMap<String, BTreeSet<u32>>,
 ) -> Result<BTreeMap<String, BTreeSet<u32>>> {
     let units = by_name(systemd.list(&["cgipool-*@*.service"]).await?);
-    Ok(wanted
-        .iter()
-        .map(|(pool, ns)| {
-            let up = ns
-                .iter()
-                .copied()
-                .filter(|&n| {
-                    units
-                        .get(&plan::service(pool, n))
-                        .map(|u| u.active_state == "active")
-                        .unwrap_or(false)
-                })
-                .collect();
-            (pool.clone(), up)
-        })
-        .collect())
+    Ok(wanted_where(wanted, |unit| {
+        units
+            .get(unit)
+            .map(|u| u.active_state == "active")
+            .unwrap_or(false)
+    }))
 }
 
 /// `cgipool down`: stop routing, stop every unit cgipool made, remove its files.

@@ -209,6 +209,9 @@ pub struct NginxFiles {
 struct UpstreamView<'a> {
     pool: &'a Pool,
     workers: Vec<u32>,
+    /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
+    /// server (64k fails at 100 servers), so the zone grows with `max`.
+    zone_kb: u32,
 }
 
 struct LocationView<'a> {
@@ -267,7 +270,12 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         workers.dedup();
         let is_active = !workers.is_empty();
         if is_active {
-            upstreams.push(UpstreamView { pool, workers });
+            let zone_kb = 64 + pool.max;
+            upstreams.push(UpstreamView {
+                pool,
+                workers,
+                zone_kb,
+            });
         }
         let cgi = pool.protocol == Protocol::Cgi;
         locations.push(LocationView {
@@ -767,6 +775,8 @@ min = 1
     /// not installed).
     #[test]
     fn nginx_accepts_rendered_files() {
+        const LARGEST: &str =
+            "[pool.big]\nexec = \"/bin/true\"\nroute = \"/big\"\nmin = 512\nmax = 512\n";
         if std::process::Command::new("nginx")
             .arg("-v")
             .output()
@@ -784,6 +794,9 @@ min = 1
                 Some(BTreeMap::from([("search".to_string(), vec![1, 3])])),
             ),
             (DEMO, Some(BTreeMap::new())),
+            // The largest pool the config allows, every worker active: the
+            // upstream zone must hold 512 servers.
+            (LARGEST, None),
         ] {
             let c = cfg("x.toml", text);
             let active = active.unwrap_or_else(|| all_active(&c));

@@ -135,43 +135,32 @@ impl Systemd {
         if jobs.is_empty() {
             return Ok(());
         }
+        // Drain JobRemoved in its own task: a signal stream nobody reads
+        // while jobs are being queued fills up and stalls the whole bus
+        // connection, method replies included (seen with 100+ jobs).
         let mut removed = self
             .manager
             .receive_job_removed()
             .await
             .context("listening for JobRemoved")?;
-        let mut pending: HashMap<String, Job> = HashMap::new();
-        for job in jobs {
-            let mode = "replace".to_string();
-            let name = job.unit.clone();
-            let path = match job.kind {
-                JobKind::Start => self.manager.start_unit(name, mode).await,
-                JobKind::Stop => self.manager.stop_unit(name, mode).await,
-                JobKind::Restart => self.manager.restart_unit(name, mode).await,
-                JobKind::Reload => self.manager.reload_unit(name, mode).await,
-            }
-            .with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
-            pending.insert(path.to_string(), job.clone());
-        }
-        let mut failures = Vec::new();
-        let wait = async {
-            while !pending.is_empty() {
-                let Some(signal) = removed.next().await else {
-                    bail!("the JobRemoved stream ended");
-                };
-                let args = signal.args().context("decoding JobRemoved")?;
-                if let Some(job) = pending.remove(&args.job.to_string()) {
-                    if args.result != "done" {
-                        failures.push(format!(
-                            "{} of {} ended with result '{}'",
-                            job.kind, job.unit, args.result
-                        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let drain = tokio::spawn(async move {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args() {
+                    if tx
+                        .send((args.job.to_string(), args.result.to_string()))
+                        .is_err()
+                    {
+                        break;
                     }
                 }
             }
-            Ok(())
-        };
-        match tokio::time::timeout(deadline, wait).await {
+        });
+        let mut pending: HashMap<String, Job> = HashMap::new();
+        let outcome =
+            tokio::time::timeout(deadline, self.queue_and_wait(jobs, &mut pending, &mut rx)).await;
+        drain.abort();
+        let failures = match outcome {
             Ok(r) => r?,
             Err(_) => {
                 let mut left: Vec<String> = pending
@@ -185,12 +174,52 @@ impl Systemd {
                     left.join(", ")
                 );
             }
-        }
+        };
         if !failures.is_empty() {
-            failures.sort();
             bail!("systemd jobs failed: {}", failures.join("; "));
         }
         Ok(())
+    }
+
+    /// Queues every job at once (the bus pipelines the calls), then waits
+    /// until each one is removed; returns the ones that did not end `done`.
+    async fn queue_and_wait(
+        &self,
+        jobs: &[Job],
+        pending: &mut HashMap<String, Job>,
+        removed: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    ) -> Result<Vec<String>> {
+        let queued = futures_util::future::join_all(jobs.iter().map(|job| async move {
+            let (name, mode) = (job.unit.clone(), "replace".to_string());
+            let path = match job.kind {
+                JobKind::Start => self.manager.start_unit(name, mode).await,
+                JobKind::Stop => self.manager.stop_unit(name, mode).await,
+                JobKind::Restart => self.manager.restart_unit(name, mode).await,
+                JobKind::Reload => self.manager.reload_unit(name, mode).await,
+            };
+            (job, path)
+        }))
+        .await;
+        for (job, path) in queued {
+            let path = path.with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
+            pending.insert(path.to_string(), job.clone());
+        }
+        let mut failures = Vec::new();
+        while !pending.is_empty() {
+            let Some((path, result)) = removed.recv().await else {
+                bail!("the JobRemoved stream ended");
+            };
+            if let Some(job) = pending.remove(&path) {
+                if result != "done" {
+                    failures.push(format!(
+                        "{} of {} ended with result '{result}'",
+                        job.kind, job.unit
+                    ));
+                }
+            }
+        }
+        failures.sort();
+        Ok(failures)
     }
 
     /// Fresh (uncached) Unit and Service properties of each unit, fetched

@@ -316,7 +316,20 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     let control = control_plane(m, mode)?;
     setup_data_path(m)?;
     eprintln!("bench: data path ({} s per run)", mode.secs);
+    let cpu0 = cpu_usage(m)?;
+    let wall0 = Instant::now();
     let runs = data_path(m, mode)?;
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu1 = cpu_usage(m)?;
+    for i in 1..=TCP_PORTS.len() {
+        m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
+    }
+    machine["data_path_cpu_secs"] = json!({
+        "wall_secs": wall,
+        "units": CPU_UNITS.iter().zip(cpu0.iter().zip(cpu1.iter()))
+            .map(|((name, _), (a, b))| json!({"what": name, "cpu_secs": (b - a).max(0.0)}))
+            .collect::<Vec<_>>(),
+    });
     eprintln!("bench: recovery (kill -9 under load)");
     let recovery = recovery(m, mode)?;
     machine["loadavg_end"] = json!(m.succeed("cut -d' ' -f1-3 /proc/loadavg")?.trim());
@@ -369,6 +382,36 @@ fn setup_data_path(m: &mut Machine) -> Result<()> {
     Ok(())
 }
 
+/// Where the CPU goes during the data path: (label, units whose
+/// CPUUsageNSec is summed). wrk runs under the guest agent's unit.
+const CPU_UNITS: &[(&str, &str)] = &[
+    ("wrk (agent)", "vmtest-agent.service"),
+    ("nginx", "nginx.service"),
+    ("journald", "systemd-journald.service"),
+    ("pool workers", "system-cgipool\\x2dsearch.slice"),
+    (
+        "TCP workers",
+        "bench-tcp-1.service bench-tcp-2.service bench-tcp-3.service bench-tcp-4.service",
+    ),
+];
+
+fn cpu_usage(m: &mut Machine) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    for (_, units) in CPU_UNITS {
+        let quoted: Vec<String> = units.split_whitespace().map(shell_quote).collect();
+        let out = m.succeed(&format!(
+            "systemctl show -P CPUUsageNSec {}",
+            quoted.join(" ")
+        ))?;
+        let ns: f64 = out
+            .split_whitespace()
+            .filter_map(|x| x.parse::<f64>().ok())
+            .sum();
+        v.push(ns / 1e9);
+    }
+    Ok(v)
+}
+
 fn machine_info(m: &mut Machine) -> Result<Value> {
     let get =
         |m: &mut Machine, cmd: &str| -> Result<String> { Ok(m.succeed(cmd)?.trim().to_string()) };
@@ -377,7 +420,7 @@ fn machine_info(m: &mut Machine) -> Result<Value> {
         "cpu": get(m, "sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1")?,
         "kernel": get(m, "uname -r")?,
         "nginx": get(m, "nginx -v 2>&1")?,
-        "wrk": get(m, "wrk -v 2>&1 | head -n1 || true")?,
+        "wrk": get(m, "wrk -v 2>&1 | head -n1 | sed 's/ Copyright.*//' || true")?,
         "systemd": get(m, "systemctl --version | head -n1")?,
         "date": get(m, "date -u +%Y-%m-%dT%H:%M:%SZ")?,
         "loadavg_start": get(m, "cut -d' ' -f1-3 /proc/loadavg")?,
@@ -447,9 +490,6 @@ fn data_path(m: &mut Machine, mode: Mode) -> Result<Vec<Run>> {
                 runs.push(run);
             }
         }
-    }
-    for i in 1..=TCP_PORTS.len() {
-        m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
     }
     Ok(runs)
 }
@@ -836,7 +876,11 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 .collect::<Vec<_>>()
                 .join(" / ")
                 .replace('|', "\\|");
-            let short: String = line.chars().take(220).collect();
+            let mut short: String = line.chars().take(220).collect();
+            if short.len() < line.len() {
+                short.truncate(short.rfind(' ').unwrap_or(short.len()));
+                short.push_str(" …");
+            }
             format!("FAILED (exit {}): {short}", r["apply_up"]["rc"])
         });
     let time_row = |figure: String,
@@ -1076,6 +1120,30 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
                 );
             }
         }
+    }
+    if let Some(cpu) = mi["data_path_cpu_secs"].as_object() {
+        let wall = cpu
+            .get("wall_secs")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
+        let parts: Vec<String> = cpu
+            .get("units")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|u| {
+                format!(
+                    "{} {:.1} s",
+                    u["what"].as_str().unwrap_or("?"),
+                    u["cpu_secs"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nCPU time used during the data path ({wall:.0} s wall, all configurations): {}.",
+            parts.join(", ")
+        );
     }
     let _ = writeln!(md, "\n## Control plane (seconds, per round)\n");
     let _ = writeln!(

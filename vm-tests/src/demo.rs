@@ -2,7 +2,7 @@
 //! tour a newcomer can read. Uses the same harness as the scenarios.
 use crate::machine::{Env, Machine, Options, Tier};
 use crate::scenarios::common::{apply, assert_pool_running, install};
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use std::time::{Duration, Instant};
 
 fn section(title: &str) {
@@ -84,15 +84,11 @@ fn tour(m: &mut Machine) -> Result<()> {
     show(m, "cgipool scale search 5")?;
     show(m, "cgipool status search")?;
 
-    section("6. /pool-status");
-    println!("(served by `cgipool watch`, which is not built yet; `cgipool status --json` has the same data today)");
-    let json = m.succeed("cgipool status --json")?;
-    let v: serde_json::Value = serde_json::from_str(&json).context("status --json")?;
-    for p in v["pools"].as_array().into_iter().flatten() {
-        println!(
-            "  {}: {} healthy of {} wanted",
-            p["pool"], p["healthy"], p["wanted"]
-        );
-    }
+    section("6. /pool-status and /metrics, served by cgipool watch through nginx");
+    show(m, "curl -s http://127.0.0.1/pool-status | python3 -c 'import json,sys; [print(p[\"pool\"], p[\"healthy\"], \"healthy of\", p[\"wanted\"], \"wanted; queue\", p[\"queue_depth\"]) for p in json.load(sys.stdin)[\"pools\"]]'")?;
+    show(
+        m,
+        "curl -s http://127.0.0.1/metrics | grep -E '^cgipool_(workers|pool_queue_depth)'",
+    )?;
     Ok(())
 }

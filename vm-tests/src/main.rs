@@ -159,6 +159,17 @@ fn main() -> ExitCode {
 }
 
 impl Scenario {
+    /// A scenario for the nspawn tier with default options.
+    pub fn nspawn(name: &'static str, run: fn(&mut Machine) -> Result<()>) -> Scenario {
+        Scenario {
+            name,
+            tiers: &[Tier::Nspawn],
+            opts: Options::default(),
+            expect_failure: false,
+            run,
+        }
+    }
+
     fn clone_ref(&self) -> Scenario {
         Scenario {
             name: self.name,

@@ -2,19 +2,13 @@
 //! with unmodified programs no one on the team wrote (Debian's
 //! git-http-backend and gitweb.cgi) and the shell scripts in examples/cgi/.
 use super::common::{apply, assert_pool_running, install, write_config};
-use crate::machine::{Machine, Options, Tier};
+use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, run| Scenario {
-        name,
-        tiers: &[Tier::Nspawn],
-        opts: Options::default(),
-        expect_failure: false,
-        run,
-    };
+    let s = Scenario::nspawn;
     vec![
         s("cgi_shell_script", shell_script),
         s("cgi_timeout_and_garbage", timeout_and_garbage),

@@ -128,3 +128,8 @@ pub fn expect_usage_error(m: &mut Machine, cmd: &str) -> Result<String> {
     );
     Ok(o.stderr)
 }
+
+/// PIDs of the nginx workers serving now (a reload replaces them all).
+pub fn nginx_workers(m: &mut Machine) -> Result<String> {
+    m.succeed("pgrep -f 'nginx: worker process$' | sort")
+}

@@ -5,19 +5,13 @@ use super::common::{
     self, apply, assert_pool_running, expect_usage_error, install, status_json, unit_dir_listing,
     write_config,
 };
-use crate::machine::{Machine, Options, Tier};
+use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, run| Scenario {
-        name,
-        tiers: &[Tier::Nspawn],
-        opts: Options::default(),
-        expect_failure: false,
-        run,
-    };
+    let s = Scenario::nspawn;
     vec![
         s("core_apply_demo_idempotent", apply_demo_idempotent),
         s("core_scale_and_remove", scale_and_remove),
@@ -85,7 +79,7 @@ fn apply_demo_idempotent(m: &mut Machine) -> Result<()> {
     // A second apply: no changes, no job, no daemon-reload, no nginx reload.
     let jobs_before = m.succeed("systemctl show -P NInstalledJobs")?;
     let reloads_before = m.succeed("journalctl -b _PID=1 -o cat | grep -c '^Reloading' || true")?;
-    let nginx_before = m.succeed("pgrep -f 'nginx: worker process$' | sort")?;
+    let nginx_before = common::nginx_workers(m)?;
     let out = apply(m)?;
     ensure!(
         out.trim() == "no changes",
@@ -106,7 +100,7 @@ fn apply_demo_idempotent(m: &mut Machine) -> Result<()> {
         reloads_after.trim()
     );
     ensure!(
-        nginx_before == m.succeed("pgrep -f 'nginx: worker process$' | sort")?,
+        nginx_before == common::nginx_workers(m)?,
         "nginx workers changed during a no-change apply"
     );
     // --dry-run agrees.

@@ -1,21 +1,15 @@
 //! Issue 5 acceptance: nginx routes to the pools, checked, rolled back,
 //! reloaded only on change, rate limited, and no failed request while pools
 //! scale, roll and lose workers under load.
-use super::common::{apply, assert_pool_running, install, write_config, CONFIG};
-use crate::machine::{Machine, Options, Tier};
+use super::common::{self, apply, assert_pool_running, install, write_config, CONFIG};
+use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, run| Scenario {
-        name,
-        tiers: &[Tier::Nspawn],
-        opts: Options::default(),
-        expect_failure: false,
-        run,
-    };
+    let s = Scenario::nspawn;
     vec![
         s("nginx_routes_balance", routes_balance),
         s("nginx_bad_config_rolls_back", bad_config_rolls_back),
@@ -99,13 +93,13 @@ fn routes_balance(m: &mut Machine) -> Result<()> {
     let served = m.succeed("curl -sSf http://127.0.0.1/.cgipool/generation")?;
     ensure!(m.succeed("grep -c \"return 200 \\\"$(curl -sSf http://127.0.0.1/.cgipool/generation)\" /etc/nginx/snippets/cgipool-locations.conf")?.trim() == "1", "generation {served} not in the locations file");
     // A second apply does not reload nginx.
-    let pids = m.succeed("pgrep -f 'nginx: worker process$' | sort")?;
+    let pids = common::nginx_workers(m)?;
     ensure!(
         apply(m)?.trim() == "no changes",
         "second apply was not a no-op"
     );
     ensure!(
-        pids == m.succeed("pgrep -f 'nginx: worker process$' | sort")?,
+        pids == common::nginx_workers(m)?,
         "nginx was reloaded by a no-change apply"
     );
     Ok(())

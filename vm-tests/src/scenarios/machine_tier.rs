@@ -5,13 +5,34 @@ use crate::Scenario;
 use anyhow::{ensure, Result};
 
 pub fn scenarios() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "reboot_persistence",
+    let s = |name, run| Scenario {
+        name,
         tiers: &[Tier::Qemu],
         opts: Options { reboots: true },
         expect_failure: false,
-        run: reboot_persistence,
-    }]
+        run,
+    };
+    vec![
+        s("reboot_persistence", reboot_persistence),
+        s("power_loss_after_scale", power_loss_after_scale),
+    ]
+}
+
+/// Power cut (QEMU system_reset) right after a scale: the files apply wrote
+/// (fsync, rename, fsync of the directory) are all there, so the machine
+/// comes back with the new count.
+fn power_loss_after_scale(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    apply(m)?;
+    m.succeed("cgipool scale search 3")?;
+    m.crash()?;
+    assert_pool_running(m, "search", 3)?;
+    m.wait_until_succeeds(
+        "curl -sf 'http://127.0.0.1/api/search?q=power' >/dev/null",
+        "nginx to route /api/search after the power cut",
+        std::time::Duration::from_secs(30),
+    )?;
+    Ok(())
 }
 
 /// apply, scale to 4, delete the cgipool binary, reboot: systemd and the

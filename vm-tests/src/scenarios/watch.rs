@@ -2,20 +2,14 @@
 //! back, takes a worker that hit its start limit out of nginx, survives its
 //! own kill -9 without touching a healthy pool, and serves /pool-status and
 //! /metrics through nginx.
-use super::common::{apply, assert_pool_running, install, write_config};
-use crate::machine::{Machine, Options, Tier};
+use super::common::{self, apply, assert_pool_running, install, write_config};
+use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
-    let s = |name, run| Scenario {
-        name,
-        tiers: &[Tier::Nspawn],
-        opts: Options::default(),
-        expect_failure: false,
-        run,
-    };
+    let s = Scenario::nspawn;
     vec![
         s("watch_autoscale_load_step", autoscale_load_step),
         s(
@@ -218,7 +212,7 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
         "watch's first look",
         Duration::from_secs(10),
     )?;
-    let nginx = m.succeed("pgrep -f 'nginx: worker process$' | sort")?;
+    let nginx = common::nginx_workers(m)?;
     let jobs_units = m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?;
     let pid = m.unit_property("cgipool-watch.service", "MainPID")?;
     m.succeed(&format!("kill -9 {pid}"))?;
@@ -240,7 +234,7 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
     assert_pool_running(m, "search", 2)?;
     assert_pool_running(m, "auth", 2)?;
     ensure!(
-        nginx == m.succeed("pgrep -f 'nginx: worker process$' | sort")?,
+        nginx == common::nginx_workers(m)?,
         "nginx was reloaded after watch restarted"
     );
     ensure!(
