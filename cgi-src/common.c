@@ -842,6 +842,18 @@ static void init_response(struct response *res)
     res->body = (struct sbuf){g_body_mem, 0, sizeof g_body_mem, 0};
 }
 
+/* Test-only knob, off unless set: /healthz answers 503 while the file
+ * $CGIPOOL_TEST_HEALTH_DIR/<worker> exists (probe tests of cgipool watch). */
+static int test_unhealthy(void)
+{
+    const char *dir = getenv("CGIPOOL_TEST_HEALTH_DIR");
+    if (!dir || !*dir)
+        return 0;
+    char path[256];
+    int n = snprintf(path, sizeof path, "%s/%s", dir, g_worker);
+    return n > 0 && (size_t)n < sizeof path && access(path, F_OK) == 0;
+}
+
 static void dispatch(const struct request *req, struct response *res)
 {
     if (g_delay_ms)
@@ -851,6 +863,8 @@ static void dispatch(const struct request *req, struct response *res)
     } else if (!method_is(req, "GET")) {
         json_error(res, 405, "method not allowed");
         res->allow = "GET, HEAD";
+    } else if (test_unhealthy()) {
+        json_error(res, 503, "unhealthy (test knob)");
     } else {
         json_begin(res, 200);
         sb_puts(&res->body, ",\"status\":\"ok\"}\n");

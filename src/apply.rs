@@ -25,6 +25,9 @@ pub struct Options {
     pub job_timeout: Duration,
     /// Don't reset and start workers that are `failed` (watch's applies).
     pub leave_failed: bool,
+    /// Services nginx must not route to although systemd says they are
+    /// active (watch's health probe failed them).
+    pub exclude: BTreeSet<String>,
 }
 
 /// Everything `plan` needs, read from the host.
@@ -97,14 +100,11 @@ fn expected_active(
     wanted: &BTreeMap<String, BTreeSet<u32>>,
     plan: &Plan,
     observed: &Observed,
+    exclude: &BTreeSet<String>,
 ) -> BTreeMap<String, BTreeSet<u32>> {
     wanted_where(wanted, |unit| {
-        plan.start.iter().any(|u| u == unit)
-            || observed
-                .active
-                .get(unit)
-                .map(|s| s == "active")
-                .unwrap_or(false)
+        let active = observed.active.get(unit).map(|s| s == "active");
+        !exclude.contains(unit) && (plan.start.iter().any(|u| u == unit) || active.unwrap_or(false))
     })
 }
 
@@ -166,7 +166,10 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
         nginx: None,
     };
     let first = plan_with(&desired, &host.observed, opts);
-    let candidate = nginx_for(cfg, &expected_active(&wanted, &first, &host.observed));
+    let candidate = nginx_for(
+        cfg,
+        &expected_active(&wanted, &first, &host.observed, &opts.exclude),
+    );
     desired.nginx = host
         .nginx_active
         .then(|| (candidate.upstreams.clone(), candidate.locations.clone()));
@@ -222,7 +225,7 @@ pub async fn apply(cfg: &Config, opts: &Options) -> Result<Plan> {
     // Phase 4: nginx lists only workers that are really active.
     let mut reloaded = None;
     if host.nginx_active {
-        let active = active_instances(&systemd, &wanted).await?;
+        let active = active_instances(&systemd, &wanted, &opts.exclude).await?;
         let final_files = nginx_for(cfg, &active);
         if final_files != candidate {
             let missing: Vec<String> = wanted
@@ -428,13 +431,12 @@ async fn check_active(systemd: &Systemd, services: &[&String]) -> Result<()> {
 async fn active_instances(
     systemd: &Systemd,
     wanted: &BTreeMap<String, BTreeSet<u32>>,
+    exclude: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, BTreeSet<u32>>> {
     let units = by_name(systemd.list(&["cgipool-*@*.service"]).await?);
     Ok(wanted_where(wanted, |unit| {
-        units
-            .get(unit)
-            .map(|u| u.active_state == "active")
-            .unwrap_or(false)
+        let active = units.get(unit).map(|u| u.active_state == "active");
+        !exclude.contains(unit) && active.unwrap_or(false)
     }))
 }
 

@@ -98,6 +98,13 @@ pub struct Pool {
     /// Normalised systemd duration: how long the pool must be idle before
     /// `cgipool watch` shrinks it.
     pub scale_down_after: String,
+    /// Path `cgipool watch` probes on each worker's socket (none: no probe).
+    pub health_path: Option<String>,
+    /// Normalised systemd durations.
+    pub health_interval: String,
+    pub health_timeout: String,
+    /// Failed probes in a row before a worker is taken out and restarted.
+    pub unhealthy_after: u32,
 }
 
 /// One problem in a config file.
@@ -230,15 +237,11 @@ const POOL_KEYS: &[&str] = &[
     "max_connections",
     "scale_up_after",
     "scale_down_after",
-];
-/// Pool keys of the active health probe, which is not built yet.
-const WATCH_POOL_KEYS: &[&str] = &[
     "health_path",
     "health_interval",
     "health_timeout",
     "unhealthy_after",
 ];
-const NOT_YET_WATCH: &str = "not supported yet (active health probes are not built; watch follows systemd's view of health)";
 /// Where `cargo install --path . --root /usr/local` puts cgipool; the
 /// default `gateway` of CGI pools.
 pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
@@ -962,18 +965,12 @@ fn parse_watch(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<bool> {
     enabled
 }
 
-/// Reject keys that are not pool keys; report watch-daemon keys as not yet
-/// supported. Returns true when the key is a supported pool key.
+/// Reject keys that are not pool keys. Returns true when the key is one.
 fn check_pool_key(cx: &mut Cx<'_>, src: &Src<'_>, what: &str) -> bool {
-    let name = src.name.as_str();
-    if POOL_KEYS.contains(&name) {
+    if POOL_KEYS.contains(&src.name.as_str()) {
         true
-    } else if WATCH_POOL_KEYS.contains(&name) {
-        cx.err(src.key_span.clone(), &src.key, NOT_YET_WATCH);
-        false
     } else {
-        let all: Vec<&str> = POOL_KEYS.iter().chain(WATCH_POOL_KEYS).copied().collect();
-        unknown_key(cx, src, &all, what);
+        unknown_key(cx, src, POOL_KEYS, what);
         false
     }
 }
@@ -1043,6 +1040,10 @@ struct PoolFields {
     body_limit: Option<String>,
     scale_up_after: Option<String>,
     scale_down_after: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<String>,
+    health_timeout: Option<String>,
+    unhealthy_after: Option<u32>,
     rate_limit: Option<String>,
     burst: Option<u32>,
     max_connections: Option<u32>,
@@ -1219,8 +1220,33 @@ fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         }
         "burst" => f.burst = get_u32(cx, src, 0, 1_000_000),
         "max_connections" => f.max_connections = get_u32(cx, src, 1, 1_000_000),
+        "health_path" => {
+            if let Some(s) = get_str(cx, src) {
+                match health_path_problem(&s) {
+                    Some(msg) => cx.err(sp, key, msg),
+                    None => f.health_path = Some(s),
+                }
+            }
+        }
+        "health_interval" => {
+            f.health_interval = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "health_timeout" => {
+            f.health_timeout = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "unhealthy_after" => f.unhealthy_after = get_u32(cx, src, 1, 1000),
         _ => {}
     }
+}
+
+/// A probe path: sent verbatim in a request line, so no spaces or controls.
+fn health_path_problem(s: &str) -> Option<String> {
+    if !s.starts_with('/') {
+        return Some(format!("must start with `/`, got {s:?}"));
+    }
+    s.chars().find(|c| !(route_char_ok(*c) || "?=&%+".contains(*c))).map(|c| {
+        format!("health_path {s:?} contains {c:?}: only letters, digits and / _ . ~ - ? = & % + are allowed")
+    })
 }
 
 fn route_problem(s: &str) -> Option<String> {
@@ -1353,6 +1379,10 @@ fn parse_pool(
         max_connections: f.max_connections,
         scale_up_after: f.scale_up_after.unwrap_or_else(|| "2s".to_string()),
         scale_down_after: f.scale_down_after.unwrap_or_else(|| "30s".to_string()),
+        health_path: f.health_path,
+        health_interval: f.health_interval.unwrap_or_else(|| "5s".to_string()),
+        health_timeout: f.health_timeout.unwrap_or_else(|| "2s".to_string()),
+        unhealthy_after: f.unhealthy_after.unwrap_or(3),
     })
 }
 
@@ -1435,12 +1465,6 @@ mod tests {
             POOL_KEYS.len(),
             "README documents pool keys the code does not know"
         );
-        for key in WATCH_POOL_KEYS {
-            assert!(
-                readme.contains(&format!("`{key}`")),
-                "README does not mention {key}"
-            );
-        }
     }
 
     #[test]
@@ -1494,6 +1518,10 @@ mod tests {
                 max_connections: None,
                 scale_up_after: "2s".into(),
                 scale_down_after: "30s".into(),
+                health_path: None,
+                health_interval: "5s".into(),
+                health_timeout: "2s".into(),
+                unhealthy_after: 3,
             }
         );
     }
@@ -1646,7 +1674,7 @@ route = "/x"
 
 [pool.auth]
 route = "/api/search"
-health_path = "/health"
+health_path = "health"
 "#;
         let e = errs(text);
         assert_eq!(
@@ -1659,7 +1687,7 @@ health_path = "/health"
                 "t.toml:10:1: pool.search.mim: unknown key `mim` in [pool.search]; did you mean `min`?",
                 "t.toml:12:7: pool.Bad-Name: invalid pool name \"Bad-Name\": use [a-z0-9][a-z0-9_]*, at most 32 characters",
                 "t.toml:16:1: pool.auth.exec: missing required key `exec` (absolute path of the worker program)",
-                "t.toml:18:1: pool.auth.health_path: not supported yet (active health probes are not built; watch follows systemd's view of health)",
+                "t.toml:18:15: pool.auth.health_path: must start with `/`, got \"health\"",
             ]
         );
     }
@@ -1938,11 +1966,24 @@ health_path = "/health"
     }
 
     #[test]
-    fn watch_keys_not_supported_yet() {
-        for k in WATCH_POOL_KEYS {
-            let e = one_err(&format!("{k} = \"5s\""));
-            assert!(e.ends_with(NOT_YET_WATCH), "{e}");
-        }
+    fn watch_keys() {
+        let c = ok(&pool_with(
+            "health_path = \"/healthz\"\nhealth_interval = \"1500ms\"\nunhealthy_after = 2",
+        ));
+        let p = &c.pools["p"];
+        assert_eq!(p.health_path.as_deref(), Some("/healthz"));
+        assert_eq!(
+            (
+                p.health_interval.as_str(),
+                p.health_timeout.as_str(),
+                p.unhealthy_after
+            ),
+            ("1500ms", "2s", 2)
+        );
+        assert!(one_err("health_path = \"healthz\"").contains("must start with `/`"));
+        assert!(one_err("health_path = \"/a b\"").contains("only letters"));
+        assert!(one_err("unhealthy_after = 0").contains("pool.p.unhealthy_after"));
+        assert!(one_err("health_timeout = \"0\"").contains("pool.p.health_timeout"));
         assert!(
             errs("[watch]\nenabled = \"yes\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n")[0]
                 .contains("watch.enabled: expected a boolean")

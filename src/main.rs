@@ -179,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
                 counts: BTreeMap::new(),
                 job_timeout: Duration::from_secs(target.timeout),
                 leave_failed: false,
+                exclude: Default::default(),
             };
             runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
         }
@@ -216,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 counts: BTreeMap::from([(pool, count)]),
                 job_timeout: Duration::from_secs(target.timeout),
                 leave_failed: false,
+                exclude: Default::default(),
             };
             runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
         }

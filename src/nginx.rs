@@ -148,13 +148,16 @@ pub async fn reload_and_verify(
         .with_context(|| format!("reloading {unit}"))?;
     let deadline = Instant::now() + limit;
     loop {
+        // Checked before connecting: if the old workers had stopped
+        // accepting by then, a new worker is the one that answers.
+        let only_new = old.stopped_accepting();
         let last = match fetch_generation(&cfg.check_address) {
-            Ok(g) if g == generation && old.stopped_accepting() => return Ok(old),
+            Ok(g) if g == generation && only_new => return Ok(old),
             Ok(g) if g == generation => "old workers still accept connections".to_string(),
             Ok(g) => format!("it serves generation {g}"),
-            // Only new workers answer now, and none knows the location: the
-            // locations file is not included where check_address points.
-            Err(e) if e.to_string().contains("answered") && old.stopped_accepting() => bail!(
+            // A new worker does not know the location: the locations file is
+            // not included in the server check_address reaches.
+            Err(e) if e.to_string().contains("answered") && only_new => bail!(
                 "{e:#}: nginx reloaded but does not serve {GENERATION_PATH}; include {} in the server that listens on {} ([nginx].check_address)",
                 cfg.locations.display(),
                 cfg.check_address

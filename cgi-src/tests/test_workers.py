@@ -540,6 +540,16 @@ class LifecycleTests(WorkerCase):
         c.close()
         idle.close()
 
+    def test_health_knob(self):
+        w = self.start(SEARCH, env={"CGIPOOL_WORKER": "search@3",
+                                    "CGIPOOL_TEST_HEALTH_DIR": self.tmp})
+        marker = os.path.join(self.tmp, "search@3")
+        open(marker, "w").close()
+        self.assertError(w.get("/healthz"), 503)
+        self.assertEqual(w.get("/api/search?q=x").status, 200)
+        os.unlink(marker)
+        self.assertEqual(w.get("/healthz").status, 200)
+
     def test_max_requests(self):
         w = self.start(SEARCH, args=["--max-requests", "3"])  # probe is #1
         self.assertEqual(w.get("/api/search?q=1").status, 200)

@@ -5,6 +5,7 @@
 //! goes through `apply` — the same code path and lock as `cgipool apply` and
 //! `cgipool scale` — so they never fight. Serves /pool-status and /metrics.
 mod notify;
+mod probe;
 pub mod scaler;
 mod server;
 mod sockdiag;
@@ -143,6 +144,16 @@ struct Watcher {
     scale_events: BTreeMap<String, u64>,
     details: BTreeMap<String, ServiceDetails>,
     details_at: Option<Instant>,
+    /// Probe state per service unit, for pools with a health_path.
+    probes: HashMap<String, ProbeState>,
+    /// Services the probe failed: out of nginx until they answer again.
+    unhealthy: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeState {
+    failures: u32,
+    next_at: Option<Instant>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -179,6 +190,8 @@ pub async fn run(opts: Options) -> Result<()> {
         scale_events: BTreeMap::new(),
         details: BTreeMap::new(),
         details_at: None,
+        probes: HashMap::new(),
+        unhealthy: BTreeSet::new(),
     };
     println!(
         "watch: watching {} pools ({})",
@@ -224,7 +237,15 @@ impl Watcher {
                 }
             }
         }
-        let (active, in_grace) = self.active(&units, &wanted, now);
+        let (mut active, in_grace) = self.active(&units, &wanted, now);
+        self.probe_due(systemd, &active, now).await;
+        for unit in &self.unhealthy {
+            if let Some((pool, n, _)) = plan::parse_instance(unit) {
+                if let Some(set) = active.get_mut(pool) {
+                    set.remove(&n);
+                }
+            }
+        }
         if sample {
             let queues = sockdiag::queues(SOCKET_ROOT).unwrap_or_default();
             self.refresh_details(systemd, &units).await;
@@ -307,6 +328,101 @@ impl Watcher {
         (out, in_grace)
     }
 
+    /// Probes the active workers of pools with a health_path whose interval
+    /// is due, concurrently. A worker that failed `unhealthy_after` probes in
+    /// a row leaves nginx (see `step`) and is restarted through systemd; it
+    /// comes back once a probe succeeds.
+    async fn probe_due(
+        &mut self,
+        systemd: &Systemd,
+        active: &BTreeMap<String, BTreeSet<u32>>,
+        now: Instant,
+    ) {
+        let mut due = Vec::new();
+        for (pool, ns) in active {
+            let Some(p) = self.cfg.pools.get(pool) else {
+                continue;
+            };
+            let Some(path) = p.health_path.clone() else {
+                continue;
+            };
+            let dur = |s: &str| {
+                config::duration_usec(s)
+                    .map(Duration::from_micros)
+                    .unwrap_or(Duration::from_secs(5))
+            };
+            let (interval, timeout) = (dur(&p.health_interval), dur(&p.health_timeout));
+            for &n in ns.iter().chain(self.unhealthy_of(pool).iter()) {
+                let unit = plan::service(pool, n);
+                let state = self.probes.entry(unit.clone()).or_default();
+                if state.next_at.map(|t| now < t).unwrap_or(false) {
+                    continue;
+                }
+                state.next_at = Some(now + interval);
+                due.push((
+                    unit,
+                    sock_path(pool, n),
+                    path.clone(),
+                    timeout,
+                    p.unhealthy_after,
+                ));
+            }
+        }
+        let results = futures_util::future::join_all(
+            due.iter()
+                .map(|(_, sock, path, timeout, _)| probe::probe(sock, path, *timeout)),
+        )
+        .await;
+        for ((unit, _, path, _, limit), result) in due.into_iter().zip(results) {
+            let state = self.probes.entry(unit.clone()).or_default();
+            match result {
+                Ok(()) => {
+                    state.failures = 0;
+                    if self.unhealthy.remove(&unit) {
+                        println!("watch: {unit}: probe {path} passed again; back into nginx");
+                    }
+                }
+                Err(why) => {
+                    state.failures += 1;
+                    println!(
+                        "watch: {unit}: probe {path} failed ({}/{limit}): {why}",
+                        state.failures
+                    );
+                    if state.failures >= limit {
+                        state.failures = 0;
+                        self.unhealthy.insert(unit.clone());
+                        self.take_out_and_restart(systemd, &unit).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn unhealthy_of(&self, pool: &str) -> BTreeSet<u32> {
+        self.unhealthy
+            .iter()
+            .filter_map(|u| plan::parse_instance(u))
+            .filter(|(p, _, _)| *p == pool)
+            .map(|(_, n, _)| n)
+            .collect()
+    }
+
+    /// Routes around a worker the probe failed, then has systemd restart it
+    /// (RestartUnit): never a signal from watch itself.
+    async fn take_out_and_restart(&mut self, systemd: &Systemd, unit: &str) {
+        println!("watch: {unit}: unhealthy; taking it out of nginx and restarting it");
+        if self
+            .converge(BTreeMap::new(), &format!("{unit} failed its probe"))
+            .await
+        {
+            self.routed = None;
+        }
+        let job = crate::systemd::Job::new(crate::systemd::JobKind::Restart, unit);
+        if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
+            eprintln!("watch: restarting {unit}: {e:#}");
+        }
+    }
+
     async fn refresh_details(&mut self, systemd: &Systemd, units: &BTreeMap<String, UnitState>) {
         if self
             .details_at
@@ -369,6 +485,7 @@ impl Watcher {
             counts,
             job_timeout: Duration::from_secs(90),
             leave_failed: true,
+            exclude: self.unhealthy.clone(),
         };
         println!("watch: {why}: applying");
         match apply::apply(&self.cfg, &opts).await {

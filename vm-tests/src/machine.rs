@@ -569,10 +569,35 @@ fn spawn_qemu(
 }
 
 fn qemu_monitor(sock: &Path, command: &str) -> Result<()> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock)
         .with_context(|| format!("connecting to the QEMU monitor {}", sock.display()))?;
-    s.write_all(format!("{command}\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Wait for the prompt, send the command, wait for the next prompt: the
+    // monitor drops a command whose connection closes before it is read.
+    let mut seen = String::new();
+    let mut prompts = 0;
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while prompts < 2 {
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("waiting for the QEMU monitor to take {command}"))?;
+        if n == 0 {
+            bail!("the QEMU monitor closed the connection before taking {command}");
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        let now = seen.matches("(qemu)").count();
+        if now > prompts {
+            if prompts == 0 {
+                s.write_all(format!("{command}\n").as_bytes())?;
+            }
+            prompts = now;
+        }
+        if Instant::now() >= deadline {
+            bail!("the QEMU monitor did not confirm {command}: {seen}");
+        }
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ pub fn scenarios() -> Vec<Scenario> {
         s("core_escaping_round_trip", escaping),
         s("core_units_verify_and_sandbox", verify_and_sandbox),
         s("core_down_removes_everything", down),
+        s("core_runtime_lock_and_no_nginx", runtime_lock_and_no_nginx),
     ]
 }
 
@@ -387,5 +388,51 @@ fn down(m: &mut Machine) -> Result<()> {
     let files = unit_dir_listing(m)?;
     ensure!(files.is_empty(), "files left after down: {files:?}");
     m.succeed("nginx -t -q")?;
+    Ok(())
+}
+
+/// `--runtime` units live in /run/systemd/system; a second apply waits for
+/// the lock and gives up clearly; without nginx, apply manages the units and
+/// says that nginx was skipped.
+fn runtime_lock_and_no_nginx(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    m.succeed("systemctl stop nginx.service")?;
+    let out = m.succeed(&format!("cgipool apply --runtime {}", common::CONFIG))?;
+    ensure!(
+        out.contains("nginx: skipped"),
+        "apply without nginx does not say it skipped nginx:\n{out}"
+    );
+    assert_pool_running(m, "search", 2)?;
+    m.succeed("test -f /run/systemd/system/cgipool-search@.service && test -L /run/systemd/system/cgipool-search.target.wants/cgipool-search@2.service")?;
+    m.fail("test -e /etc/systemd/system/cgipool-search@.service")?;
+    let status = m.succeed("cgipool status --runtime search")?;
+    ensure!(
+        status.contains("2 healthy of 2 wanted"),
+        "status --runtime:\n{status}"
+    );
+    // Another apply holds the lock: this one waits --timeout, then says so.
+    m.succeed("systemd-run --quiet --unit=vmtest-lock flock /run/cgipool/lock sleep 30")?;
+    m.wait_until_succeeds(
+        "pgrep -f 'flock /run/cgipool/lock'",
+        "the lock holder",
+        Duration::from_secs(5),
+    )?;
+    let o = m.execute(
+        &format!(
+            "cgipool scale search 3 --runtime --timeout 1 --config {}",
+            common::CONFIG
+        ),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        o.rc == 1 && o.stderr.contains("another cgipool"),
+        "scale while the lock is held: exit {}, {}",
+        o.rc,
+        o.stderr
+    );
+    m.succeed("systemctl stop vmtest-lock")?;
+    assert_pool_running(m, "search", 2)?;
+    m.succeed(&format!("cgipool down --runtime {}", common::CONFIG))?;
+    m.fail("test -e /run/systemd/system/cgipool-search@.service")?;
     Ok(())
 }

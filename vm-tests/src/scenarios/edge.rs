@@ -154,8 +154,22 @@ fn bad_config_rolls_back(m: &mut Machine) -> Result<()> {
 
 fn rate_limit(m: &mut Machine) -> Result<()> {
     install(m)?;
-    write_config(m, "[pool.search]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/search\"\nrate_limit = \"2r/s\"\nburst = 3\n")?;
+    write_config(m, "[pool.search]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/search\"\nrate_limit = \"2r/s\"\nburst = 3\n\n[pool.slow]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/slow\"\nmax_connections = 1\nenvironment = { CGIPOOL_TEST_DELAY_MS = \"1000\" }\n")?;
     apply(m)?;
+    // max_connections = 1 per client: a second concurrent request gets 503 with JSON.
+    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /dev/null 'http://127.0.0.1/api/slow?q=a'")?;
+    m.wait_until_succeeds(
+        "ss -xH state connected | grep -q '/run/cgipool/slow/'",
+        "the first slow request to reach a worker",
+        Duration::from_secs(5),
+    )?;
+    let limited = m.succeed("curl -s -i 'http://127.0.0.1/api/slow?q=b'")?;
+    ensure!(
+        limited.starts_with("HTTP/1.1 503")
+            && limited.contains("application/json")
+            && limited.contains("\"error\""),
+        "a second concurrent request past max_connections = 1 got:\n{limited}"
+    );
     let codes = m.succeed("for i in $(seq 20); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
     ensure!(
         codes.contains(" 429") && codes.contains(" 200"),

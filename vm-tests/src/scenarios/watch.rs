@@ -21,6 +21,10 @@ pub fn scenarios() -> Vec<Scenario> {
             kill_resumes_without_change,
         ),
         s("watch_pool_status_and_metrics", pool_status_and_metrics),
+        s(
+            "watch_probe_restarts_unhealthy_worker",
+            probe_restarts_unhealthy_worker,
+        ),
     ]
 }
 
@@ -280,5 +284,55 @@ print("metrics ok:", len(fams), "families")
 '"#,
     )?;
     ensure!(out.contains("metrics ok"), "{out}");
+    Ok(())
+}
+
+const PROBED_POOL: &str = r#"[pool.search]
+exec = "/usr/local/lib/cgipool/search"
+route = "/api/search"
+environment = { CGIPOOL_TEST_HEALTH_DIR = "/run/cgipool-test" }
+health_path = "/healthz"
+health_interval = "500ms"
+health_timeout = "1s"
+unhealthy_after = 2
+"#;
+
+/// A worker whose /healthz fails leaves nginx and is restarted by systemd
+/// (a new InvocationID, no signal from watch); it comes back once healthy.
+fn probe_restarts_unhealthy_worker(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    write_config(m, PROBED_POOL)?;
+    apply(m)?;
+    wait_watch(m)?;
+    let before = m.unit_property("cgipool-search@2.service", "InvocationID")?;
+    // The C worker's test knob: /healthz answers 503 while this file exists.
+    m.succeed("mkdir -p /run/cgipool-test && touch /run/cgipool-test/search@2")?;
+    m.wait_until_succeeds(
+        "! grep -q 'search/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf",
+        "the unhealthy worker to leave the upstream",
+        Duration::from_secs(10),
+    )?;
+    m.wait_until_succeeds(
+        &format!("test \"$(systemctl show -P InvocationID cgipool-search@2.service)\" != {before}"),
+        "systemd to restart the unhealthy worker",
+        Duration::from_secs(10),
+    )?;
+    let codes = m.succeed("for i in $(seq 20); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
+    ensure!(
+        codes.trim() == "20 200",
+        "requests while search@2 is unhealthy: {codes}"
+    );
+    let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'search@2'")?;
+    ensure!(
+        log.contains("probe /healthz failed (2/2): answered 503") && log.contains("restarting"),
+        "watch's log:\n{log}"
+    );
+    m.succeed("rm /run/cgipool-test/search@2")?;
+    m.wait_until_succeeds(
+        "grep -q 'search/2.sock' /etc/nginx/conf.d/cgipool-upstreams.conf",
+        "the worker to come back once its probe passes",
+        Duration::from_secs(10),
+    )?;
+    assert_pool_running(m, "search", 2)?;
     Ok(())
 }
