@@ -9,7 +9,8 @@ pub const UNIT_DIR: &str = "/etc/systemd/system";
 
 /// Installs cgipool, the C workers and the Python example worker from the
 /// payload, the example nginx site with a self-signed certificate, and the
-/// demo config at /etc/cgipool/cgipool.toml.
+/// demo config at /etc/cgipool/cgipool.toml. Synced to disk, as a host's
+/// setup would be long before a power cut.
 pub fn install(m: &mut Machine) -> Result<()> {
     m.succeed(
         "set -e
@@ -25,7 +26,8 @@ pub fn install(m: &mut Machine) -> Result<()> {
          ln -sf ../sites-available/cgipool /etc/nginx/sites-enabled/cgipool
          rm -f /etc/nginx/sites-enabled/default
          nginx -t -q
-         systemctl reload nginx",
+         systemctl reload nginx
+         sync",
     )?;
     m.wait_until_succeeds("curl -sf -o /dev/null -k https://127.0.0.1/ || curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/ | grep -q 404", "the example site to answer", Duration::from_secs(10))?;
     Ok(())

@@ -206,7 +206,7 @@ const BAD: &[(&str, &str, &str)] = &[
     ("brace in route", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x{\"\n", "pool.search.route"),
     ("bad duration", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nrestart_sec = \"soon\"\n", "pool.search.restart_sec"),
     ("toml syntax", "[pool.search\nexec = 1\n", ":1:"),
-    ("probe not yet", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nhealth_path = \"/healthz\"\n", "not supported yet"),
+    ("relative probe", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nhealth_path = \"healthz\"\n", ":4:15: pool.search.health_path"),
     ("notify on cgi", "[pool.search]\nexec = \"/bin/true\"\nroute = \"/x\"\nprotocol = \"cgi\"\nnotify = true\n", "pool.search.protocol"),
 ];
 
