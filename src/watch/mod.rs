@@ -144,6 +144,9 @@ struct Watcher {
     scale_events: BTreeMap<String, u64>,
     details: BTreeMap<String, ServiceDetails>,
     details_at: Option<Instant>,
+    /// ActiveState/SubState per service from the latest ListUnitsByPatterns
+    /// (fresh every step; `details` lags up to 2 s).
+    states: BTreeMap<String, UnitState>,
     /// Probe state per service unit, for pools with a health_path.
     probes: HashMap<String, ProbeState>,
     /// Services the probe failed: out of nginx until they answer again.
@@ -190,6 +193,7 @@ pub async fn run(opts: Options) -> Result<()> {
         scale_events: BTreeMap::new(),
         details: BTreeMap::new(),
         details_at: None,
+        states: BTreeMap::new(),
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
     };
@@ -228,6 +232,7 @@ impl Watcher {
         let units: BTreeMap<String, UnitState> =
             crate::systemd::by_name(systemd.list(&["cgipool-*@*.service"]).await?);
         let wanted = plan::instances_on_disk(&files::read_unit_dir(&self.opts.unit_dir)?.entries);
+        self.states = units.clone();
         let now = Instant::now();
         for (pool, ns) in &wanted {
             let n = ns.len() as u32;
@@ -510,18 +515,23 @@ impl Watcher {
                     .map(|i| {
                         let unit = plan::service(&p.name, i);
                         let d = self.details.get(&unit).cloned().unwrap_or_default();
+                        let (active_state, sub_state) = match self.states.get(&unit) {
+                            Some(u) => (u.active_state.clone(), u.sub_state.clone()),
+                            None => ("inactive".to_string(), "dead".to_string()),
+                        };
+                        let healthy = active_state == "active" && !self.unhealthy.contains(&unit);
                         let waiting = queues
                             .get(&sock_path(&p.name, i))
                             .map(|q| q.waiting())
                             .unwrap_or(0);
                         WorkerView {
                             worker: format!("{}@{i}", p.name),
-                            healthy: d.active_state == "active",
+                            healthy,
                             busy: waiting > 0,
                             waiting,
                             unit,
-                            active_state: d.active_state,
-                            sub_state: d.sub_state,
+                            active_state,
+                            sub_state,
                             n_restarts: d.n_restarts,
                             main_pid: d.main_pid,
                             memory_bytes: d.memory_bytes,
