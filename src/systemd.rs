@@ -71,6 +71,10 @@ impl Job {
     }
 }
 
+/// Method calls one connection keeps in flight at most (dbus-daemon allows
+/// 128 pending replies per connection).
+const MAX_CALLS_IN_FLIGHT: usize = 64;
+
 pub struct Systemd {
     conn: zbus::Connection,
     manager: ManagerProxy<'static>,
@@ -189,17 +193,23 @@ impl Systemd {
         pending: &mut HashMap<String, Job>,
         removed: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
     ) -> Result<Vec<String>> {
-        let queued = futures_util::future::join_all(jobs.iter().map(|job| async move {
-            let (name, mode) = (job.unit.clone(), "replace".to_string());
-            let path = match job.kind {
-                JobKind::Start => self.manager.start_unit(name, mode).await,
-                JobKind::Stop => self.manager.stop_unit(name, mode).await,
-                JobKind::Restart => self.manager.restart_unit(name, mode).await,
-                JobKind::Reload => self.manager.reload_unit(name, mode).await,
-            };
-            (job, path)
-        }))
-        .await;
+        // At most 64 calls in flight: the bus refuses more than 128 pending
+        // replies per connection (LimitsExceeded with 100 workers = 200 jobs).
+        let queued: Vec<(&Job, zbus::Result<zbus::OwnedObjectPath>)> =
+            futures_util::stream::iter(jobs)
+                .map(|job| async move {
+                    let (name, mode) = (job.unit.clone(), "replace".to_string());
+                    let path = match job.kind {
+                        JobKind::Start => self.manager.start_unit(name, mode).await,
+                        JobKind::Stop => self.manager.stop_unit(name, mode).await,
+                        JobKind::Restart => self.manager.restart_unit(name, mode).await,
+                        JobKind::Reload => self.manager.reload_unit(name, mode).await,
+                    };
+                    (job, path)
+                })
+                .buffer_unordered(MAX_CALLS_IN_FLIGHT)
+                .collect()
+                .await;
         for (job, path) in queued {
             let path = path.with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
             pending.insert(path.to_string(), job.clone());
@@ -225,8 +235,12 @@ impl Systemd {
     /// Fresh (uncached) Unit and Service properties of each unit, fetched
     /// concurrently.
     pub async fn service_details(&self, units: &[UnitState]) -> Result<Vec<ServiceDetails>> {
-        let futures = units.iter().map(|u| self.one_service(u));
-        let results = futures_util::future::join_all(futures).await;
+        // Two calls per unit; keep within the bus's pending-reply limit.
+        let results: Vec<Result<ServiceDetails>> = futures_util::stream::iter(units)
+            .map(|u| self.one_service(u))
+            .buffered(MAX_CALLS_IN_FLIGHT / 2)
+            .collect()
+            .await;
         results.into_iter().collect()
     }
 

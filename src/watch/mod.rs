@@ -151,6 +151,9 @@ struct Watcher {
     probes: HashMap<String, ProbeState>,
     /// Services the probe failed: out of nginx until they answer again.
     unhealthy: BTreeSet<String>,
+    /// mtime of the applied config last read: a later apply (new pools,
+    /// other limits) is picked up on the next step.
+    config_stamp: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +199,7 @@ pub async fn run(opts: Options) -> Result<()> {
         states: BTreeMap::new(),
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
+        config_stamp: applied_stamp(),
     };
     println!(
         "watch: watching {} pools ({})",
@@ -228,7 +232,44 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Watcher {
+    /// Re-reads the applied config when `apply` saved a new one.
+    fn refresh_config(&mut self) {
+        let stamp = applied_stamp();
+        if stamp == self.config_stamp {
+            return;
+        }
+        self.config_stamp = stamp;
+        match load_applied(&self.opts.config) {
+            Ok(cfg) => {
+                println!(
+                    "watch: the applied config changed; now watching {}",
+                    cfg.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                self.set_config(cfg);
+            }
+            Err(e) => eprintln!("watch: cannot read the applied config: {e:#}"),
+        }
+    }
+
+    /// Takes a config; pools whose limits did not change keep their window.
+    fn set_config(&mut self, cfg: Config) {
+        for (name, pool) in &cfg.pools {
+            let p = policy(pool);
+            if self
+                .scalers
+                .get(name)
+                .map(|s| s.policy != p)
+                .unwrap_or(true)
+            {
+                self.scalers.insert(name.clone(), Scaler::new(p));
+            }
+        }
+        self.scalers.retain(|name, _| cfg.pools.contains_key(name));
+        self.cfg = cfg;
+    }
+
     async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
+        self.refresh_config();
         let units: BTreeMap<String, UnitState> =
             crate::systemd::by_name(systemd.list(&["cgipool-*@*.service"]).await?);
         let wanted = plan::instances_on_disk(&files::read_unit_dir(&self.opts.unit_dir)?.entries);
@@ -478,7 +519,7 @@ impl Watcher {
             Err(_) => return false, // an operator's apply/scale is running; next tick
         };
         match load_applied(&self.opts.config) {
-            Ok(cfg) => self.cfg = cfg,
+            Ok(cfg) => self.set_config(cfg),
             Err(e) => {
                 eprintln!("watch: {why}: cannot read the applied config: {e:#}");
                 return false;
@@ -557,6 +598,12 @@ impl Watcher {
             pools,
         }
     }
+}
+
+fn applied_stamp() -> Option<std::time::SystemTime> {
+    std::fs::metadata(APPLIED_CONFIG)
+        .and_then(|m| m.modified())
+        .ok()
 }
 
 fn sock_path(pool: &str, n: u32) -> String {

@@ -17,10 +17,18 @@ use std::time::{Duration, Instant};
 const REPORT_LUA: &str = include_str!("../../bench/guest/report.lua");
 const MEASURE_PY: &str = include_str!("../../bench/guest/measure.py");
 const RECOVER_PY: &str = include_str!("../../bench/guest/recover.py");
+const SCALE_PY: &str = include_str!("../../bench/guest/scale.py");
 
 /// Where the guest-side helpers live (/run: no unit's PrivateTmp hides it).
 const GUEST_DIR: &str = "/run/bench";
 const WORKER: &str = "/usr/local/lib/cgipool/search";
+/// The trivial C CGI program (cgi-src/hello_cgi.c) behind fcgiwrap and
+/// behind the `protocol = "cgi"` pool.
+const CGI_PROGRAM: &str = "/usr/local/lib/cgipool/hello_cgi";
+const CGI_BODY: &str = "hello\n";
+/// Our own fcgiwrap instance (`-c` = the pool size), in a directory its
+/// user (www-data, nginx's) owns.
+const FCGIWRAP_SOCKET: &str = "/run/bench-fcgiwrap/fcgiwrap.sock";
 const SEARCH_PATH: &str = "/api/search?q=systemd";
 const TCP_PORTS: [u16; 4] = [9001, 9002, 9003, 9004];
 const POOL_SIZE: u32 = 4;
@@ -41,6 +49,8 @@ struct Mode {
     quick_reps: u32,
     /// Seconds of load during the worker kill.
     recover_secs: u32,
+    /// Seconds of the load step that watch scales the pool up under.
+    step_secs: u32,
 }
 
 impl Mode {
@@ -67,6 +77,7 @@ impl Mode {
                 cp_reps: 1,
                 quick_reps: 2,
                 recover_secs: 2,
+                step_secs: 8,
             }
         } else {
             Mode {
@@ -77,6 +88,7 @@ impl Mode {
                 cp_reps: 2,
                 quick_reps: 5,
                 recover_secs: 10,
+                step_secs: 20,
             }
         }
     }
@@ -126,15 +138,15 @@ const TARGETS: &[Target] = &[
     },
     Target {
         key: "fcgiwrap",
-        label: "nginx → fcgiwrap (-c 4) → C CGI program",
-        url: "",
-        na: Some("n/a (issue 9)"),
+        label: "nginx → fcgiwrap (Debian's, -c 4) → C CGI program",
+        url: "http://127.0.0.1:8080/fcgi",
+        na: None,
     },
     Target {
         key: "pool_cgi",
-        label: "nginx → cgipool `protocol = \"cgi\"` → C CGI program",
-        url: "",
-        na: Some("n/a (issue 9)"),
+        label: "nginx → cgipool `protocol = \"cgi\"` (4 workers) → C CGI program",
+        url: "http://127.0.0.1:80/cgi",
+        na: None,
     },
 ];
 
@@ -182,6 +194,15 @@ server {
         proxy_next_upstream error timeout;
         proxy_next_upstream_tries 3;
     }
+    # fcgiwrap as nginx users run CGI programs: FastCGI to fcgiwrap, which
+    # forks the program per request (no keep-alive to fcgiwrap, nginx's
+    # default).
+    location = /fcgi {
+        include fastcgi_params;
+        fastcgi_param SCRIPT_FILENAME /usr/local/lib/cgipool/hello_cgi;
+        fastcgi_pass unix:/run/bench-fcgiwrap/fcgiwrap.sock;
+        add_header X-Request-ID $request_id always;
+    }
 }
 server {
     listen 127.0.0.1:8081;
@@ -210,6 +231,35 @@ fn pool_config(name: &str, route: &str, min: u32, max: u32) -> String {
          unit = \"nginx.service\"\n\n\
          [pool.{name}]\nexec = \"{WORKER}\"\nroute = \"{route}\"\nmin = {min}\nmax = {max}\n"
     )
+}
+
+/// The `protocol = "cgi"` pool next to the search pool: the gateway runs
+/// the trivial C CGI program once per request.
+fn cgi_pool_section() -> String {
+    format!(
+        "\n[pool.cgi]\nexec = \"{CGI_PROGRAM}\"\nroute = \"/cgi\"\nprotocol = \"cgi\"\n\
+         min = {POOL_SIZE}\nmax = {POOL_SIZE}\n"
+    )
+}
+
+/// The pool the scaling step loads: the search worker made slow (20 ms per
+/// request), 2..6 workers, short windows (as the watch_autoscale_load_step
+/// scenario has it).
+const STEP_POOL: &str = "step";
+const STEP_MIN: u32 = 2;
+const STEP_MAX: u32 = 6;
+const STEP_UP_AFTER_SECS: f64 = 2.0;
+const STEP_DOWN_AFTER_SECS: f64 = 5.0;
+const STEP_CONNS: u32 = 32;
+
+fn step_pool_config() -> String {
+    // The search worker answers /api/search only; the data path's pool with
+    // that route is gone by then.
+    pool_config(STEP_POOL, "/api/search", STEP_MIN, STEP_MAX)
+        + &format!(
+            "environment = {{ CGIPOOL_TEST_DELAY_MS = \"20\" }}\n\
+             scale_up_after = \"{STEP_UP_AFTER_SECS}s\"\nscale_down_after = \"{STEP_DOWN_AFTER_SECS}s\"\n"
+        )
 }
 
 pub fn run(env: &Env, smoke: bool) -> Result<()> {
@@ -263,6 +313,9 @@ struct Report {
     runs: Vec<Run>,
     control: Vec<Value>,
     recovery: Value,
+    scaling: Value,
+    /// Readings of cgipool-watch.service's main process (VmHWM, VmRSS).
+    watch_rss: Vec<Value>,
 }
 
 /// One wrk run.
@@ -308,6 +361,7 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     m.write_text(&format!("{GUEST_DIR}/report.lua"), REPORT_LUA)?;
     m.write_text(&format!("{GUEST_DIR}/measure.py"), MEASURE_PY)?;
     m.write_text(&format!("{GUEST_DIR}/recover.py"), RECOVER_PY)?;
+    m.write_text(&format!("{GUEST_DIR}/scale.py"), SCALE_PY)?;
     let mut machine = machine_info(m)?;
     // The control plane first, on a quiet machine with no pool yet ("from
     // nothing"); it leaves no pool behind. The machine is thrown away after
@@ -324,6 +378,8 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     for i in 1..=TCP_PORTS.len() {
         m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
     }
+    m.succeed("systemctl stop bench-fcgiwrap.service")?;
+    let mut watch_rss = vec![watch_memory(m, "after the data path")?];
     machine["data_path_cpu_secs"] = json!({
         "wall_secs": wall,
         "units": CPU_UNITS.iter().zip(cpu0.iter().zip(cpu1.iter()))
@@ -332,22 +388,42 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     });
     eprintln!("bench: recovery (kill -9 under load)");
     let recovery = recovery(m, mode)?;
+    eprintln!(
+        "bench: scaling ({STEP_CONNS} conns for {} s on a pool of {STEP_MIN}..{STEP_MAX})",
+        mode.step_secs
+    );
+    let scaling = scaling(m, mode)?;
+    watch_rss.push(watch_memory(m, "after the scaling step")?);
     machine["loadavg_end"] = json!(m.succeed("cut -d' ' -f1-3 /proc/loadavg")?.trim());
     Ok(Report {
         machine,
         runs,
         control,
         recovery,
+        scaling,
+        watch_rss,
     })
 }
 
 fn setup_data_path(m: &mut Machine) -> Result<()> {
-    // The pool exactly as `apply` writes it: 4 workers of the C search worker.
+    // The pool exactly as `apply` writes it: 4 workers of the C search worker;
+    // and a `protocol = "cgi"` pool of 4 running the trivial CGI program.
     write_config(
         m,
-        &pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE),
+        &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE) + &cgi_pool_section()),
     )?;
     apply(m)?;
+    // fcgiwrap as Debian ships it, but our own instance with `-c` = the pool
+    // size (the packaged fcgiwrap.socket runs -c 1), as nginx's user.
+    m.succeed(&format!(
+        "systemd-run --quiet --unit=bench-fcgiwrap -p User=www-data -p Group=www-data \
+         -p RuntimeDirectory=bench-fcgiwrap /usr/sbin/fcgiwrap -c {POOL_SIZE} -s unix:{FCGIWRAP_SOCKET}"
+    ))?;
+    m.wait_until_succeeds(
+        &format!("test -S {FCGIWRAP_SOCKET}"),
+        "fcgiwrap's socket",
+        Duration::from_secs(10),
+    )?;
     // The proof of concept's layout: the same binary, 4 plain processes bound
     // to TCP ports (no socket activation, no sandbox; logging to the journal
     // like the pool's workers).
@@ -379,6 +455,21 @@ fn setup_data_path(m: &mut Machine) -> Result<()> {
         hdr.contains("X-Cgipool-Worker: search@"),
         "the pool route is not answered by a cgipool worker:\n{hdr}"
     );
+    // Both CGI paths run the same program and answer the same body.
+    for key in ["fcgiwrap", "pool_cgi"] {
+        let url = TARGETS.iter().find(|t| t.key == key).map_or("", |t| t.url);
+        let out = m.succeed(&format!("curl -s -i {}", shell_quote(url)))?;
+        ensure!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with(&format!("\r\n\r\n{CGI_BODY}")),
+            "{key} ({url}) does not answer the CGI program's body:\n{out}"
+        );
+        if key == "pool_cgi" {
+            ensure!(
+                out.contains("X-Cgipool-Worker: cgi@"),
+                "the cgi route is not answered by cgipool's gateway:\n{out}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -393,6 +484,12 @@ const CPU_UNITS: &[(&str, &str)] = &[
         "TCP workers",
         "bench-tcp-1.service bench-tcp-2.service bench-tcp-3.service bench-tcp-4.service",
     ),
+    (
+        "cgi pool (gateways + programs)",
+        "system-cgipool\\x2dcgi.slice",
+    ),
+    ("fcgiwrap (+ programs)", "bench-fcgiwrap.service"),
+    ("cgipool watch", "cgipool-watch.service"),
 ];
 
 fn cpu_usage(m: &mut Machine) -> Result<Vec<f64>> {
@@ -422,6 +519,9 @@ fn machine_info(m: &mut Machine) -> Result<Value> {
         "nginx": get(m, "nginx -v 2>&1")?,
         "wrk": get(m, "wrk -v 2>&1 | head -n1 | sed 's/ Copyright.*//' || true")?,
         "systemd": get(m, "systemctl --version | head -n1")?,
+        // The CGI gateway is this binary: `make payload` installs the debug
+        // build (target/debug/cgipool).
+        "cgipool_binary_bytes": get(m, "stat -c %s /payload/bin/cgipool")?.parse::<u64>().ok(),
         "date": get(m, "date -u +%Y-%m-%dT%H:%M:%SZ")?,
         "loadavg_start": get(m, "cut -d' ' -f1-3 /proc/loadavg")?,
         // Other people's VM tests share the host's cores; this one excluded.
@@ -537,6 +637,129 @@ fn recovery(m: &mut Machine, mode: Mode) -> Result<Value> {
     Ok(json!({ "kill": kill, "wrk": load, "load_secs": mode.recover_secs, "connections": 16 }))
 }
 
+/// The steps watch takes from `from` to `to`: doubling up (capped at max),
+/// halving down (rounded up, floored at min), as src/watch/scaler.rs does.
+fn scale_steps(from: u32, to: u32) -> u32 {
+    let (mut n, mut k) = (from, 0);
+    while n != to && k < 32 {
+        n = if n < to {
+            (n.max(1) * 2).min(to)
+        } else {
+            n.div_ceil(2).max(to)
+        };
+        k += 1;
+    }
+    k
+}
+
+/// The load step: a pool of STEP_MIN..STEP_MAX slow workers that only
+/// `cgipool watch` scales; wrk with STEP_CONNS connections for `step_secs`
+/// (bench/guest/scale.py times it from inside the guest). Replaces the data
+/// path's pools (nothing else runs meanwhile).
+fn scaling(m: &mut Machine, mode: Mode) -> Result<Value> {
+    write_config(m, &step_pool_config())?;
+    apply(m)?;
+    let url = "http://127.0.0.1:80/api/search?q=load";
+    m.wait_until_succeeds(
+        &format!("curl -sf -o /dev/null {}", shell_quote(url)),
+        "the step pool to answer 200",
+        Duration::from_secs(15),
+    )?;
+    // watch reads the applied config when it starts, and apply restarts it
+    // only when its own unit file changes: a pool added by a later apply has
+    // no autoscaler until watch restarts. The bench says so and restarts it.
+    let watching = |m: &mut Machine| -> Result<Vec<String>> {
+        let line = m.succeed(
+            "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep '^watch: watching' | tail -n 1",
+        )?;
+        Ok(line
+            .trim()
+            .rsplit_once('(')
+            .map(|(_, l)| l.trim_end_matches(')'))
+            .unwrap_or("")
+            .split(", ")
+            .map(String::from)
+            .collect())
+    };
+    let before = watching(m)?;
+    let restarted = !before.iter().any(|p| p == STEP_POOL);
+    if restarted {
+        eprintln!(
+            "  note: watch does not scale the new pool (it watches {before:?}): restarting it"
+        );
+        m.succeed("systemctl restart cgipool-watch.service")?;
+        m.wait_until_succeeds(
+            &format!(
+                "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep '^watch: watching' | tail -n 1 | grep -q '[(, ]{STEP_POOL}[,)]' && test -S /run/cgipool/watch.sock"
+            ),
+            "watch to watch the step pool",
+            Duration::from_secs(15),
+        )?;
+    }
+    let secs = mode.step_secs;
+    // Scale-down takes about 2 windows of scale_down_after; give it 4 more.
+    let down_limit = STEP_DOWN_AFTER_SECS * 6.0;
+    let cmd = format!(
+        "python3 {GUEST_DIR}/scale.py {STEP_POOL} {STEP_MIN} {STEP_MAX} {secs} {down_limit} -- \
+         wrk -t2 -c{STEP_CONNS} -d{secs}s --timeout 10s --latency -H 'Connection: close' \
+         -s {GUEST_DIR}/report.lua {}",
+        shell_quote(url)
+    );
+    let limit = Duration::from_secs(u64::from(secs) + down_limit as u64 + 120);
+    let o = m.execute(&cmd, limit)?;
+    let step: Value = o
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "scale.py printed no JSON (exit {}):\n{}\n{}",
+                o.rc, o.stdout, o.stderr
+            )
+        })?;
+    ensure!(o.rc == 0, "the load step did not run: {step}\n{}", o.stderr);
+    let load = parse_wrk(&o.stdout)?;
+    let decisions = m.succeed(
+        "journalctl -b -o short-monotonic --no-pager -u cgipool-watch.service | grep -F ' scale ' | tail -n 20 || true",
+    )?;
+    eprintln!(
+        "  at max after {} s, back at min {} s after the load; timeline {}",
+        step["secs_to_max"], step["secs_back_to_min"], step["timeline"]
+    );
+    Ok(json!({
+        "step": step,
+        "wrk": load,
+        "connections": STEP_CONNS,
+        "load_secs": secs,
+        "down_limit_secs": down_limit,
+        "watch_decisions": decisions.lines().collect::<Vec<_>>(),
+        "watch_pools_after_apply": before,
+        "watch_restarted_by_bench": restarted,
+    }))
+}
+
+/// cgipool-watch.service's main process: VmHWM (peak RSS) and VmRSS in kB,
+/// how long it has run and how often systemd restarted it.
+fn watch_memory(m: &mut Machine, when: &str) -> Result<Value> {
+    let out = m.succeed(
+        "pid=$(systemctl show -P MainPID cgipool-watch.service); test \"$pid\" -gt 0; \
+         echo $pid $(awk '/^VmHWM:/{print $2}' /proc/$pid/status) \
+         $(awk '/^VmRSS:/{print $2}' /proc/$pid/status) \
+         $(ps -o etimes= -p $pid) $(systemctl show -P NRestarts cgipool-watch.service)",
+    )?;
+    let f: Vec<u64> = out
+        .split_whitespace()
+        .map(|x| x.parse::<u64>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("reading cgipool watch's memory: {out}"))?;
+    ensure!(f.len() == 5, "reading cgipool watch's memory: {out}");
+    Ok(json!({
+        "when": when, "pid": f[0], "vmhwm_kb": f[1], "vmrss_kb": f[2],
+        "running_secs": f[3], "nrestarts": f[4],
+    }))
+}
+
 /// Runs a command through measure.py and returns its record, whatever the
 /// command's exit status (`rc`).
 fn measure(m: &mut Machine, cmd: &str) -> Result<Value> {
@@ -610,12 +833,30 @@ fn control_plane(m: &mut Machine, mode: Mode) -> Result<Vec<Value>> {
             r["apply_nochange"] = json!(nochange);
         }
         write_config(m, &pool_config(pool, "/api/cp", 1, 1))?;
+        // Failing applies are findings here too (reported, not fatal).
+        let down = measure(m, &apply_cmd)?;
+        let down_ok = down["rc"].as_i64() == Some(0);
         if up_ok {
-            r["apply_down"] = timed(m, &apply_cmd)?;
+            r["apply_down"] = down;
         } else {
             // Only to get the unit files (templates) the baselines start.
-            apply(m)?;
+            r["apply_down_unmeasured"] = down;
         }
+        if !down_ok {
+            // Stop whatever the failed applies left running, so the
+            // baselines start from no running worker on the same templates
+            // (jobs the failed apply queued may still cancel the first stop).
+            m.wait_until_succeeds(
+                &format!(
+                    "systemctl stop 'cgipool-{pool}@*' && test -z \"$(systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'cgipool-{pool}@*')\""
+                ),
+                &format!("every unit of {pool} to stop after the failed apply"),
+                Duration::from_secs(60),
+            )?;
+        }
+        m.succeed(&format!(
+            "test -f /etc/systemd/system/cgipool-{pool}@.service && test -f /etc/systemd/system/cgipool-{pool}@.socket"
+        ))?;
         // Baselines on the same unit files: no unit of the pool runs, then
         // systemctl starts the same N workers (socket and service each).
         m.succeed(&format!(
@@ -707,22 +948,8 @@ struct Row {
     ratio: Option<f64>,
     goal: String,
     pass: Option<bool>,
-}
-
-impl Row {
-    fn na(section: &'static str, figure: &str, why: &str) -> Row {
-        Row {
-            section,
-            figure: figure.to_string(),
-            value: None,
-            shown: why.to_string(),
-            baseline: "—".into(),
-            baseline_value: None,
-            ratio: None,
-            goal: "—".into(),
-            pass: None,
-        }
-    }
+    /// Whether a stretch goal (past `goal`) was met, where there is one.
+    stretch: Option<bool>,
 }
 
 /// Per (target, connections): the mean over the rounds.
@@ -788,6 +1015,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                     "— (info)".into()
                 },
                 pass: goal.then_some(ratio >= 0.40),
+                stretch: None,
             });
         }
         if let (Some(p), Some(t)) = (&pool, &tcp) {
@@ -802,6 +1030,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 ratio: Some(ratio),
                 goal: "≥ 1.2".into(),
                 pass: Some(ratio >= 1.2),
+                stretch: None,
             });
         }
         if let (Some(p), Some(t)) = (&pool, &tcpk) {
@@ -815,6 +1044,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 ratio: Some(p.rps / t.rps),
                 goal: "— (info)".into(),
                 pass: None,
+                stretch: None,
             });
         }
         if let Some(p) = &pool {
@@ -828,14 +1058,56 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 ratio: None,
                 goal: "0".into(),
                 pass: Some(p.errors == 0),
+                stretch: None,
             });
         }
     }
-    v.push(Row::na(
-        dp,
-        "cgipool `protocol = \"cgi\"` vs fcgiwrap (-c 4)",
-        "n/a (issue 9)",
-    ));
+    for conns in CONNS {
+        let (cgi, fcgi) = (
+            aggregate(&rep.runs, "pool_cgi", conns),
+            aggregate(&rep.runs, "fcgiwrap", conns),
+        );
+        let (Some(c), Some(f)) = (cgi, fcgi) else {
+            continue;
+        };
+        let ratio = c.rps / f.rps;
+        v.push(Row {
+            section: dp,
+            figure: format!("cgipool-cgi req/s, {conns} conns, vs fcgiwrap (-c 4)"),
+            value: Some(c.rps),
+            shown: format!("{:.0}", c.rps),
+            baseline: format!("{:.0}", f.rps),
+            baseline_value: Some(f.rps),
+            ratio: Some(ratio),
+            goal: "≥ 1.0 (stretch ≥ 1.3)".into(),
+            pass: Some(ratio >= 1.0),
+            stretch: Some(ratio >= 1.3),
+        });
+        v.push(Row {
+            section: dp,
+            figure: format!("cgipool-cgi p99, {conns} conns, vs fcgiwrap (-c 4)"),
+            value: Some(c.p99_ms),
+            shown: format!("{:.2} ms", c.p99_ms),
+            baseline: format!("{:.2} ms", f.p99_ms),
+            baseline_value: Some(f.p99_ms),
+            ratio: Some(c.p99_ms / f.p99_ms),
+            goal: "— (info)".into(),
+            pass: None,
+            stretch: None,
+        });
+        v.push(Row {
+            section: dp,
+            figure: format!("cgipool-cgi errors, {conns} conns (all rounds)"),
+            value: Some(c.errors as f64),
+            shown: c.errors.to_string(),
+            baseline: format!("{} (fcgiwrap)", f.errors),
+            baseline_value: Some(f.errors as f64),
+            ratio: None,
+            goal: "0".into(),
+            pass: Some(c.errors == 0),
+            stretch: None,
+        });
+    }
     let cp = "control plane";
     let n = mode.workers;
     let med = |k: &str| median(rep.control.iter().map(|r| secs(&r[k])).collect());
@@ -854,35 +1126,38 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
     let stop_b = med("stop_batched");
     let noch = medl("apply_nochange");
     let show = medl("show_batched");
-    // Why apply 0→N failed in some round, if it did (one line, table-safe).
-    let up_failed: Option<String> = rep
-        .control
-        .iter()
-        .find(|r| r["apply_up"]["rc"].as_i64() != Some(0))
-        .map(|r| {
-            let err = r["apply_up"]["stderr_tail"].as_str().unwrap_or("");
-            let line = err
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                // nginx's "2026/01/01 00:00:00 [crit] 141#141: " prefix
-                .map(|l| match l.find("] ") {
-                    Some(i) if l.starts_with(|c: char| c.is_ascii_digit()) => {
-                        let rest = &l[i + 2..];
-                        rest.find(": ").map_or(rest, |j| &rest[j + 2..])
-                    }
-                    _ => l,
-                })
-                .collect::<Vec<_>>()
-                .join(" / ")
-                .replace('|', "\\|");
-            let mut short: String = line.chars().take(220).collect();
-            if short.len() < line.len() {
-                short.truncate(short.rfind(' ').unwrap_or(short.len()));
-                short.push_str(" …");
-            }
-            format!("FAILED (exit {}): {short}", r["apply_up"]["rc"])
-        });
+    // Why an apply failed in some round, if it did (one line, table-safe).
+    let failed_of = |key: &str| -> Option<String> {
+        rep.control
+            .iter()
+            .find(|r| r[key].is_object() && r[key]["rc"].as_i64() != Some(0))
+            .map(|r| {
+                let err = r[key]["stderr_tail"].as_str().unwrap_or("");
+                let line = err
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    // nginx's "2026/01/01 00:00:00 [crit] 141#141: " prefix
+                    .map(|l| match l.find("] ") {
+                        Some(i) if l.starts_with(|c: char| c.is_ascii_digit()) => {
+                            let rest = &l[i + 2..];
+                            rest.find(": ").map_or(rest, |j| &rest[j + 2..])
+                        }
+                        _ => l,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+                    .replace('|', "\\|");
+                let mut short: String = line.chars().take(220).collect();
+                if short.len() < line.len() {
+                    short.truncate(short.rfind(' ').unwrap_or(short.len()));
+                    short.push_str(" …");
+                }
+                format!("FAILED (exit {}): {short}", r[key]["rc"])
+            })
+    };
+    let up_failed = failed_of("apply_up");
+    let down_failed = failed_of("apply_down");
     let time_row = |figure: String,
                     a: f64,
                     failed: Option<&str>,
@@ -902,6 +1177,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 ratio: None,
                 goal: goal_s,
                 pass: goal.map(|_| false),
+                stretch: None,
             },
             None => Row {
                 section: cp,
@@ -913,6 +1189,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 ratio: Some(a / b),
                 goal: goal_s,
                 pass: goal.map(|g| a / b <= g),
+                stretch: None,
             },
         }
     };
@@ -938,7 +1215,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
     let mut down_row = time_row(
         format!("`cgipool apply` {n} → 1 workers"),
         down,
-        not_run.as_deref(),
+        not_run.as_deref().or(down_failed.as_deref()),
         &format!("one batched `systemctl stop` of {}", n - 1),
         stop_b,
         None,
@@ -979,8 +1256,33 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
         ratio: None,
         goal: "— (info)".into(),
         pass: None,
+        stretch: None,
     });
-    v.push(Row::na(cp, "peak RSS of `cgipool watch`", "n/a (issue 8)"));
+    // The largest reading of watch's VmHWM (the same process unless systemd
+    // restarted it; then the readings say so).
+    if let Some(w) = rep
+        .watch_rss
+        .iter()
+        .max_by_key(|w| w["vmhwm_kb"].as_u64().unwrap_or(0))
+    {
+        let kb = w["vmhwm_kb"].as_f64().unwrap_or(f64::NAN);
+        v.push(Row {
+            section: cp,
+            figure: format!(
+                "peak RSS of `cgipool watch` (VmHWM, {} s running, {})",
+                w["running_secs"],
+                w["when"].as_str().unwrap_or("?")
+            ),
+            value: Some(kb),
+            shown: format!("{:.1} MiB", kb / 1024.0),
+            baseline: "—".into(),
+            baseline_value: None,
+            ratio: None,
+            goal: "— (info)".into(),
+            pass: None,
+            stretch: None,
+        });
+    }
     let rc = "recovery";
     let kill = &rep.recovery["kill"];
     let ans = kill["secs_to_answer"].as_f64().unwrap_or(f64::NAN);
@@ -994,6 +1296,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
         ratio: None,
         goal: "— (info)".into(),
         pass: None,
+        stretch: None,
     });
     let w = &rep.recovery["wrk"];
     let failed: u64 = ["connect", "read", "write", "status", "timeout"]
@@ -1013,12 +1316,77 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
         ratio: None,
         goal: "0".into(),
         pass: Some(failed == 0),
+        stretch: None,
     });
-    v.push(Row::na(
-        "scaling",
-        "load step → pool at max, and back to min",
-        "n/a (issue 8)",
+    let sc = "scaling";
+    let step = &rep.scaling["step"];
+    let up_base = f64::from(scale_steps(STEP_MIN, STEP_MAX)) * STEP_UP_AFTER_SECS;
+    let down_base = f64::from(scale_steps(STEP_MAX, STEP_MIN)) * STEP_DOWN_AFTER_SECS;
+    let timed_row =
+        |figure: String, got: Option<f64>, missing: String, base: f64, why: String| Row {
+            section: sc,
+            figure,
+            value: got,
+            shown: got.map_or(missing, |x| format!("{x:.1} s")),
+            baseline: format!("{base:.1} s ({why})"),
+            baseline_value: Some(base),
+            ratio: got.map(|x| x / base),
+            goal: "— (info)".into(),
+            pass: None,
+            stretch: None,
+        };
+    v.push(timed_row(
+        format!(
+            "load step ({STEP_CONNS} conns, 20 ms/request) → pool at max ({STEP_MIN} → {STEP_MAX})"
+        ),
+        step["secs_to_max"].as_f64(),
+        format!(
+            "not reached in {} s of load",
+            rep.scaling["load_secs"].as_u64().unwrap_or(0)
+        ),
+        up_base,
+        format!(
+            "{} × scale_up_after = {STEP_UP_AFTER_SECS}s",
+            scale_steps(STEP_MIN, STEP_MAX)
+        ),
     ));
+    v.push(timed_row(
+        format!("end of the load → pool back at min ({STEP_MAX} → {STEP_MIN})"),
+        step["secs_back_to_min"].as_f64(),
+        if step["left_min"].as_bool() == Some(false) {
+            "n/a (never scaled up)".into()
+        } else {
+            format!(
+                "not back within {} s",
+                rep.scaling["down_limit_secs"].as_f64().unwrap_or(0.0)
+            )
+        },
+        down_base,
+        format!(
+            "{} × scale_down_after = {STEP_DOWN_AFTER_SECS}s",
+            scale_steps(STEP_MAX, STEP_MIN)
+        ),
+    ));
+    let w = &rep.scaling["wrk"];
+    let failed: u64 = ["connect", "read", "write", "status", "timeout"]
+        .iter()
+        .map(|k| w[*k].as_u64().unwrap_or(0))
+        .sum();
+    v.push(Row {
+        section: sc,
+        figure: format!(
+            "failed requests during the load step ({} requests)",
+            w["requests"].as_u64().unwrap_or(0)
+        ),
+        value: Some(failed as f64),
+        shown: failed.to_string(),
+        baseline: "—".into(),
+        baseline_value: None,
+        ratio: None,
+        goal: "— (info)".into(),
+        pass: None,
+        stretch: None,
+    });
     v
 }
 
@@ -1040,11 +1408,13 @@ fn fmt_med(v: &Value) -> String {
     }
 }
 
-fn verdict(p: Option<bool>) -> &'static str {
-    match p {
-        Some(true) => "pass",
-        Some(false) => "FAIL",
-        None => "—",
+fn verdict(r: &Row) -> &'static str {
+    match (r.pass, r.stretch) {
+        (Some(true), Some(true)) => "pass (stretch met)",
+        (Some(true), Some(false)) => "pass (stretch not met)",
+        (Some(true), None) => "pass",
+        (Some(false), _) => "FAIL",
+        (None, _) => "—",
     }
 }
 
@@ -1092,7 +1462,7 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
             r.baseline,
             r.ratio.map_or("—".into(), |x| format!("{x:.2}")),
             r.goal,
-            verdict(r.pass)
+            verdict(r)
         );
     }
     let _ = writeln!(md, "\n## Data path (wrk -t2, mean over rounds)\n");
@@ -1145,6 +1515,11 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
             parts.join(", ")
         );
     }
+    let _ = writeln!(
+        md,
+        "\nThe CGI rows: the same program ({CGI_PROGRAM}, cgi-src/hello_cgi.c) behind both. cgipool's gateway is the payload's `cgipool` ({:.0} MB; `make payload` installs the debug build), runs the program inside the worker's sandbox, logs one journal line per request and closes the connection after every response (so nginx connects anew per request); fcgiwrap runs it unsandboxed as www-data, with its 4 processes on one socket (one queue), and logs nothing per request.",
+        mi["cgipool_binary_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6
+    );
     let _ = writeln!(md, "\n## Control plane (seconds, per round)\n");
     let _ = writeln!(
         md,
@@ -1185,6 +1560,79 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
         k["nrestarts_before"],
         k["nrestarts_after"],
     );
+    let sc = &rep.scaling;
+    let st = &sc["step"];
+    let timeline: Vec<String> = st["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{:.1} s: {}", p[0].as_f64().unwrap_or(f64::NAN), p[1]))
+        .collect();
+    let sw = &sc["wrk"];
+    let step_rps = sw["requests"].as_f64().unwrap_or(0.0)
+        / (sw["duration_us"].as_f64().unwrap_or(f64::NAN) / 1e6);
+    let _ = writeln!(
+        md,
+        "## Scaling
+
+Pool `{STEP_POOL}` (the search worker with CGIPOOL_TEST_DELAY_MS=20, min {STEP_MIN}, max {STEP_MAX}, scale_up_after {STEP_UP_AFTER_SECS}s, scale_down_after {STEP_DOWN_AFTER_SECS}s), scaled only by `cgipool watch`; wrk with {} connections (`Connection: close`) for {} s, {:.0} req/s, p99 {:.1} ms. Active workers, polled every 100 ms from the start of the load (it ended at {:.1} s): {}.
+",
+        sc["connections"],
+        sc["load_secs"],
+        step_rps,
+        sw["p99_us"].as_f64().unwrap_or(f64::NAN) / 1000.0,
+        st["load_end_secs"].as_f64().unwrap_or(f64::NAN),
+        timeline.join(", "),
+    );
+    let decisions: Vec<&str> = sc["watch_decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if sc["watch_restarted_by_bench"].as_bool() == Some(true) {
+        let _ = writeln!(
+            md,
+            "**Note:** after the `cgipool apply` that added pool `{STEP_POOL}`, `cgipool watch` still watched only {} (it reads the applied config when it starts, and apply restarts it only when its unit file changes), so the bench restarted cgipool-watch.service before the load step.\n",
+            sc["watch_pools_after_apply"]
+        );
+    }
+    if !decisions.is_empty() {
+        let _ = writeln!(
+            md,
+            "watch's decisions (journal, monotonic clock):
+
+```
+{}
+```
+",
+            decisions.join(
+                "
+"
+            )
+        );
+    }
+    let readings: Vec<String> = rep
+        .watch_rss
+        .iter()
+        .map(|w| {
+            format!(
+                "{}: PID {}, VmHWM {:.1} MiB, VmRSS {:.1} MiB, running {} s, NRestarts {}",
+                w["when"].as_str().unwrap_or("?"),
+                w["pid"],
+                w["vmhwm_kb"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                w["vmrss_kb"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+                w["running_secs"],
+                w["nrestarts"],
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "`cgipool watch` (cgipool-watch.service's main process): {}.
+",
+        readings.join("; ")
+    );
     let _ = writeln!(md, "How to read this: bench/README.md.");
     let json = json!({
         "mode": mode.name(),
@@ -1193,11 +1641,12 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
             "wrk_secs": mode.secs, "rounds": mode.reps, "connections": CONNS,
             "control_plane_workers": mode.workers, "control_plane_rounds": mode.cp_reps,
             "quick_repeats": mode.quick_reps, "recovery_load_secs": mode.recover_secs,
+            "scaling_load_secs": mode.step_secs,
         },
         "summary": rows.iter().map(|r| json!({
             "section": r.section, "figure": r.figure, "value": r.value, "shown": r.shown,
             "baseline": r.baseline, "baseline_value": r.baseline_value, "ratio": r.ratio,
-            "goal": r.goal, "pass": r.pass,
+            "goal": r.goal, "pass": r.pass, "stretch_pass": r.stretch,
         })).collect::<Vec<_>>(),
         "data_path": rep.runs.iter().map(|r| json!({
             "target": r.target, "connections": r.conns, "round": r.rep,
@@ -1206,6 +1655,8 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
         "data_path_not_measured": TARGETS.iter().filter_map(|t| t.na.map(|na| json!({"target": t.key, "why": na}))).collect::<Vec<_>>(),
         "control_plane": rep.control,
         "recovery": rep.recovery,
+        "scaling": rep.scaling,
+        "watch_memory": rep.watch_rss,
         "took_secs": took.as_secs_f64(),
     });
     (md, json)

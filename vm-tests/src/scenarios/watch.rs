@@ -284,6 +284,20 @@ print("metrics ok:", len(fams), "families")
 '"#,
     )?;
     ensure!(out.contains("metrics ok"), "{out}");
+    // A pool added by a later apply is watched without restarting watch.
+    let demo = m.succeed(&format!("cat {}", super::common::CONFIG))?;
+    write_config(m, &format!("{demo}\n[pool.extra]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/extra\"\nmin = 1\n"))?;
+    apply(m)?;
+    m.wait_until_succeeds(
+        "curl -sf http://127.0.0.1/pool-status | grep -q extra@1",
+        "watch to pick up a pool added by a later apply",
+        Duration::from_secs(10),
+    )?;
+    let pid = m.unit_property("cgipool-watch.service", "NRestarts")?;
+    ensure!(
+        pid == "0",
+        "watch was restarted to pick up the new pool (NRestarts {pid})"
+    );
     Ok(())
 }
 
