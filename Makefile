@@ -67,7 +67,7 @@ bench-smoke: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- bench --smoke
 
-test: lint cargo-test workers-test vm-test
+test: lint cargo-test workers-test vm-test bench-smoke
 	@echo "make test: all tiers passed"
 
 clean:

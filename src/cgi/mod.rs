@@ -551,13 +551,16 @@ impl Run<'_> {
         if let Some(st) = status {
             outcome.note.push(describe_exit(st));
         }
-        let leftover = reap::descendants().len();
-        if leftover > 0 {
-            outcome.note.push(format!("killed={leftover}"));
-        }
-        let survivors = reap::kill_and_reap_all(Duration::from_secs(10));
-        if !survivors.is_empty() {
-            outcome.note.push(format!("UNKILLABLE={survivors:?}"));
+        // The common case: the program left nothing behind, no scan needed.
+        if !reap::no_children_left() {
+            let leftover = reap::descendants().len();
+            if leftover > 0 {
+                outcome.note.push(format!("killed={leftover}"));
+            }
+            let survivors = reap::kill_and_reap_all(Duration::from_secs(10));
+            if !survivors.is_empty() {
+                outcome.note.push(format!("UNKILLABLE={survivors:?}"));
+            }
         }
         if let Some(t) = stderr_thread {
             let _ = t.join();

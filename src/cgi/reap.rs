@@ -98,6 +98,13 @@ fn reap_exited() -> bool {
     }
 }
 
+/// Reaps exited children; true when none is left. The gateway is a
+/// subreaper, so no children means no descendants at all (an orphan would
+/// have been reparented to it): the `/proc` scans can be skipped.
+pub fn no_children_left() -> bool {
+    reap_exited()
+}
+
 /// Kills and reaps every descendant until none is left (or `limit` passes:
 /// then the survivors are returned, e.g. processes stuck in the kernel).
 /// Call after the direct child has been waited for.
