@@ -16,8 +16,12 @@ all: build
 deps:
 	vm-tests/install-deps.sh
 
+# PROFILE=release puts an optimised cgipool in the payload (`make bench`).
+PROFILE ?= debug
+
 build:
 	$(CARGO) build --workspace
+	$(if $(filter release,$(PROFILE)),$(CARGO) build --release -p cgipool)
 	$(MAKE) -C cgi-src
 
 lint:
@@ -43,7 +47,7 @@ image:
 # mount for nspawn, payload.ext4 for QEMU), so a code change never rebuilds it.
 payload: build
 	rm -rf $(PAYLOAD) && mkdir -p $(PAYLOAD)/bin $(PAYLOAD)/lib/cgipool
-	install -m 0755 target/debug/cgipool $(PAYLOAD)/bin/cgipool
+	install -m 0755 target/$(PROFILE)/cgipool $(PAYLOAD)/bin/cgipool
 	$(MAKE) -C cgi-src install DESTDIR=$(CURDIR)/$(PAYLOAD) PREFIX=/ LIBDIR=/lib/cgipool
 	cp -r examples nginx units $(PAYLOAD)/
 	cp -r vm-tests/fixtures $(PAYLOAD)/fixtures
@@ -59,6 +63,7 @@ demo: deps payload image
 # Benchmarks (bench/): figures next to baselines measured in the same run,
 # written to bench/results/latest.{md,json}. Never a gate: `make test` only
 # runs a few-second smoke of the same code.
+bench: export PROFILE = release
 bench: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- bench
