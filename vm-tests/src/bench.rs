@@ -665,21 +665,25 @@ fn scaling(m: &mut Machine, mode: Mode) -> Result<Value> {
         "the step pool to answer 200",
         Duration::from_secs(15),
     )?;
-    // watch reads the applied config when it starts, and apply restarts it
-    // only when its own unit file changes: a pool added by a later apply has
-    // no autoscaler until watch restarts. The bench says so and restarts it.
+    // watch re-reads the applied config on its next step; give it a few
+    // seconds to log the new pool, and restart it (saying so) if it does not.
     let watching = |m: &mut Machine| -> Result<Vec<String>> {
-        let line = m.succeed(
-            "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep '^watch: watching' | tail -n 1",
+        let _ = m.execute(
+            &format!("for i in $(seq 50); do journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|the applied config changed; now watching)' | tail -n 1 | grep -q '{STEP_POOL}' && exit 0; sleep 0.1; done; exit 1"),
+            Duration::from_secs(10),
         )?;
-        Ok(line
-            .trim()
-            .rsplit_once('(')
-            .map(|(_, l)| l.trim_end_matches(')'))
-            .unwrap_or("")
-            .split(", ")
-            .map(String::from)
-            .collect())
+        let line = m.succeed(
+            "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|the applied config changed; now watching)' | tail -n 1",
+        )?;
+        let list = match line.trim().rsplit_once('(') {
+            Some((_, l)) => l.trim_end_matches(')').to_string(),
+            None => line
+                .trim()
+                .rsplit_once("now watching ")
+                .map(|(_, l)| l.to_string())
+                .unwrap_or_default(),
+        };
+        Ok(list.split(", ").map(String::from).collect())
     };
     let before = watching(m)?;
     let restarted = !before.iter().any(|p| p == STEP_POOL);
@@ -1593,7 +1597,7 @@ Pool `{STEP_POOL}` (the search worker with CGIPOOL_TEST_DELAY_MS=20, min {STEP_M
     if sc["watch_restarted_by_bench"].as_bool() == Some(true) {
         let _ = writeln!(
             md,
-            "**Note:** after the `cgipool apply` that added pool `{STEP_POOL}`, `cgipool watch` still watched only {} (it reads the applied config when it starts, and apply restarts it only when its unit file changes), so the bench restarted cgipool-watch.service before the load step.\n",
+            "**Note:** after the `cgipool apply` that added pool `{STEP_POOL}`, `cgipool watch` did not report watching it within 5 s (it still watched {}), so the bench restarted cgipool-watch.service before the load step.\n",
             sc["watch_pools_after_apply"]
         );
     }
