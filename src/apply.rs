@@ -469,18 +469,7 @@ pub async fn down(cfg: &Config, unit_dir: &Path, job_timeout: Duration) -> Resul
         .filter(|(_, s)| s.as_str() != "inactive")
         .map(|(u, _)| u)
         .collect();
-    running.sort_by_key(|u| {
-        (
-            if u.ends_with(".service") {
-                0
-            } else if u.ends_with(".socket") {
-                1
-            } else {
-                2
-            },
-            u.to_string(),
-        )
-    });
+    running.sort_by_key(|u| plan::stop_order(u));
     if !running.is_empty() {
         let jobs: Vec<Job> = running
             .iter()

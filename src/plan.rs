@@ -72,6 +72,18 @@ pub fn pool_target(pool: &str) -> String {
     format!("cgipool-{pool}.target")
 }
 
+/// Stop order: services before their sockets, targets last.
+pub fn stop_order(unit: &str) -> (u8, String) {
+    let rank = if unit.ends_with(".service") {
+        0
+    } else if unit.ends_with(".socket") {
+        1
+    } else {
+        2
+    };
+    (rank, unit.to_string())
+}
+
 /// Parses `cgipool-<pool>@<n>.<kind>` into its parts.
 pub fn parse_instance(unit: &str) -> Option<(&str, u32, &str)> {
     let rest = unit.strip_prefix("cgipool-")?;
@@ -244,18 +256,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .map(|(unit, _)| unit)
         .collect();
     // Services before their sockets, targets last.
-    stop.sort_by_key(|u| {
-        (
-            if u.ends_with(".service") {
-                0
-            } else if u.ends_with(".socket") {
-                1
-            } else {
-                2
-            },
-            u.to_string(),
-        )
-    });
+    stop.sort_by_key(|u| stop_order(u));
     p.stop = stop.into_iter().cloned().collect();
 
     if let (Some(want), Some(have)) = (&desired.nginx, &observed.nginx) {

@@ -1,7 +1,7 @@
 //! Issue 9 acceptance: classic CGI programs in pools (`protocol = "cgi"`),
 //! with unmodified programs no one on the team wrote (Debian's
 //! git-http-backend and gitweb.cgi) and the shell scripts in examples/cgi/.
-use super::common::{apply, assert_pool_running, install, write_config};
+use super::common::{apply, assert_pool_running, header, install, request, write_config};
 use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{ensure, Context, Result};
@@ -41,32 +41,6 @@ fn apply_and_route(m: &mut Machine, path: &str) -> Result<()> {
         Duration::from_secs(10),
     )?;
     Ok(())
-}
-
-/// Status, headers and body (as text) of one request through nginx.
-fn request(m: &mut Machine, curl_args: &str) -> Result<(u16, String, String)> {
-    let out = m.succeed(&format!(
-        "curl -sS -D /tmp/h -o /tmp/b -w '%{{http_code}}' {curl_args}; echo; cat /tmp/h; echo; cat /tmp/b"
-    ))?;
-    let mut parts = out.splitn(2, '\n');
-    let code: u16 = parts
-        .next()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .context("no status code from curl")?;
-    let rest = parts.next().unwrap_or("");
-    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    // `echo` put a newline between the header dump and the body.
-    let body = body.strip_prefix('\n').unwrap_or(body);
-    Ok((code, headers.to_string(), body.to_string()))
-}
-
-fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
 }
 
 /// VmHWM (peak resident set) of a process, in KiB.

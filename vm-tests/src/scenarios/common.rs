@@ -135,3 +135,29 @@ pub fn expect_usage_error(m: &mut Machine, cmd: &str) -> Result<String> {
 pub fn nginx_workers(m: &mut Machine) -> Result<String> {
     m.succeed("pgrep -f 'nginx: worker process$' | sort")
 }
+
+/// Status, headers and body (as text) of one request through nginx.
+pub fn request(m: &mut Machine, curl_args: &str) -> Result<(u16, String, String)> {
+    let out = m.succeed(&format!(
+        "curl -sS -D /tmp/h -o /tmp/b -w '%{{http_code}}' {curl_args}; echo; cat /tmp/h; echo; cat /tmp/b"
+    ))?;
+    let mut parts = out.splitn(2, '\n');
+    let code: u16 = parts
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .context("no status code from curl")?;
+    let rest = parts.next().unwrap_or("");
+    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    // `echo` put a newline between the header dump and the body.
+    let body = body.strip_prefix('\n').unwrap_or(body);
+    Ok((code, headers.to_string(), body.to_string()))
+}
+
+pub fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}

@@ -1,7 +1,9 @@
 //! Issue 5 acceptance: nginx routes to the pools, checked, rolled back,
 //! reloaded only on change, rate limited, and no failed request while pools
 //! scale, roll and lose workers under load.
-use super::common::{self, apply, assert_pool_running, install, write_config, CONFIG};
+use super::common::{
+    self, apply, assert_pool_running, header, install, request, write_config, CONFIG,
+};
 use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{bail, ensure, Context, Result};
@@ -19,26 +21,10 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// Response headers and body of one request through nginx.
+/// Status, headers and trimmed body of one GET through nginx.
 fn get(m: &mut Machine, path: &str) -> Result<(u16, String, String)> {
-    let out = m.succeed(&format!("curl -sS -D /tmp/h -o /tmp/b -w '%{{http_code}}' 'http://127.0.0.1{path}'; echo; cat /tmp/h; echo; cat /tmp/b"))?;
-    let mut parts = out.splitn(2, '\n');
-    let code: u16 = parts
-        .next()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .context("no status code from curl")?;
-    let rest = parts.next().unwrap_or("");
-    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
-    Ok((code, headers.to_string(), body.trim().to_string()))
-}
-
-fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+    let (code, headers, body) = request(m, &format!("'http://127.0.0.1{path}'"))?;
+    Ok((code, headers, body.trim().to_string()))
 }
 
 fn routes_balance(m: &mut Machine) -> Result<()> {
