@@ -612,17 +612,7 @@ fn recovery(m: &mut Machine, mode: Mode) -> Result<Value> {
         ),
         Duration::from_secs(u64::from(mode.recover_secs) + 60),
     )?;
-    let kill: Value = o
-        .stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .with_context(|| {
-            format!(
-                "recover.py printed no JSON (exit {}):\n{}\n{}",
-                o.rc, o.stdout, o.stderr
-            )
-        })?;
+    let kill = last_json(&o, "recover.py")?;
     ensure!(
         o.rc == 0,
         "the killed worker did not come back: {kill}\n{}",
@@ -711,17 +701,7 @@ fn scaling(m: &mut Machine, mode: Mode) -> Result<Value> {
     );
     let limit = Duration::from_secs(u64::from(secs) + down_limit as u64 + 120);
     let o = m.execute(&cmd, limit)?;
-    let step: Value = o
-        .stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .with_context(|| {
-            format!(
-                "scale.py printed no JSON (exit {}):\n{}\n{}",
-                o.rc, o.stdout, o.stderr
-            )
-        })?;
+    let step = last_json(&o, "scale.py")?;
     ensure!(o.rc == 0, "the load step did not run: {step}\n{}", o.stderr);
     let load = parse_wrk(&o.stdout)?;
     let decisions = m.succeed(
@@ -1664,4 +1644,18 @@ Pool `{STEP_POOL}` (the search worker with CGIPOOL_TEST_DELAY_MS=20, min {STEP_M
         "took_secs": took.as_secs_f64(),
     });
     (md, json)
+}
+
+/// The JSON object a guest helper prints as its last line of output.
+fn last_json(o: &crate::agent::Output, helper: &str) -> Result<Value> {
+    o.stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .with_context(|| {
+            format!(
+                "{helper} printed no JSON (exit {}):\n{}\n{}",
+                o.rc, o.stdout, o.stderr
+            )
+        })
 }
