@@ -66,11 +66,11 @@ demo: deps payload image
 bench: export PROFILE = release
 bench: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
-	  $(CARGO) run -q -p vm-tests -- bench
+	  CGIPOOL_BENCH_PROFILE=$(PROFILE) $(CARGO) run -q -p vm-tests -- bench
 
 bench-smoke: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
-	  $(CARGO) run -q -p vm-tests -- bench --smoke
+	  CGIPOOL_BENCH_PROFILE=$(PROFILE) $(CARGO) run -q -p vm-tests -- bench --smoke
 
 test: lint cargo-test workers-test vm-test bench-smoke
 	@echo "make test: all tiers passed"

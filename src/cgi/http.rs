@@ -39,6 +39,22 @@ impl Request {
     }
 }
 
+/// Whether the connection may carry another request after this one's
+/// response: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
+/// `Connection: keep-alive`.
+pub fn keep_alive(req: &Request) -> bool {
+    let has = |token: &str| {
+        req.header_all("Connection")
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if req.version == "HTTP/1.1" {
+        !has("close")
+    } else {
+        has("keep-alive")
+    }
+}
+
 /// Why a request head could not be read. Each maps to a status code.
 #[derive(Debug)]
 pub enum HeadError {
@@ -388,6 +404,17 @@ mod tests {
 
     fn head(s: &str) -> Result<Option<Request>, HeadError> {
         read_head(&mut io::Cursor::new(s.as_bytes().to_vec()), 1024)
+    }
+
+    #[test]
+    fn keep_alive_by_version_and_connection() {
+        let ka = |s: &str| keep_alive(&head(s).unwrap().unwrap());
+        assert!(ka("GET / HTTP/1.1\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.1\r\nConnection: TE, Close\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
     }
 
     #[test]

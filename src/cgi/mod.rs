@@ -2,8 +2,10 @@
 //!
 //! A worker unit of a `protocol = "cgi"` pool runs this gateway on its
 //! socket-activated listener. It serves HTTP/1.1 from nginx one request at a
-//! time (answering `Connection: close`) and runs the program as a fresh
-//! process per request (no shell), inside the unit's cgroup and sandbox:
+//! time, keeping nginx's connections open between requests ([`conns`]), and
+//! runs the program as a fresh process per request (no shell), inside the
+//! unit's cgroup and sandbox; one thread serves it all ([`output`]), plus one
+//! that feeds a request body to the program's stdin:
 //!
 //! - meta-variables per RFC 3875 §4.1 ([`meta`]), plus the gateway's own
 //!   environment (the pool's `environment`) without `LISTEN_*` and
@@ -21,26 +23,30 @@
 //!   gateway is a child subreaper and kills and reaps all its descendants
 //!   ([`reap`]).
 
+pub mod conns;
 pub mod http;
 pub mod meta;
+pub mod output;
 pub mod reap;
 pub mod response;
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use conns::{Conn, Conns};
+use output::ProgramOutput;
 
 /// `cgipool cgi-gateway [OPTIONS] -- PROGRAM [ARGS...]`
 #[derive(clap::Args, Debug, Clone)]
@@ -87,10 +93,6 @@ pub fn parse_body_limit(s: &str) -> Option<Option<u64>> {
     Some((bytes > 0).then_some(bytes))
 }
 
-/// How long the gateway waits for nginx to send a request head or body.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on sending to nginx (it reads eagerly; this only stops a hang).
-const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 const IO_BUF: usize = 64 * 1024;
 /// Environment variables of the gateway that the program must not inherit.
 const NOT_INHERITED: &[&str] = &[
@@ -228,28 +230,27 @@ pub fn run(args: Args) -> Result<()> {
         program,
     };
     eprintln!(
-        "cgi-gateway: {} on route {} (timeout {:?}, one request at a time)",
+        "cgi-gateway: {} on route {} (timeout {:?}, one request at a time, keep-alive)",
         gw.program.to_string_lossy(),
         gw.route,
         gw.timeout
     );
+    let mut conns = Conns::new(listener).context("the listening socket")?;
     loop {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("cgi-gateway: accept: {e}");
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
+        let mut conn = conns.next();
         lock(&state).busy = true;
-        gw.serve(stream);
+        let keep = gw.serve(&mut conn);
         let mut st = lock(&state);
         st.busy = false;
         if st.stop {
             eprintln!("cgi-gateway: stopping after the request in flight");
             std::process::exit(0);
+        }
+        drop(st);
+        if keep {
+            conns.keep(conn);
+        } else {
+            conn.close();
         }
     }
 }
@@ -278,6 +279,9 @@ struct Outcome {
     status: u16,
     bytes: u64,
     note: Vec<String>,
+    /// The program's own response was sent completely, so the connection
+    /// can carry the next request (if the request allows it).
+    complete: bool,
 }
 
 impl Outcome {
@@ -286,11 +290,13 @@ impl Outcome {
             status,
             bytes: 0,
             note: Vec::new(),
+            complete: false,
         }
     }
 }
 
-/// Writes a small complete response from the gateway itself.
+/// Writes a small complete response from the gateway itself; the
+/// connection is closed after it.
 fn simple(out: &mut impl Write, worker: &str, status: u16, msg: &str) -> io::Result<u64> {
     let body = format!("{status} {}: {msg}\n", http::reason(status));
     write!(
@@ -303,66 +309,88 @@ fn simple(out: &mut impl Write, worker: &str, status: u16, msg: &str) -> io::Res
     Ok(body.len() as u64)
 }
 
+/// The request body, as the program's stdin will get it.
 enum Body {
     Empty,
-    Stream(Box<dyn Read + Send>),
+    /// Content-Length bytes, still on the connection.
+    Socket(u64),
+    /// A chunked body, already decoded into a temporary file.
+    File(File),
+}
+
+/// Feeds `body` to the program's stdin, then EOF. If the program stops
+/// reading, the rest is read and dropped so nginx can finish sending.
+/// True when the body was read to its end.
+fn feed(mut body: impl Read, sin: ChildStdin) -> bool {
+    let mut sin = Some(sin);
+    let mut buf = vec![0u8; IO_BUF];
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        };
+        if let Some(s) = sin.as_mut() {
+            if s.write_all(&buf[..n]).is_err() {
+                sin = None;
+            }
+        }
+    }
 }
 
 impl Gateway {
-    fn serve(&self, stream: UnixStream) {
+    /// Serves one request from `conn`; true when the connection can carry
+    /// the next one.
+    fn serve(&self, conn: &mut Conn) -> bool {
         let started = Instant::now();
-        let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
-        let (Ok(read_half), Ok(ctl)) = (stream.try_clone(), stream.try_clone()) else {
-            return;
+        let Some(reader) = conn.reader.as_mut() else {
+            return false;
         };
-        let mut reader = BufReader::with_capacity(IO_BUF, read_half);
-        let mut out = BufWriter::with_capacity(IO_BUF, stream);
-        let req = match http::read_head(&mut reader, self.max_header) {
+        let req = match http::read_head(reader, self.max_header) {
             Ok(Some(r)) => r,
-            Ok(None) | Err(http::HeadError::Truncated) => return,
+            Ok(None) | Err(http::HeadError::Truncated) => return false,
             Err(http::HeadError::Io(e)) => {
-                eprintln!("- reading a request head: {e}");
-                return;
+                if e.kind() != io::ErrorKind::ConnectionReset {
+                    eprintln!("- reading a request head: {e}");
+                }
+                return false;
             }
             Err(http::HeadError::TooLarge) => {
-                let _ = simple(&mut out, &self.worker, 431, "request head too large");
+                let _ = simple(&mut conn.out, &self.worker, 431, "request head too large");
                 eprintln!("- request head larger than {} bytes: 431", self.max_header);
-                return;
+                return false;
             }
             Err(http::HeadError::Malformed(m)) => {
-                let _ = simple(&mut out, &self.worker, 400, m);
+                let _ = simple(&mut conn.out, &self.worker, 400, m);
                 eprintln!("- malformed request: {m}: 400");
-                return;
+                return false;
             }
         };
         let rid = log_id(req.header("X-Request-ID"));
-        let outcome = self.handle(&req, &rid, reader, &mut out);
-        let _ = out.flush();
-        let _ = ctl.shutdown(std::net::Shutdown::Both);
+        let keep_alive = http::keep_alive(&req);
+        let outcome = self.handle(&req, &rid, keep_alive, conn);
+        let flushed = conn.out.flush().is_ok();
         let mut line = format!(
-            "{rid} {} {} {} {}B {}ms",
+            "{rid} {} {} {} {}B {}ms conn={}#{}",
             req.method,
             req.target,
             outcome.status,
             outcome.bytes,
-            started.elapsed().as_millis()
+            started.elapsed().as_millis(),
+            conn.id,
+            conn.served + 1
         );
         for n in &outcome.note {
             line.push(' ');
             line.push_str(n);
         }
         eprintln!("{line}");
+        keep_alive && outcome.complete && flushed && conn.reader.is_some()
     }
 
     /// Everything after the head: body, program, response.
-    fn handle(
-        &self,
-        req: &http::Request,
-        rid: &str,
-        mut reader: BufReader<UnixStream>,
-        out: &mut BufWriter<UnixStream>,
-    ) -> Outcome {
+    fn handle(&self, req: &http::Request, rid: &str, keep_alive: bool, conn: &mut Conn) -> Outcome {
         let refuse = |out: &mut BufWriter<UnixStream>, status: u16, msg: &str| {
             let mut o = Outcome::new(status);
             o.bytes = simple(out, &self.worker, status, msg).unwrap_or(0);
@@ -371,21 +399,30 @@ impl Gateway {
         };
         let framing = match http::framing(req) {
             Ok(f) => f,
-            Err((status, msg)) => return refuse(out, status, msg),
+            Err((status, msg)) => return refuse(&mut conn.out, status, msg),
         };
         let too_big = |n: u64| self.body_limit.is_some_and(|l| n > l);
         let (body, length) = match framing {
             http::Framing::None => (Body::Empty, None),
             http::Framing::Length(n) if too_big(n) => {
-                return refuse(out, 413, "request body larger than the pool's body_limit")
+                return refuse(
+                    &mut conn.out,
+                    413,
+                    "request body larger than the pool's body_limit",
+                )
             }
-            http::Framing::Length(n) => (Body::Stream(Box::new(reader.take(n))), Some(n)),
-            http::Framing::Chunked => match self.spool_chunked(&mut reader) {
-                Ok(Some((f, n))) => (Body::Stream(Box::new(f)), Some(n)),
+            http::Framing::Length(0) => (Body::Empty, Some(0)),
+            http::Framing::Length(n) => (Body::Socket(n), Some(n)),
+            http::Framing::Chunked => match self.spool_chunked(conn) {
+                Ok(Some((f, n))) => (Body::File(f), Some(n)),
                 Ok(None) => {
-                    return refuse(out, 413, "request body larger than the pool's body_limit")
+                    return refuse(
+                        &mut conn.out,
+                        413,
+                        "request body larger than the pool's body_limit",
+                    )
                 }
-                Err(e) => return refuse(out, 400, &format!("bad chunked body: {e}")),
+                Err(e) => return refuse(&mut conn.out, 400, &format!("bad chunked body: {e}")),
             },
         };
         let program = self.program.to_string_lossy();
@@ -396,7 +433,7 @@ impl Gateway {
         };
         let vars = match meta::variables(req, &cx, length) {
             Ok(v) => v,
-            Err((status, msg)) => return refuse(out, status, msg),
+            Err((status, msg)) => return refuse(&mut conn.out, status, msg),
         };
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
@@ -405,7 +442,7 @@ impl Gateway {
             .envs(vars)
             .stdin(match body {
                 Body::Empty => Stdio::null(),
-                Body::Stream(_) => Stdio::piped(),
+                _ => Stdio::piped(),
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -414,20 +451,32 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{rid} cannot start {program}: {e}");
-                return refuse(out, 502, "the CGI program could not be started");
+                return refuse(&mut conn.out, 502, "the CGI program could not be started");
             }
         };
-        Run { gw: self, rid, req }.run(&mut child, body, out)
+        Run {
+            gw: self,
+            rid,
+            req,
+            keep_alive,
+        }
+        .run(&mut child, body, conn)
     }
 
     /// Decodes a chunked body into an anonymous temporary file. Ok(None):
     /// larger than the body limit.
-    fn spool_chunked(&self, reader: &mut BufReader<UnixStream>) -> io::Result<Option<(File, u64)>> {
+    fn spool_chunked(&self, conn: &mut Conn) -> io::Result<Option<(File, u64)>> {
+        let reader = conn
+            .reader
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no reader"))?;
         let mut f = tempfile::tempfile()?;
         let mut dec = http::ChunkedReader::new(reader);
         let limit = self.body_limit.map_or(u64::MAX, |l| l.saturating_add(1));
         let n = io::copy(&mut (&mut dec).take(limit), &mut f)?;
         if self.body_limit.is_some_and(|l| n > l) {
+            // The rest of the body is still on the connection.
+            conn.reader = None;
             return Ok(None);
         }
         f.rewind()?;
@@ -440,6 +489,8 @@ struct Run<'a> {
     gw: &'a Gateway,
     rid: &'a str,
     req: &'a http::Request,
+    /// The response may leave the connection open.
+    keep_alive: bool,
 }
 
 /// How the response to the client ended.
@@ -450,103 +501,51 @@ enum Sent {
     Aborted(String),
 }
 
+/// How long, after the response, the connection waits for the body feeder
+/// to finish reading the request body (nginx has sent it all by then).
+const FEED_GRACE: Duration = Duration::from_secs(1);
+
 impl Run<'_> {
-    fn run(&self, child: &mut Child, body: Body, out: &mut BufWriter<UnixStream>) -> Outcome {
-        let rid = self.rid.to_string();
-        // stdin: the body, then EOF. If the program stops reading, the rest
-        // is read and dropped so nginx can finish sending.
-        let stdin_thread = match (child.stdin.take(), body) {
-            (Some(sin), Body::Stream(mut body)) => thread::Builder::new()
+    fn run(&self, child: &mut Child, body: Body, conn: &mut Conn) -> Outcome {
+        let deadline = Instant::now() + self.gw.timeout;
+        // The body goes to stdin from its own thread, so a program that
+        // writes before it has read everything cannot deadlock the gateway.
+        // A body read from the connection comes back with its reader.
+        let (fed_tx, fed_rx) = mpsc::channel::<Option<BufReader<UnixStream>>>();
+        let feeding = match (child.stdin.take(), body) {
+            (Some(sin), Body::Socket(n)) => conn.reader.take().and_then(|reader| {
+                thread::Builder::new()
+                    .name("cgi-stdin".into())
+                    .spawn(move || {
+                        let mut body = reader.take(n);
+                        let whole = feed(&mut body, sin) && body.limit() == 0;
+                        let _ = fed_tx.send(whole.then(|| body.into_inner()));
+                    })
+                    .ok()
+            }),
+            (Some(sin), Body::File(f)) => thread::Builder::new()
                 .name("cgi-stdin".into())
                 .spawn(move || {
-                    let mut sin = Some(sin);
-                    let mut buf = vec![0u8; IO_BUF];
-                    loop {
-                        let n = match body.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(_) => break,
-                        };
-                        if let Some(s) = sin.as_mut() {
-                            if s.write_all(&buf[..n]).is_err() {
-                                sin = None;
-                            }
-                        }
-                    }
+                    feed(f, sin);
                 })
                 .ok(),
             _ => None,
         };
-        // stderr → journal, line by line, tagged with the request id.
-        let stderr_thread = child.stderr.take().and_then(|err| {
-            let rid = rid.clone();
-            thread::Builder::new()
-                .name("cgi-stderr".into())
-                .spawn(move || {
-                    let mut r = BufReader::new(err);
-                    let mut line = Vec::with_capacity(256);
-                    loop {
-                        line.clear();
-                        match r.by_ref().take(8192).read_until(b'\n', &mut line) {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) => {
-                                while line.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
-                                    line.pop();
-                                }
-                                eprintln!("{rid} stderr: {}", String::from_utf8_lossy(&line));
-                            }
-                        }
-                    }
-                })
-                .ok()
-        });
-        // The timeout: kill everything (again and again, in case something
-        // forks meanwhile) until the main thread says the request is over.
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let watchdog = {
-            let timed_out = timed_out.clone();
-            let timeout = self.gw.timeout;
-            thread::Builder::new()
-                .name("cgi-timeout".into())
-                .spawn(move || {
-                    if let Err(RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
-                        timed_out.store(true, Ordering::SeqCst);
-                        loop {
-                            reap::kill_descendants();
-                            if !matches!(
-                                done_rx.recv_timeout(Duration::from_millis(50)),
-                                Err(RecvTimeoutError::Timeout)
-                            ) {
-                                break;
-                            }
-                        }
-                    }
-                })
-                .ok()
-        };
-
+        let mut output =
+            ProgramOutput::new(child.stdout.take(), child.stderr.take(), self.rid, deadline);
         let mut outcome = Outcome::new(0);
-        match child.stdout.take() {
-            Some(stdout) => {
-                let sent = self.respond(stdout, out, &timed_out, &mut outcome);
-                if let Sent::Aborted(why) = sent {
-                    outcome.note.push(format!("aborted: {why}"));
-                    reap::kill_descendants();
-                }
-            }
-            None => outcome.status = 500,
+        let sent = self.respond(&mut output, &mut conn.out, &mut outcome);
+        if let Sent::Aborted(why) = &sent {
+            outcome.note.push(format!("aborted: {why}"));
+            outcome.complete = false;
+            reap::kill_descendants();
         }
-        let _ = out.flush();
+        let _ = conn.out.flush();
 
-        let status = child.wait().ok();
-        let _ = done_tx.send(());
-        if let Some(w) = watchdog {
-            let _ = w.join();
-        }
-        if timed_out.load(Ordering::SeqCst) {
+        let status = output.wait_exit(child).ok();
+        if output.timed_out() {
             outcome.note.push("timeout".to_string());
+            outcome.complete = false;
         }
         if let Some(st) = status {
             outcome.note.push(describe_exit(st));
@@ -562,22 +561,21 @@ impl Run<'_> {
                 outcome.note.push(format!("UNKILLABLE={survivors:?}"));
             }
         }
-        if let Some(t) = stderr_thread {
-            let _ = t.join();
+        output.finish_stderr(Duration::from_secs(1));
+        // A body from the connection: the reader comes back once the body
+        // was read to its end; otherwise the connection is closed (which
+        // also ends a feeder still waiting for nginx).
+        if feeding.is_some() && conn.reader.is_none() {
+            conn.reader = fed_rx.recv_timeout(FEED_GRACE).ok().flatten();
         }
-        // The stdin thread may still wait for nginx: closing our end of the
-        // connection (done by the caller) would end it, but by now the body
-        // has normally been read completely; don't wait for it here.
-        drop(stdin_thread);
         outcome
     }
 
     /// Reads the program's output and sends the response.
     fn respond(
         &self,
-        mut stdout: ChildStdout,
+        stdout: &mut ProgramOutput<'_>,
         out: &mut BufWriter<UnixStream>,
-        timed_out: &AtomicBool,
         o: &mut Outcome,
     ) -> Sent {
         let worker = &self.gw.worker;
@@ -599,7 +597,7 @@ impl Run<'_> {
                     Err(e) => return Sent::Aborted(format!("stdout: {e}")),
                 }
             }
-            if timed_out.load(Ordering::SeqCst) {
+            if stdout.timed_out() {
                 if o.bytes == 0 {
                     o.status = 504;
                     o.bytes = simple(out, worker, 504, "the CGI program timed out").unwrap_or(0);
@@ -633,7 +631,7 @@ impl Run<'_> {
                 Err(e) => break Err(format!("reading its output: {e}")),
             }
         };
-        if timed_out.load(Ordering::SeqCst) && head_end.is_err() {
+        if stdout.timed_out() && head_end.is_err() {
             o.status = 504;
             o.bytes =
                 simple(out, worker, 504, "the CGI program did not answer in time").unwrap_or(0);
@@ -696,28 +694,35 @@ impl Run<'_> {
         } else if chunked {
             h.push_str("Transfer-Encoding: chunked\r\n");
         }
-        h.push_str(&format!(
-            "X-Cgipool-Worker: {worker}\r\nConnection: close\r\n\r\n"
-        ));
+        h.push_str("X-Cgipool-Worker: ");
+        h.push_str(worker);
+        h.push_str(if self.keep_alive {
+            "\r\n\r\n"
+        } else {
+            "\r\nConnection: close\r\n\r\n"
+        });
         if let Err(e) = out.write_all(h.as_bytes()) {
             return Sent::Aborted(format!("client: {e}"));
         }
+        // Framed by Content-Length or chunked: unless cut short, the
+        // response ends where nginx expects it.
+        o.complete = true;
         let first = buf.split_off(body_start);
         drop(buf);
 
         if !body_allowed {
             // Drain (and drop) whatever the program still writes.
             let _ = out.flush();
-            let _ = io::copy(&mut stdout, &mut io::sink());
-            return self.check_timeout(timed_out);
+            let _ = io::copy(stdout, &mut io::sink());
+            return check_timeout(stdout);
         }
         if chunked {
             let mut w = http::ChunkedWriter::new(&mut *out);
-            let r = pump(&first, &mut stdout, &mut chunk, &mut w, None, o);
+            let r = pump(&first, stdout, &mut chunk, &mut w, None, o);
             if let Err(e) = r {
                 return Sent::Aborted(e);
             }
-            if let Sent::Aborted(why) = self.check_timeout(timed_out) {
+            if let Sent::Aborted(why) = check_timeout(stdout) {
                 return Sent::Aborted(why);
             }
             if let Err(e) = w.finish() {
@@ -726,11 +731,11 @@ impl Run<'_> {
             return Sent::Done;
         }
         let want = head.content_length.unwrap_or(0);
-        if let Err(e) = pump(&first, &mut stdout, &mut chunk, out, Some(want), o) {
+        if let Err(e) = pump(&first, stdout, &mut chunk, out, Some(want), o) {
             return Sent::Aborted(e);
         }
         if o.bytes < want {
-            return Sent::Aborted(match self.check_timeout(timed_out) {
+            return Sent::Aborted(match check_timeout(stdout) {
                 Sent::Aborted(why) => why,
                 Sent::Done => format!(
                     "output ended after {} of {want} bytes (Content-Length)",
@@ -738,7 +743,7 @@ impl Run<'_> {
                 ),
             });
         }
-        let extra = io::copy(&mut stdout, &mut io::sink()).unwrap_or(0);
+        let extra = io::copy(stdout, &mut io::sink()).unwrap_or(0);
         if extra > 0 {
             eprintln!(
                 "{} the CGI program wrote {extra} bytes more than its Content-Length; dropped",
@@ -747,13 +752,13 @@ impl Run<'_> {
         }
         Sent::Done
     }
+}
 
-    fn check_timeout(&self, timed_out: &AtomicBool) -> Sent {
-        if timed_out.load(Ordering::SeqCst) {
-            Sent::Aborted("timeout".into())
-        } else {
-            Sent::Done
-        }
+fn check_timeout(output: &ProgramOutput<'_>) -> Sent {
+    if output.timed_out() {
+        Sent::Aborted("timeout".into())
+    } else {
+        Sent::Done
     }
 }
 
@@ -761,7 +766,7 @@ impl Run<'_> {
 /// bytes in total; counts into `o.bytes`. Errors name the side that failed.
 fn pump(
     first: &[u8],
-    stdout: &mut ChildStdout,
+    stdout: &mut impl Read,
     chunk: &mut [u8],
     w: &mut impl Write,
     limit: Option<u64>,

@@ -1501,8 +1501,9 @@ fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
     }
     let _ = writeln!(
         md,
-        "\nThe CGI rows: the same program ({CGI_PROGRAM}, cgi-src/hello_cgi.c) behind both. cgipool's gateway is the payload's `cgipool` ({:.0} MB; `make payload` installs the debug build), runs the program inside the worker's sandbox, logs one journal line per request and closes the connection after every response (so nginx connects anew per request); fcgiwrap runs it unsandboxed as www-data, with its 4 processes on one socket (one queue), and logs nothing per request.",
-        mi["cgipool_binary_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6
+        "\nThe CGI rows: the same program ({CGI_PROGRAM}, cgi-src/hello_cgi.c) behind both. cgipool's gateway is the payload's `cgipool` ({:.0} MB, {} build): it runs the program inside the worker's sandbox, logs one journal line per request, and keeps nginx's connections open between requests (the pool's upstream has `keepalive 16`). fcgiwrap runs it unsandboxed as www-data, nginx connects to it anew per request (`fastcgi_keep_conn` off, the default), and it logs nothing per request. Each cgipool worker has its own socket, so nginx (`least_conn`) queues a request behind that worker's request in flight, while fcgiwrap's 4 processes take the next request from one shared socket: the likely reason for cgipool's longer p99.",
+        mi["cgipool_binary_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
+        std::env::var("CGIPOOL_BENCH_PROFILE").unwrap_or_else(|_| "unknown".into())
     );
     let _ = writeln!(md, "\n## Control plane (seconds, per round)\n");
     let _ = writeln!(

@@ -183,11 +183,33 @@ fn shell_script(m: &mut Machine) -> Result<()> {
         after < before + 8 * 1024 && after < 32 * 1024,
         "gateway memory grew while streaming 50 MiB: VmHWM {before} → {after} KiB"
     );
+    // nginx keeps its connections to the gateways open between requests:
+    // the log line's conn=ID#N counts requests per connection.
+    m.succeed(
+        "for i in $(seq 10); do curl -sf -o /dev/null http://127.0.0.1/cgi/shell/form; done",
+    )?;
     let journal = m.journal("cgipool-shell@1.service")? + &m.journal("cgipool-shell@2.service")?;
     ensure!(
         journal.contains("GET /cgi/shell/big?mb=50 200 52428800B"),
         "no request log line for the big download:\n{journal}"
     );
+    let most_on_one_conn = journal
+        .lines()
+        .filter_map(|l| {
+            l.split(" conn=")
+                .nth(1)?
+                .split([' ', '#'])
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        most_on_one_conn >= 2,
+        "nginx never sent a second request on a connection to the gateway:\n{journal}"
+    );
+    println!("cgi: up to {most_on_one_conn} requests on one nginx connection");
     let score =
         m.succeed("systemd-analyze security cgipool-shell@1.service --no-pager | tail -1")?;
     println!("cgi: {}", score.trim());

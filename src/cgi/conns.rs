@@ -1,0 +1,204 @@
+//! nginx's connections to one gateway: accepting them, keeping the idle
+//! keep-alive ones (at most 64, each for at most 10 s, like the C workers),
+//! and handing out the next connection that has a request waiting.
+//!
+//! Requests are still served one at a time; keep-alive only saves nginx a
+//! connect and the gateway an accept per request. nginx's upstream
+//! `keepalive_timeout` (5 s) stays below the idle limit, so nginx does not
+//! reuse a connection the gateway is about to close.
+
+use std::collections::VecDeque;
+use std::io::{self, BufReader, BufWriter};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+pub const MAX_IDLE: usize = 64;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const IO_BUF: usize = 64 * 1024;
+/// How long the gateway waits for nginx to send the rest of a request head
+/// or body.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on sending to nginx (it reads eagerly; this only stops a hang).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One connection from nginx: a buffered reader (the request head, a body)
+/// and a buffered writer (the response) on the same socket.
+pub struct Conn {
+    /// None while a thread feeds the request body to the program.
+    pub reader: Option<BufReader<UnixStream>>,
+    pub out: BufWriter<UnixStream>,
+    /// Which connection this is (counted from 1 per gateway) and how many
+    /// requests it carried before the current one: for the log line.
+    pub id: u64,
+    pub served: u64,
+    idle_since: Instant,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, id: u64) -> io::Result<Conn> {
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+        let read_half = stream.try_clone()?;
+        Ok(Conn {
+            reader: Some(BufReader::with_capacity(IO_BUF, read_half)),
+            out: BufWriter::with_capacity(IO_BUF, stream),
+            id,
+            served: 0,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Ends the connection (both directions, also for a thread still
+    /// reading from it).
+    pub fn close(self) {
+        let _ = self.out.get_ref().shutdown(std::net::Shutdown::Both);
+    }
+
+    /// A request (or more of one) is already buffered.
+    fn has_buffered(&self) -> bool {
+        self.reader.as_ref().is_some_and(|r| !r.buffer().is_empty())
+    }
+}
+
+pub struct Conns {
+    listener: UnixListener,
+    /// Idle connections, the longest idle first.
+    idle: VecDeque<Conn>,
+    /// Connections with a request waiting, in the order they were seen
+    /// ready (new connections in the order the kernel queued them): served
+    /// first come, first served, like one shared accept queue.
+    ready: VecDeque<Conn>,
+    accepted: u64,
+}
+
+impl Conns {
+    pub fn new(listener: UnixListener) -> io::Result<Conns> {
+        // Accepted sockets do not inherit O_NONBLOCK (accept4 without it).
+        listener.set_nonblocking(true)?;
+        Ok(Conns {
+            listener,
+            idle: VecDeque::new(),
+            ready: VecDeque::new(),
+            accepted: 0,
+        })
+    }
+
+    /// Puts a connection back after a request, to wait for the next one.
+    pub fn keep(&mut self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
+        conn.served += 1;
+        if conn.has_buffered() {
+            self.ready.push_back(conn);
+            return;
+        }
+        self.idle.push_back(conn);
+        while self.idle.len() > MAX_IDLE {
+            if let Some(old) = self.idle.pop_front() {
+                old.close();
+            }
+        }
+    }
+
+    /// Blocks until a connection has a request to read (or its peer closed
+    /// it: reading the head then says so) and returns the one that has
+    /// waited longest.
+    pub fn next(&mut self) -> Conn {
+        loop {
+            self.expire();
+            // Requests that arrived meanwhile queue up behind the ones
+            // already seen; only wait when there are none.
+            let block = self.ready.is_empty();
+            self.collect(block);
+            if let Some(c) = self.ready.pop_front() {
+                return c;
+            }
+        }
+    }
+
+    /// Moves every connection with a request to `ready`: kept ones (the
+    /// longest idle first), then new ones. Waits for one if `block`.
+    fn collect(&mut self, block: bool) {
+        let timeout = if !block {
+            PollTimeout::ZERO
+        } else {
+            self.idle
+                .front()
+                .map(|c| IDLE_TIMEOUT.saturating_sub(c.idle_since.elapsed()))
+                .map_or(PollTimeout::NONE, |d| {
+                    PollTimeout::from(u16::try_from(d.as_millis() + 1).unwrap_or(u16::MAX))
+                })
+        };
+        let mut fds = Vec::with_capacity(self.idle.len() + 1);
+        fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+        for c in &self.idle {
+            fds.push(PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(Errno::EINTR) => return,
+            Err(e) => {
+                eprintln!("cgi-gateway: poll: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut still_idle = VecDeque::with_capacity(self.idle.len());
+        for (c, r) in self.idle.drain(..).zip(ready[1..].iter()) {
+            if *r {
+                self.ready.push_back(c);
+            } else {
+                still_idle.push_back(c);
+            }
+        }
+        self.idle = still_idle;
+        if ready[0] {
+            self.accept_all();
+        }
+    }
+
+    /// Accepts every pending connection into `ready` (nginx sends its
+    /// request right after connecting).
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
+                    Ok(c) => {
+                        self.accepted += 1;
+                        self.ready.push_back(c);
+                    }
+                    Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
+                },
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    eprintln!("cgi-gateway: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes connections idle for longer than IDLE_TIMEOUT.
+    fn expire(&mut self) {
+        while self
+            .idle
+            .front()
+            .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
+        {
+            if let Some(c) = self.idle.pop_front() {
+                c.close();
+            }
+        }
+    }
+}

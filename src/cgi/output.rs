@@ -1,0 +1,246 @@
+//! The running program as the gateway's one thread sees it: its stdout (a
+//! `Read`), its stderr (to the journal) and the request's deadline.
+//!
+//! Whenever the gateway waits for the program (for stdout, or for it to
+//! exit) it polls stderr too, so stderr is logged line by line as it comes,
+//! tagged with the request id, and a program never blocks on a full stderr
+//! pipe. When the deadline passes, every descendant of the gateway is
+//! killed, again every 50 ms while anything still holds a pipe open (a
+//! process could fork meanwhile); reads then end at EOF. No thread and no
+//! timer per request.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::process::{Child, ChildStderr, ChildStdout, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::reap;
+
+/// Longest stderr line logged as one; longer lines are split.
+const MAX_LINE: usize = 8192;
+/// After the deadline: how often everything left is killed again.
+const REKILL: Duration = Duration::from_millis(50);
+
+pub struct ProgramOutput<'a> {
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    /// The stderr line read so far.
+    line: Vec<u8>,
+    rid: &'a str,
+    deadline: Instant,
+    timed_out: bool,
+}
+
+/// What a wait is for, besides stderr and the deadline.
+#[derive(Clone, Copy)]
+enum Target<'f> {
+    Stdout,
+    Fd(BorrowedFd<'f>),
+    /// Only stderr (and the deadline).
+    Nothing,
+}
+
+impl<'a> ProgramOutput<'a> {
+    pub fn new(
+        stdout: Option<ChildStdout>,
+        stderr: Option<ChildStderr>,
+        rid: &'a str,
+        deadline: Instant,
+    ) -> Self {
+        ProgramOutput {
+            stdout,
+            stderr,
+            line: Vec::with_capacity(256),
+            rid,
+            deadline,
+            timed_out: false,
+        }
+    }
+
+    /// Whether the deadline passed (and the request's processes were killed).
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// Waits until `target` is readable (Ok(true)) or gone (Ok(false)),
+    /// logging stderr and enforcing the deadline meanwhile. With `cap`, it
+    /// also returns Ok(false) once `cap` has passed.
+    fn wait(&mut self, target: Target<'_>, cap: Option<Duration>) -> io::Result<bool> {
+        let until = cap.map(|c| Instant::now() + c);
+        loop {
+            let target_fd = match target {
+                Target::Stdout => match &self.stdout {
+                    Some(s) => Some(s.as_fd()),
+                    None => return Ok(false),
+                },
+                Target::Fd(fd) => Some(fd),
+                Target::Nothing => None,
+            };
+            let now = Instant::now();
+            if until.is_some_and(|u| now >= u) {
+                return Ok(false);
+            }
+            let mut wait = if self.timed_out {
+                REKILL
+            } else {
+                self.deadline.saturating_duration_since(now)
+            };
+            if let Some(u) = until {
+                wait = wait.min(u - now);
+            }
+            let mut fds = Vec::with_capacity(2);
+            if let Some(fd) = target_fd {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            let stderr_at = fds.len();
+            if let Some(e) = &self.stderr {
+                fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+            }
+            if fds.is_empty() && until.is_none() {
+                return Ok(false);
+            }
+            // Rounded up, so the deadline is never polled for as 0 ms early.
+            let ms = u16::try_from(wait.as_millis() + 1).unwrap_or(u16::MAX);
+            let n = match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            if n == 0 {
+                if self.timed_out || Instant::now() >= self.deadline {
+                    self.timed_out = true;
+                    reap::kill_descendants();
+                }
+                continue;
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let target_ready = target_fd.is_some() && ready(&fds[0]);
+            let stderr_ready = fds.get(stderr_at).is_some_and(ready);
+            drop(fds);
+            if stderr_ready {
+                self.read_stderr();
+            }
+            if target_ready {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// One read of stderr: logs every complete line; at EOF the rest.
+    fn read_stderr(&mut self) {
+        let Some(err) = self.stderr.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let n = match err.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            self.stderr = None;
+            if !self.line.is_empty() {
+                self.log_line();
+            }
+            return;
+        }
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.log_line();
+            } else {
+                self.line.push(b);
+                if self.line.len() >= MAX_LINE {
+                    self.log_line();
+                }
+            }
+        }
+    }
+
+    fn log_line(&mut self) {
+        while self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        eprintln!(
+            "{} stderr: {}",
+            self.rid,
+            String::from_utf8_lossy(&self.line)
+        );
+        self.line.clear();
+    }
+
+    /// Waits for the program (the direct child) to exit, still logging
+    /// stderr and enforcing the deadline.
+    pub fn wait_exit(&mut self, child: &mut Child) -> io::Result<ExitStatus> {
+        let pidfd = pidfd_open(child.id());
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            match &pidfd {
+                Some(fd) => self.wait(Target::Fd(fd.as_fd()), None)?,
+                // No pidfd (a kernel before 5.3): look again every 5 ms.
+                None => self.wait(Target::Nothing, Some(Duration::from_millis(5)))?,
+            };
+        }
+    }
+
+    /// Logs the rest of stderr. Call once the program and everything it
+    /// started are gone; bounded by `limit` in case something still holds
+    /// the pipe.
+    pub fn finish_stderr(&mut self, limit: Duration) {
+        let end = Instant::now() + limit;
+        while self.stderr.is_some() && Instant::now() < end {
+            let d = end.saturating_duration_since(Instant::now());
+            let ms = u16::try_from(d.as_millis() + 1).unwrap_or(u16::MAX);
+            let Some(err) = &self.stderr else { break };
+            let mut fds = [PollFd::new(err.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) => break,
+                Ok(_) => self.read_stderr(),
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        if self.stderr.take().is_some() && !self.line.is_empty() {
+            self.log_line();
+        }
+    }
+}
+
+impl Read for ProgramOutput<'_> {
+    /// The program's stdout; Ok(0) at EOF.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if !self.wait(Target::Stdout, None)? {
+                return Ok(0);
+            }
+            let Some(out) = self.stdout.as_mut() else {
+                return Ok(0);
+            };
+            match out.read(buf) {
+                Ok(0) => {
+                    self.stdout = None;
+                    return Ok(0);
+                }
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A pidfd for a child (readable when it exits), if the kernel has them.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = nix::libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    debug_assert!(owned.as_raw_fd() == fd);
+    Some(owned)
+}

@@ -1,0 +1,303 @@
+//! The CGI gateway as nginx talks to it: `cgipool cgi-gateway --listen` on a
+//! unix socket, a real shell CGI program, raw HTTP/1.1 over kept-alive
+//! connections. (Sandbox, journal and nginx are the vm-tests' `cgi_*`.)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PROGRAM: &str = r#"#!/bin/sh
+case "$QUERY_STRING" in
+  noread) printf 'Status: 201 Created\nContent-Length: 3\n\nok\n' ;;
+  count) printf 'Content-Type: text/plain\n\n'; echo "read $(wc -c | tr -d ' ') of $CONTENT_LENGTH" ;;
+  hang) echo "hanging" >&2; sleep 30 & sleep 30 ;;
+  *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
+esac
+"#;
+
+struct Gateway {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = dir.path().join("t.cgi");
+        std::fs::write(&program, PROGRAM).expect("writing the program");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_cgipool"))
+            .args([
+                "cgi-gateway",
+                "--timeout",
+                "2s",
+                "--body-limit",
+                "1m",
+                "--listen",
+            ])
+            .arg(dir.path().join("sock"))
+            .arg("--")
+            .arg(&program)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting cgipool cgi-gateway");
+        let gw = Gateway { child, dir };
+        // Logged once it listens.
+        gw.wait_log("one request at a time");
+        gw
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn connect(&self) -> Client {
+        let s = UnixStream::connect(self.sock()).expect("connecting to the gateway");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            stream: s,
+        }
+    }
+
+    /// Waits until the log has a line containing `want`.
+    fn wait_log(&self, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(want) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} in the gateway's log within 10 s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Client {
+    fn send(&mut self, head: &str, body: &[u8]) {
+        self.stream
+            .write_all(head.as_bytes())
+            .expect("sending a head");
+        self.stream.write_all(body).expect("sending a body");
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("reading a line");
+        l.trim_end_matches(['\r', '\n']).to_string()
+    }
+
+    fn response(&mut self) -> Response {
+        let status_line = self.line();
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').expect("a header line");
+            headers.push((k.to_string(), v.trim().to_string()));
+        }
+        let mut r = Response {
+            status,
+            headers,
+            body: String::new(),
+        };
+        let mut body = Vec::new();
+        if let Some(n) = r.header("Content-Length") {
+            let n: usize = n.parse().expect("Content-Length");
+            body.resize(n, 0);
+            self.reader.read_exact(&mut body).expect("reading the body");
+        } else if r.header("Transfer-Encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line(), 16).expect("chunk size");
+                let mut chunk = vec![0; size];
+                self.reader.read_exact(&mut chunk).expect("a chunk");
+                assert_eq!(self.line(), "", "CRLF after a chunk");
+                if size == 0 {
+                    break;
+                }
+                body.extend(chunk);
+            }
+        }
+        r.body = String::from_utf8_lossy(&body).into_owned();
+        r
+    }
+
+    /// True when the gateway closed the connection (EOF, nothing more).
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(self.reader.read_to_end(&mut rest), Ok(0))
+    }
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nX-Request-ID: {}\r\n{extra}\r\n",
+        id(path)
+    )
+}
+
+fn id(path: &str) -> String {
+    path.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+#[test]
+fn one_connection_carries_many_requests() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    for i in 0..3 {
+        c.send(&get(&format!("/plain{i}"), ""), b"");
+        let r = c.response();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, "hello GET\n");
+        assert_eq!(r.header("Connection"), None, "{r:?}");
+    }
+    // A body the program never reads is drained, and the next request on
+    // the same connection is parsed where it starts.
+    let big = vec![b'x'; 300_000];
+    c.send(
+        &format!(
+            "POST /?noread HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        ),
+        &big,
+    );
+    let r = c.response();
+    assert_eq!((r.status, r.body.as_str()), (201, "ok\n"), "{r:?}");
+    // A chunked body: decoded, counted, same connection.
+    c.send(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    let r = c.response();
+    assert_eq!(r.body, "read 11 of 11\n", "{r:?}");
+    c.send(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n",
+        b"abcd",
+    );
+    assert_eq!(c.response().body, "read 4 of 4\n");
+    c.send(&get("/last", ""), b"");
+    assert_eq!(c.response().body, "hello GET\n");
+    let log = gw.wait_log("conn=1#7");
+    assert!(log.contains("last stderr: serving GET"), "{log}");
+    assert!(
+        !log.contains("conn=2#"),
+        "a second connection was used:\n{log}"
+    );
+}
+
+#[test]
+fn close_when_the_request_says_so() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    c.send(&get("/bye", "Connection: close\r\n"), b"");
+    let r = c.response();
+    assert_eq!(r.header("Connection"), Some("close"), "{r:?}");
+    assert!(c.closed(), "the connection stayed open");
+    let mut c = gw.connect();
+    c.send("GET /old HTTP/1.0\r\nHost: t\r\n\r\n", b"");
+    let r = c.response();
+    assert_eq!((r.status, r.header("Connection")), (200, Some("close")));
+    assert!(c.closed(), "an HTTP/1.0 connection stayed open");
+}
+
+#[test]
+fn timeouts_and_refusals_close_the_connection() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(&get("/?hang", ""), b"");
+    let r = c.response();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "504 after {:?}",
+        started.elapsed()
+    );
+    assert!(c.closed(), "kept the connection of a timed-out request");
+    let log = gw.wait_log("GET /?hang 504");
+    assert!(log.contains("-hang stderr: hanging"), "{log}");
+    // Too large a body: 413 without reading it, then close.
+    let mut c = gw.connect();
+    c.send(
+        "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n",
+        b"",
+    );
+    let r = c.response();
+    assert_eq!((r.status, r.header("Connection")), (413, Some("close")));
+    assert!(c.closed());
+    // And the gateway still serves.
+    let mut c = gw.connect();
+    c.send(&get("/after", ""), b"");
+    assert_eq!(c.response().status, 200);
+}
+
+/// Requests waiting on several connections are all served (the gateway
+/// serves one at a time, first come first served).
+#[test]
+fn several_connections_take_turns() {
+    let gw = Gateway::start();
+    let mut clients: Vec<Client> = (0..5).map(|_| gw.connect()).collect();
+    for round in 0..3 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.send(&get(&format!("/c{i}r{round}"), ""), b"");
+        }
+        for c in clients.iter_mut() {
+            let r = c.response();
+            assert_eq!((r.status, r.body.as_str()), (200, "hello GET\n"));
+        }
+    }
+    let log = gw.wait_log("conn=5#3");
+    assert_eq!(log.matches(" 200 ").count(), 15, "{log}");
+}
