@@ -115,6 +115,9 @@ struct Gateway {
     body_limit: Option<u64>,
     worker: String,
     env: Vec<(OsString, OsString)>,
+    /// Shared with the signal thread: after SIGTERM, answer with
+    /// `Connection: close`.
+    state: Arc<Mutex<Busy>>,
 }
 
 /// The socket systemd passed (fd 3), if it was passed to this process.
@@ -228,6 +231,7 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
             .collect(),
         program,
+        state: state.clone(),
     };
     eprintln!(
         "cgi-gateway: {} on route {} (timeout {:?}, one request at a time, keep-alive)",
@@ -368,7 +372,8 @@ impl Gateway {
             }
         };
         let rid = log_id(req.header("X-Request-ID"));
-        let keep_alive = http::keep_alive(&req);
+        // A worker being stopped tells nginx not to reuse the connection.
+        let keep_alive = http::keep_alive(&req) && !lock(&self.state).stop;
         let outcome = self.handle(&req, &rid, keep_alive, conn);
         let flushed = conn.out.flush().is_ok();
         let mut line = format!(
