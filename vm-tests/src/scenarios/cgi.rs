@@ -2,10 +2,10 @@
 //! with unmodified programs no one on the team wrote (Debian's
 //! git-http-backend and gitweb.cgi) and the shell scripts in examples/cgi/.
 use super::common::{apply, assert_pool_running, header, install, request, write_config, CONFIG};
-use super::edge::parse_wrk;
+use super::edge::Load;
 use crate::machine::Machine;
 use crate::Scenario;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -232,63 +232,27 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
     write_config(m, &config("1"))?;
     apply_and_route(m, "/cgi/ok/ok")?;
     assert_pool_running(m, "ok", 2)?;
-    let secs = 20;
-    m.succeed(&format!(
-        "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c8 -d{secs}s -H 'Connection: close' 'http://127.0.0.1:80/cgi/ok/ok'"
-    ))?;
-    m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?;
-    let start = Instant::now();
-    let mut timeline = Vec::new();
-    let mut step = |m: &mut Machine, what: &str, cmd: &str| -> Result<()> {
-        m.succeed(cmd)
-            .with_context(|| format!("{what} under load"))?;
-        timeline.push(format!("{:5.1}s {what}", start.elapsed().as_secs_f64()));
-        Ok(())
-    };
+    let mut load = Load::start(m, 8, 20, "http://127.0.0.1:80/cgi/ok/ok")?;
+    // The pauses space the changes out over the load; nothing waits on them.
     std::thread::sleep(Duration::from_secs(2));
-    step(m, "scale 2 -> 4", "cgipool scale ok 4")?;
+    load.step(m, "scale 2 -> 4", "cgipool scale ok 4")?;
     std::thread::sleep(Duration::from_secs(2));
-    step(m, "scale 4 -> 2", "cgipool scale ok 2")?;
+    load.step(m, "scale 4 -> 2", "cgipool scale ok 2")?;
     write_config(m, &config("2"))?;
-    step(
+    load.step(
         m,
         "rolling restart (environment changed)",
         &format!("cgipool apply {CONFIG}"),
     )?;
     for n in [1, 2] {
         std::thread::sleep(Duration::from_millis(1500));
-        step(
+        load.step(
             m,
             &format!("kill -9 the gateway of ok@{n}"),
             &format!("kill -9 $(systemctl show -P MainPID cgipool-ok@{n}.service)"),
         )?;
     }
-    let out = m.wait_until_succeeds(
-        "grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out",
-        "wrk to finish",
-        Duration::from_secs(secs + 30),
-    )?;
-    let report = parse_wrk(&out)?;
-    println!(
-        "cgi zero-failure load: {} requests; timeline:\n  {}",
-        report.requests,
-        timeline.join("\n  ")
-    );
-    if report.non_2xx != 0 || report.socket_errors != 0 {
-        let codes = m.succeed("awk '{print $9}' /var/log/nginx/access.log | sort | uniq -c; grep -o '\\[error\\].*while [a-z ]*' /var/log/nginx/error.log | sed 's/.*: \\*[0-9]* //' | sort | uniq -c")?;
-        bail!(
-            "{} non-2xx responses and {} socket errors in {} requests:\n{}\nstatus codes and upstream errors seen by nginx:\n{codes}",
-            report.non_2xx,
-            report.socket_errors,
-            report.requests,
-            report.text
-        );
-    }
-    ensure!(
-        report.requests >= 1_000,
-        "only {} requests in {secs}s (need >= 1000 for the test to mean anything)",
-        report.requests
-    );
+    load.finish(m, "cgi zero-failure load", 1_000)?;
     let journal = m.journal("cgipool-ok@1.service")?;
     ensure!(
         journal.contains("cgi-gateway: stopping"),

@@ -244,27 +244,82 @@ pub fn parse_wrk(text: &str) -> Result<WrkReport> {
     })
 }
 
+/// wrk in the background (its own unit) while a scenario changes things:
+/// `step` runs and timestamps each change, `finish` waits for wrk and fails
+/// on any non-2xx response or socket error. wrk never retries, and every
+/// connection closes after its request so nginx reloads cannot race a
+/// reused client connection (see the note in issue 5).
+pub struct Load {
+    secs: u64,
+    start: Instant,
+    timeline: Vec<String>,
+}
+
+impl Load {
+    pub fn start(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        m.succeed(&format!(
+            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s -H 'Connection: close' '{url}'"
+        ))?;
+        m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?;
+        Ok(Load {
+            secs,
+            start: Instant::now(),
+            timeline: Vec::new(),
+        })
+    }
+
+    pub fn step(&mut self, m: &mut Machine, what: &str, cmd: &str) -> Result<()> {
+        m.succeed(cmd)
+            .with_context(|| format!("{what} under load"))?;
+        self.timeline.push(format!(
+            "{:5.1}s {what}",
+            self.start.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Waits for wrk; every request must have succeeded, and at least
+    /// `min_requests` of them for the run to mean anything.
+    pub fn finish(self, m: &mut Machine, what: &str, min_requests: u64) -> Result<WrkReport> {
+        let out = m.wait_until_succeeds(
+            "grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out",
+            "wrk to finish",
+            Duration::from_secs(self.secs + 30),
+        )?;
+        let report = parse_wrk(&out)?;
+        println!(
+            "{what}: {} requests; timeline:\n  {}",
+            report.requests,
+            self.timeline.join("\n  ")
+        );
+        if report.non_2xx != 0 || report.socket_errors != 0 {
+            let codes = m.succeed("awk '{print $9}' /var/log/nginx/access.log | sort | uniq -c; grep -o '\\[error\\].*while [a-z ]*' /var/log/nginx/error.log | sed 's/.*: \\*[0-9]* //' | sort | uniq -c")?;
+            bail!(
+                "{} non-2xx responses and {} socket errors in {} requests:\n{}\nstatus codes and upstream errors seen by nginx:\n{codes}",
+                report.non_2xx,
+                report.socket_errors,
+                report.requests,
+                report.text
+            );
+        }
+        ensure!(
+            report.requests >= min_requests,
+            "only {} requests in {}s (need >= {min_requests} for the test to mean anything)",
+            report.requests,
+            self.secs
+        );
+        Ok(report)
+    }
+}
+
 fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
     install(m)?;
     apply(m)?;
     assert_pool_running(m, "search", 2)?;
-    // wrk never retries; every connection closes after its request so nginx
-    // reloads cannot race a reused client connection (see the note in issue 5).
-    let secs = 30;
-    m.succeed(&format!(
-        "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c16 -d{secs}s -H 'Connection: close' 'http://127.0.0.1:80/api/search?q=load'"
-    ))?;
-    m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?; // :80: the image has no /etc/services
-    let start = Instant::now();
-    let mut timeline = Vec::new();
-    let mut step = |m: &mut Machine, what: &str, cmd: &str| -> Result<()> {
-        m.succeed(cmd)
-            .with_context(|| format!("{what} under load"))?;
-        timeline.push(format!("{:5.1}s {what}", start.elapsed().as_secs_f64()));
-        Ok(())
-    };
-    step(m, "scale 2 -> 5", "cgipool scale search 5")?;
-    step(m, "scale 5 -> 2", "cgipool scale search 2")?;
+    // :80: the image has no /etc/services
+    let mut load = Load::start(m, 16, 30, "http://127.0.0.1:80/api/search?q=load")?;
+    load.step(m, "scale 2 -> 5", "cgipool scale search 5")?;
+    load.step(m, "scale 5 -> 2", "cgipool scale search 2")?;
     let demo = m.succeed(&format!("cat {CONFIG}"))?;
     write_config(
         m,
@@ -274,51 +329,27 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
             1,
         ),
     )?;
-    step(
+    load.step(
         m,
         "rolling restart (environment changed)",
         &format!("cgipool apply {CONFIG}"),
     )?;
     for round in 0..6 {
         let n = round % 2 + 1;
-        step(
+        load.step(
             m,
             &format!("kill -9 search@{n}"),
             &format!("kill -9 $(systemctl show -P MainPID cgipool-search@{n}.service)"),
         )?;
         std::thread::sleep(Duration::from_millis(1600));
     }
-    let out = m.wait_until_succeeds(
-        "grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out",
-        "wrk to finish",
-        Duration::from_secs(secs + 30),
-    )?;
-    let report = parse_wrk(&out)?;
-    println!(
-        "zero-failure load: {} requests; timeline:\n  {}",
-        report.requests,
-        timeline.join("\n  ")
-    );
+    // Checked first: a start limit hit would explain failed requests.
     let failed = m.succeed("systemctl list-units --failed --no-legend --plain 'cgipool*'; journalctl -b -o cat -u 'cgipool-search@*' | grep -c 'start-limit-hit\\|Start request repeated too quickly' || true")?;
     ensure!(
         failed.trim() == "0",
         "a unit hit its start limit or failed:\n{failed}"
     );
-    if report.non_2xx != 0 || report.socket_errors != 0 {
-        let codes = m.succeed("awk '{print $9}' /var/log/nginx/access.log | sort | uniq -c; grep -o '\\[error\\].*while [a-z ]*' /var/log/nginx/error.log | sed 's/.*: \\*[0-9]* //' | sort | uniq -c")?;
-        bail!(
-            "{} non-2xx responses and {} socket errors in {} requests:\n{}\nstatus codes and upstream errors seen by nginx:\n{codes}",
-            report.non_2xx,
-            report.socket_errors,
-            report.requests,
-            report.text
-        );
-    }
-    ensure!(
-        report.requests >= 10_000,
-        "only {} requests in {secs}s (need >= 10000 for the test to mean anything)",
-        report.requests
-    );
+    load.finish(m, "zero-failure load", 10_000)?;
     // After the roll every worker runs with the new environment.
     for n in 1..=2 {
         let pid = m.unit_property(&format!("cgipool-search@{n}.service"), "MainPID")?;
