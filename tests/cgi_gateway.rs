@@ -14,6 +14,8 @@ case "$QUERY_STRING" in
   noread) printf 'Status: 201 Created\nContent-Length: 3\n\nok\n' ;;
   count) printf 'Content-Type: text/plain\n\n'; echo "read $(wc -c | tr -d ' ') of $CONTENT_LENGTH" ;;
   hang) echo "hanging" >&2; sleep 30 & sleep 30 ;;
+  slow) echo "slow: started" >&2; sleep 1; printf 'Content-Type: text/plain\n\nslow\n' ;;
+  flood) printf 'Content-Type: text/plain\n\n'; exec yes ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
 esac
 "#;
@@ -300,4 +302,87 @@ fn several_connections_take_turns() {
     }
     let log = gw.wait_log("conn=5#3");
     assert_eq!(log.matches(" 200 ").count(), 15, "{log}");
+}
+
+/// SIGTERM while a request runs and another waits on a kept connection:
+/// both are answered (with `Connection: close`), then the gateway exits 0.
+#[test]
+fn sigterm_serves_what_waits_then_exits() {
+    let mut gw = Gateway::start();
+    let mut a = gw.connect();
+    let mut b = gw.connect();
+    b.send(&get("/b1", ""), b"");
+    assert_eq!(b.response().status, 200);
+    a.send(&get("/?slow", ""), b"");
+    gw.wait_log("slow: started");
+    b.send(&get("/b2", ""), b"");
+    let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    let r = a.response();
+    assert_eq!((r.status, r.body.as_str()), (200, "slow\n"), "{r:?}");
+    let r = b.response();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("Connection"), Some("close"), "{r:?}");
+    assert!(b.closed() && a.closed());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = gw.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}; log:\n{}", gw.log());
+    assert!(gw.log().contains("cgi-gateway: stopping"), "{}", gw.log());
+}
+
+/// A program that never stops writing is still cut off at the timeout,
+/// and the gateway serves the next request.
+#[test]
+fn a_program_that_keeps_writing_times_out() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(&get("/?flood", ""), b"");
+    // Chunked and cut short: the head arrives, then the connection ends
+    // without the last chunk.
+    let status_line = c.line();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    let mut rest = Vec::new();
+    let _ = c.reader.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "not cut off at the 2 s timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "a timed-out response looked complete"
+    );
+    gw.wait_log("GET /?flood 200");
+    let log = gw.log();
+    assert!(log.contains("aborted: timeout"), "{log}");
+    let mut c = gw.connect();
+    c.send(&get("/after", ""), b"");
+    assert_eq!(c.response().status, 200);
+}
+
+/// A connection that says nothing does not hold the gateway: a request on
+/// a later connection is served at once.
+#[test]
+fn a_silent_connection_does_not_block_others() {
+    let gw = Gateway::start();
+    let _silent = gw.connect();
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(&get("/talk", ""), b"");
+    assert_eq!(c.response().status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "served after {:?}",
+        started.elapsed()
+    );
 }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 pub const MAX_IDLE: usize = 64;
+/// New connections taken from the socket's queue per look, and only while
+/// fewer requests than this wait; the rest stay queued in the kernel
+/// (bounds the gateway's fds and buffers).
+pub const MAX_READY: usize = 16;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_BUF: usize = 64 * 1024;
 /// How long the gateway waits for nginx to send the rest of a request head
@@ -66,6 +70,8 @@ impl Conn {
 
 pub struct Conns {
     listener: UnixListener,
+    /// Readable when the signal thread asks to stop.
+    wake: OwnedFd,
     /// Idle connections, the longest idle first.
     idle: VecDeque<Conn>,
     /// Connections with a request waiting, in the order they were seen
@@ -76,11 +82,12 @@ pub struct Conns {
 }
 
 impl Conns {
-    pub fn new(listener: UnixListener) -> io::Result<Conns> {
+    pub fn new(listener: UnixListener, wake: OwnedFd) -> io::Result<Conns> {
         // Accepted sockets do not inherit O_NONBLOCK (accept4 without it).
         listener.set_nonblocking(true)?;
         Ok(Conns {
             listener,
+            wake,
             idle: VecDeque::new(),
             ready: VecDeque::new(),
             accepted: 0,
@@ -95,6 +102,11 @@ impl Conns {
             self.ready.push_back(conn);
             return;
         }
+        self.push_idle(conn);
+    }
+
+    /// Adds an idle connection; beyond MAX_IDLE the longest idle is closed.
+    fn push_idle(&mut self, conn: Conn) {
         self.idle.push_back(conn);
         while self.idle.len() > MAX_IDLE {
             if let Some(old) = self.idle.pop_front() {
@@ -105,23 +117,37 @@ impl Conns {
 
     /// Blocks until a connection has a request to read (or its peer closed
     /// it: reading the head then says so) and returns the one that has
-    /// waited longest.
-    pub fn next(&mut self) -> Conn {
+    /// waited longest. After SIGTERM ([`super::stopping`]): only what is
+    /// already waiting, then None.
+    pub fn next(&mut self) -> Option<Conn> {
         loop {
             self.expire();
+            let stopping = super::stopping();
             // Requests that arrived meanwhile queue up behind the ones
             // already seen; only wait when there are none.
-            let block = self.ready.is_empty();
-            self.collect(block);
+            let block = self.ready.is_empty() && !stopping;
+            self.collect(block, !stopping);
             if let Some(c) = self.ready.pop_front() {
-                return c;
+                return Some(c);
+            }
+            if stopping {
+                return None;
             }
         }
     }
 
+    /// Ends every idle connection (the gateway is stopping).
+    pub fn close_all(&mut self) {
+        for c in self.idle.drain(..).chain(self.ready.drain(..)) {
+            c.close();
+        }
+    }
+
     /// Moves every connection with a request to `ready`: kept ones (the
-    /// longest idle first), then new ones. Waits for one if `block`.
-    fn collect(&mut self, block: bool) {
+    /// longest idle first), then new ones (unless `accept` is false or
+    /// MAX_READY are waiting: the rest stay in the socket's queue). Waits
+    /// for one if `block`.
+    fn collect(&mut self, block: bool, accept: bool) {
         let timeout = if !block {
             PollTimeout::ZERO
         } else {
@@ -132,8 +158,17 @@ impl Conns {
                     PollTimeout::from(u16::try_from(d.as_millis() + 1).unwrap_or(u16::MAX))
                 })
         };
-        let mut fds = Vec::with_capacity(self.idle.len() + 1);
-        fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+        let accept = accept && self.ready.len() < MAX_READY;
+        let mut fds = Vec::with_capacity(self.idle.len() + 2);
+        fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(
+            self.listener.as_fd(),
+            if accept {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            },
+        ));
         for c in &self.idle {
             fds.push(PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN));
         }
@@ -153,7 +188,7 @@ impl Conns {
             .collect();
         drop(fds);
         let mut still_idle = VecDeque::with_capacity(self.idle.len());
-        for (c, r) in self.idle.drain(..).zip(ready[1..].iter()) {
+        for (c, r) in self.idle.drain(..).zip(ready[2..].iter()) {
             if *r {
                 self.ready.push_back(c);
             } else {
@@ -161,20 +196,22 @@ impl Conns {
             }
         }
         self.idle = still_idle;
-        if ready[0] {
+        if accept && ready[1] {
             self.accept_all();
         }
     }
 
-    /// Accepts every pending connection into `ready` (nginx sends its
-    /// request right after connecting).
+    /// Accepts pending connections (at most MAX_READY at a time). They join
+    /// the idle ones: a connection is served once its request is there
+    /// (nginx sends it right after connecting; the next poll sees it), so a
+    /// client that connects and says nothing never holds the gateway.
     fn accept_all(&mut self) {
-        loop {
+        for _ in 0..MAX_READY {
             match self.listener.accept() {
                 Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
                     Ok(c) => {
                         self.accepted += 1;
-                        self.ready.push_back(c);
+                        self.push_idle(c);
                     }
                     Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
                 },
@@ -189,14 +226,23 @@ impl Conns {
         }
     }
 
-    /// Closes connections idle for longer than IDLE_TIMEOUT.
+    /// Closes connections idle for longer than IDLE_TIMEOUT, unless a
+    /// request arrived on one meanwhile (the gateway may have been busy for
+    /// longer than that): that one is served.
     fn expire(&mut self) {
         while self
             .idle
             .front()
             .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
         {
-            if let Some(c) = self.idle.pop_front() {
+            let Some(c) = self.idle.pop_front() else {
+                break;
+            };
+            let mut fd = [PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN)];
+            let readable = matches!(poll(&mut fd, PollTimeout::ZERO), Ok(n) if n > 0);
+            if readable {
+                self.ready.push_back(c);
+            } else {
                 c.close();
             }
         }

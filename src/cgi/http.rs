@@ -279,7 +279,7 @@ impl<R: BufRead> ChunkedReader<R> {
         let size = std::str::from_utf8(size)
             .ok()
             .map(|s| s.trim_matches([' ', '\t']))
-            .filter(|s| !s.is_empty() && s.len() <= 15)
+            .filter(|s| !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_hexdigit()))
             .and_then(|s| u64::from_str_radix(s, 16).ok())
             .ok_or_else(|| bad("invalid chunk size"))?;
         if size == 0 {
@@ -557,6 +557,7 @@ mod tests {
         assert!(dechunk(b"5\r\nhel").is_err());
         assert!(dechunk(b"5\r\nhelloX\r\n0\r\n\r\n").is_err());
         assert!(dechunk(b"zz\r\n").is_err());
+        assert!(dechunk(b"+5\r\nhello\r\n0\r\n\r\n").is_err());
         assert!(dechunk(b"ffffffffffffffffff\r\n").is_err());
         assert!(dechunk(b"5\r\nhello\r\n").is_err());
         // Reading stops after the last chunk: the rest stays in the stream.

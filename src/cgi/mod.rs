@@ -38,8 +38,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -115,9 +115,6 @@ struct Gateway {
     body_limit: Option<u64>,
     worker: String,
     env: Vec<(OsString, OsString)>,
-    /// Shared with the signal thread: after SIGTERM, answer with
-    /// `Connection: close`.
-    state: Arc<Mutex<Busy>>,
 }
 
 /// The socket systemd passed (fd 3), if it was passed to this process.
@@ -158,15 +155,17 @@ fn listener(args: &Args) -> Result<UnixListener> {
     )
 }
 
-/// Whether a request is being served, and whether SIGTERM asked to stop.
-#[derive(Default)]
-struct Busy {
-    busy: bool,
-    stop: bool,
+/// Set once SIGTERM or SIGINT came: serve what is already waiting, each
+/// with `Connection: close`, then exit (new connections stay in the
+/// socket's queue for the next instance: systemd keeps the socket).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+pub fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
 }
 
-/// SIGTERM/SIGINT: exit at once when idle, else after the request in flight.
-fn handle_signals(state: Arc<Mutex<Busy>>) -> Result<()> {
+/// SIGTERM/SIGINT set [`STOP`] and wake the main thread through `wake`.
+fn handle_signals(wake: OwnedFd) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -180,15 +179,8 @@ fn handle_signals(state: Arc<Mutex<Busy>>) -> Result<()> {
             if set.wait().is_err() {
                 continue;
             }
-            let mut st = match state.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            if !st.busy {
-                eprintln!("cgi-gateway: stopping");
-                std::process::exit(0);
-            }
-            st.stop = true;
+            STOP.store(true, Ordering::SeqCst);
+            let _ = nix::unistd::write(&wake, b"x");
         })
         .context("starting the signal thread")?;
     Ok(())
@@ -216,8 +208,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let listener = listener(&args)?;
     reap::become_subreaper().context("prctl(PR_SET_CHILD_SUBREAPER)")?;
-    let state = Arc::new(Mutex::new(Busy::default()));
-    handle_signals(state.clone())?;
+    let (wake_r, wake_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .context("creating the wake-up pipe")?;
+    handle_signals(wake_w)?;
     let gw = Gateway {
         nph,
         args: command.collect(),
@@ -231,7 +225,6 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
             .collect(),
         program,
-        state: state.clone(),
     };
     eprintln!(
         "cgi-gateway: {} on route {} (timeout {:?}, one request at a time, keep-alive)",
@@ -239,31 +232,17 @@ pub fn run(args: Args) -> Result<()> {
         gw.route,
         gw.timeout
     );
-    let mut conns = Conns::new(listener).context("the listening socket")?;
-    loop {
-        let mut conn = conns.next();
-        lock(&state).busy = true;
-        let keep = gw.serve(&mut conn);
-        let mut st = lock(&state);
-        st.busy = false;
-        if st.stop {
-            eprintln!("cgi-gateway: stopping after the request in flight");
-            std::process::exit(0);
-        }
-        drop(st);
-        if keep {
+    let mut conns = Conns::new(listener, wake_r).context("the listening socket")?;
+    while let Some(mut conn) = conns.next() {
+        if gw.serve(&mut conn) && !stopping() {
             conns.keep(conn);
         } else {
             conn.close();
         }
     }
-}
-
-fn lock(m: &Mutex<Busy>) -> std::sync::MutexGuard<'_, Busy> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
+    eprintln!("cgi-gateway: stopping");
+    conns.close_all();
+    Ok(())
 }
 
 /// A request id fit for a log line.
@@ -372,8 +351,7 @@ impl Gateway {
             }
         };
         let rid = log_id(req.header("X-Request-ID"));
-        // A worker being stopped tells nginx not to reuse the connection.
-        let keep_alive = http::keep_alive(&req) && !lock(&self.state).stop;
+        let keep_alive = http::keep_alive(&req);
         let outcome = self.handle(&req, &rid, keep_alive, conn);
         let flushed = conn.out.flush().is_ok();
         let mut line = format!(
@@ -547,10 +525,15 @@ impl Run<'_> {
         }
         let _ = conn.out.flush();
 
+        // A response cut short by the timeout ends the connection; one sent
+        // in full before it does not (nginx may already reuse it), even if
+        // the program then runs into the timeout.
+        if output.timed_out() {
+            outcome.complete = false;
+        }
         let status = output.wait_exit(child).ok();
         if output.timed_out() {
             outcome.note.push("timeout".to_string());
-            outcome.complete = false;
         }
         if let Some(st) = status {
             outcome.note.push(describe_exit(st));
@@ -701,7 +684,8 @@ impl Run<'_> {
         }
         h.push_str("X-Cgipool-Worker: ");
         h.push_str(worker);
-        h.push_str(if self.keep_alive {
+        // A gateway being stopped tells nginx not to reuse the connection.
+        h.push_str(if self.keep_alive && !stopping() {
             "\r\n\r\n"
         } else {
             "\r\nConnection: close\r\n\r\n"
@@ -747,6 +731,11 @@ impl Run<'_> {
                     o.bytes
                 ),
             });
+        }
+        // The response is complete: nginx gets it now, not when the program
+        // closes its stdout.
+        if let Err(e) = out.flush() {
+            return Sent::Aborted(format!("client: {e}"));
         }
         let extra = io::copy(stdout, &mut io::sink()).unwrap_or(0);
         if extra > 0 {

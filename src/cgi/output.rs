@@ -6,8 +6,8 @@
 //! tagged with the request id, and a program never blocks on a full stderr
 //! pipe. When the deadline passes, every descendant of the gateway is
 //! killed, again every 50 ms while anything still holds a pipe open (a
-//! process could fork meanwhile); reads then end at EOF. No thread and no
-//! timer per request.
+//! process could fork meanwhile), also while the program keeps writing;
+//! reads then end at EOF. No thread and no timer per request.
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -32,6 +32,11 @@ pub struct ProgramOutput<'a> {
     rid: &'a str,
     deadline: Instant,
     timed_out: bool,
+    /// When everything was last killed (after the deadline).
+    killed_at: Option<Instant>,
+    /// The last stderr line was cut at MAX_LINE (a newline right after it
+    /// ends that line, not a new empty one).
+    split: bool,
 }
 
 /// What a wait is for, besides stderr and the deadline.
@@ -57,6 +62,8 @@ impl<'a> ProgramOutput<'a> {
             rid,
             deadline,
             timed_out: false,
+            killed_at: None,
+            split: false,
         }
     }
 
@@ -71,6 +78,8 @@ impl<'a> ProgramOutput<'a> {
     fn wait(&mut self, target: Target<'_>, cap: Option<Duration>) -> io::Result<bool> {
         let until = cap.map(|c| Instant::now() + c);
         loop {
+            // The deadline holds whether or not the program keeps writing.
+            self.enforce_deadline();
             let target_fd = match target {
                 Target::Stdout => match &self.stdout {
                     Some(s) => Some(s.as_fd()),
@@ -83,10 +92,9 @@ impl<'a> ProgramOutput<'a> {
             if until.is_some_and(|u| now >= u) {
                 return Ok(false);
             }
-            let mut wait = if self.timed_out {
-                REKILL
-            } else {
-                self.deadline.saturating_duration_since(now)
+            let mut wait = match self.killed_at {
+                Some(at) => (at + REKILL).saturating_duration_since(now),
+                None => self.deadline.saturating_duration_since(now),
             };
             if let Some(u) = until {
                 wait = wait.min(u - now);
@@ -110,10 +118,6 @@ impl<'a> ProgramOutput<'a> {
                 Err(e) => return Err(io::Error::from(e)),
             };
             if n == 0 {
-                if self.timed_out || Instant::now() >= self.deadline {
-                    self.timed_out = true;
-                    reap::kill_descendants();
-                }
                 continue;
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
@@ -124,9 +128,22 @@ impl<'a> ProgramOutput<'a> {
                 self.read_stderr();
             }
             if target_ready {
+                self.enforce_deadline();
                 return Ok(true);
             }
         }
+    }
+
+    /// Past the deadline: kills every descendant, and again every REKILL
+    /// while anything is left (a process could fork meanwhile).
+    fn enforce_deadline(&mut self) {
+        let now = Instant::now();
+        if now < self.deadline || self.killed_at.is_some_and(|at| now < at + REKILL) {
+            return;
+        }
+        self.timed_out = true;
+        self.killed_at = Some(now);
+        reap::kill_descendants();
     }
 
     /// One read of stderr: logs every complete line; at EOF the rest.
@@ -149,11 +166,16 @@ impl<'a> ProgramOutput<'a> {
         }
         for &b in &buf[..n] {
             if b == b'\n' {
-                self.log_line();
+                if !(self.split && self.line.is_empty()) {
+                    self.log_line();
+                }
+                self.split = false;
             } else {
                 self.line.push(b);
+                self.split = false;
                 if self.line.len() >= MAX_LINE {
                     self.log_line();
+                    self.split = true;
                 }
             }
         }
