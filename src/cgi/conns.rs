@@ -206,22 +206,44 @@ impl Conns {
     /// (nginx sends it right after connecting; the next poll sees it), so a
     /// client that connects and says nothing never holds the gateway.
     fn accept_all(&mut self) {
+        let mut new = Vec::new();
         for _ in 0..MAX_READY {
             match self.listener.accept() {
                 Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
                     Ok(c) => {
                         self.accepted += 1;
-                        self.push_idle(c);
+                        new.push(c);
                     }
                     Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
                 },
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     eprintln!("cgi-gateway: accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
-                    return;
+                    break;
                 }
+            }
+        }
+        if new.is_empty() {
+            return;
+        }
+        // Usually the request is already there: one look, without waiting.
+        let mut fds: Vec<PollFd> = new
+            .iter()
+            .map(|c| PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN))
+            .collect();
+        let looked = poll(&mut fds, PollTimeout::ZERO).is_ok();
+        let readable: Vec<bool> = fds
+            .iter()
+            .map(|f| looked && f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        for (c, r) in new.into_iter().zip(readable) {
+            if r {
+                self.ready.push_back(c);
+            } else {
+                self.push_idle(c);
             }
         }
     }
