@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -159,44 +159,33 @@ impl Conns {
                 })
         };
         let accept = accept && self.ready.len() < MAX_READY;
+        // [wake, idle..., listener if accepting]
         let mut fds = Vec::with_capacity(self.idle.len() + 2);
-        fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
-        fds.push(PollFd::new(
-            self.listener.as_fd(),
-            if accept {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::empty()
-            },
-        ));
-        for c in &self.idle {
-            fds.push(PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN));
+        fds.push(self.wake.as_fd());
+        fds.extend(self.idle.iter().map(|c| c.out.get_ref().as_fd()));
+        if accept {
+            fds.push(self.listener.as_fd());
         }
-        match poll(&mut fds, timeout) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(Errno::EINTR) => return,
+        let ready = match readable(&fds, timeout) {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("cgi-gateway: poll: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 return;
             }
-        }
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
+        };
         drop(fds);
-        let mut still_idle = VecDeque::with_capacity(self.idle.len());
-        for (c, r) in self.idle.drain(..).zip(ready[2..].iter()) {
-            if *r {
+        let n = self.idle.len();
+        let mut still_idle = VecDeque::with_capacity(n);
+        for (c, &r) in self.idle.drain(..).zip(&ready[1..=n]) {
+            if r {
                 self.ready.push_back(c);
             } else {
                 still_idle.push_back(c);
             }
         }
         self.idle = still_idle;
-        if accept && ready[1] {
+        if ready.get(n + 1) == Some(&true) {
             self.accept_all();
         }
     }
@@ -229,18 +218,11 @@ impl Conns {
             return;
         }
         // Usually the request is already there: one look, without waiting.
-        let mut fds: Vec<PollFd> = new
-            .iter()
-            .map(|c| PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN))
-            .collect();
-        let looked = poll(&mut fds, PollTimeout::ZERO).is_ok();
-        let readable: Vec<bool> = fds
-            .iter()
-            .map(|f| looked && f.revents().is_some_and(|r| !r.is_empty()))
-            .collect();
+        let fds: Vec<_> = new.iter().map(|c| c.out.get_ref().as_fd()).collect();
+        let readable = readable(&fds, PollTimeout::ZERO).unwrap_or_default();
         drop(fds);
-        for (c, r) in new.into_iter().zip(readable) {
-            if r {
+        for (i, c) in new.into_iter().enumerate() {
+            if readable.get(i) == Some(&true) {
                 self.ready.push_back(c);
             } else {
                 self.push_idle(c);
@@ -260,13 +242,29 @@ impl Conns {
             let Some(c) = self.idle.pop_front() else {
                 break;
             };
-            let mut fd = [PollFd::new(c.out.get_ref().as_fd(), PollFlags::POLLIN)];
-            let readable = matches!(poll(&mut fd, PollTimeout::ZERO), Ok(n) if n > 0);
-            if readable {
+            let waiting = readable(&[c.out.get_ref().as_fd()], PollTimeout::ZERO);
+            if waiting.is_ok_and(|r| r[0]) {
                 self.ready.push_back(c);
             } else {
                 c.close();
             }
         }
     }
+}
+
+/// Which of `fds` are readable (or closed) within `timeout`; EINTR counts
+/// as none.
+fn readable(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> nix::Result<Vec<bool>> {
+    let mut pfds: Vec<PollFd> = fds
+        .iter()
+        .map(|&fd| PollFd::new(fd, PollFlags::POLLIN))
+        .collect();
+    match poll(&mut pfds, timeout) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(pfds
+        .iter()
+        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+        .collect())
 }

@@ -559,6 +559,14 @@ impl Run<'_> {
         outcome
     }
 
+    /// The gateway's own answer instead of the program's (whose output is
+    /// dropped); the connection closes after it.
+    fn instead(&self, out: &mut impl Write, o: &mut Outcome, status: u16, msg: &str) -> Sent {
+        o.status = status;
+        o.bytes = simple(out, &self.gw.worker, status, msg).unwrap_or(0);
+        Sent::Done
+    }
+
     /// Reads the program's output and sends the response.
     fn respond(
         &self,
@@ -587,9 +595,7 @@ impl Run<'_> {
             }
             if stdout.timed_out() {
                 if o.bytes == 0 {
-                    o.status = 504;
-                    o.bytes = simple(out, worker, 504, "the CGI program timed out").unwrap_or(0);
-                    return Sent::Done;
+                    return self.instead(out, o, 504, "the CGI program timed out");
                 }
                 return Sent::Aborted("timeout".into());
             }
@@ -620,10 +626,7 @@ impl Run<'_> {
             }
         };
         if stdout.timed_out() && head_end.is_err() {
-            o.status = 504;
-            o.bytes =
-                simple(out, worker, 504, "the CGI program did not answer in time").unwrap_or(0);
-            return Sent::Done;
+            return self.instead(out, o, 504, "the CGI program did not answer in time");
         }
         let parsed = head_end.and_then(|e| {
             let block = &buf[..e];
@@ -637,15 +640,12 @@ impl Run<'_> {
                     "{} 502: the CGI program's response has no valid header block: {why}",
                     self.rid
                 );
-                o.status = 502;
-                o.bytes = simple(
+                return self.instead(
                     out,
-                    worker,
+                    o,
                     502,
                     &format!("the CGI program sent an invalid response ({why})"),
-                )
-                .unwrap_or(0);
-                return Sent::Done;
+                );
             }
         };
         if let response::Kind::LocalRedirect(path) = &head.kind {
@@ -654,15 +654,12 @@ impl Run<'_> {
                 "{} 502: local redirect to {path:?} refused: cgipool does not re-run requests; send `Status: 302` with the Location for a client redirect",
                 self.rid
             );
-            o.status = 502;
-            o.bytes = simple(
+            return self.instead(
                 out,
-                worker,
+                o,
                 502,
                 "the CGI program asked for a local redirect, which cgipool does not support",
-            )
-            .unwrap_or(0);
-            return Sent::Done;
+            );
         }
 
         o.status = head.status;

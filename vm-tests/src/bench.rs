@@ -340,11 +340,17 @@ impl Run {
         self.wrk[k].as_f64().unwrap_or(0.0)
     }
     fn errors(&self) -> u64 {
-        ["connect", "read", "write", "status", "timeout"]
-            .iter()
-            .map(|k| self.wrk[*k].as_u64().unwrap_or(0))
-            .sum()
+        wrk_errors(&self.wrk)
     }
+}
+
+/// Failed requests in a report.lua record: connect, read, write and
+/// timeout errors, and non-2xx/3xx statuses.
+fn wrk_errors(w: &Value) -> u64 {
+    ["connect", "read", "write", "status", "timeout"]
+        .iter()
+        .map(|k| w[*k].as_u64().unwrap_or(0))
+        .sum()
 }
 
 fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
@@ -936,6 +942,76 @@ struct Row {
     stretch: Option<bool>,
 }
 
+const INFO: &str = "— (info)";
+
+impl Row {
+    /// A figure next to a baseline from the same run, with their ratio;
+    /// `goal` is its text and whether the ratio meets it.
+    fn vs(
+        section: &'static str,
+        figure: String,
+        (value, shown): (f64, String),
+        (base, base_shown): (f64, String),
+        goal: Option<(&str, bool)>,
+    ) -> Row {
+        Row {
+            section,
+            figure,
+            value: Some(value),
+            shown,
+            baseline: base_shown,
+            baseline_value: Some(base),
+            ratio: Some(value / base),
+            goal: goal.map_or(INFO, |(g, _)| g).into(),
+            pass: goal.map(|(_, ok)| ok),
+            stretch: None,
+        }
+    }
+
+    /// A figure without a baseline, for information.
+    fn info(section: &'static str, figure: String, value: f64, shown: String) -> Row {
+        Row {
+            section,
+            figure,
+            value: Some(value),
+            shown,
+            baseline: "—".into(),
+            baseline_value: None,
+            ratio: None,
+            goal: INFO.into(),
+            pass: None,
+            stretch: None,
+        }
+    }
+
+    /// A count of failed requests (next to a baseline's, if there is one);
+    /// with `must_be_zero` anything but 0 fails.
+    fn failures(
+        section: &'static str,
+        figure: String,
+        n: u64,
+        base: Option<(u64, String)>,
+        must_be_zero: bool,
+    ) -> Row {
+        let (baseline_value, baseline) = match base {
+            Some((b, shown)) => (Some(b as f64), shown),
+            None => (None, "—".into()),
+        };
+        Row {
+            section,
+            figure,
+            value: Some(n as f64),
+            shown: n.to_string(),
+            baseline,
+            baseline_value,
+            ratio: None,
+            goal: if must_be_zero { "0" } else { INFO }.into(),
+            pass: must_be_zero.then_some(n == 0),
+            stretch: None,
+        }
+    }
+}
+
 /// Per (target, connections): the mean over the rounds.
 struct Agg {
     rps: f64,
@@ -974,6 +1050,7 @@ fn aggregate(runs: &[Run], target: &str, conns: u32) -> Option<Agg> {
 fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
     let mut v = Vec::new();
     let dp = "data path";
+    let rps = |a: &Agg| format!("{:.0}", a.rps);
     for conns in CONNS {
         let get = |k: &str| aggregate(&rep.runs, k, conns);
         let (pool, ceil, tcp, tcpk) = (
@@ -983,67 +1060,42 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
             get("tcp_keepalive"),
         );
         if let (Some(p), Some(c)) = (&pool, &ceil) {
-            let ratio = p.rps / c.rps;
-            let goal = conns == 16;
-            v.push(Row {
-                section: dp,
-                figure: format!("pool req/s, {conns} conns, vs nginx `return 200`"),
-                value: Some(p.rps),
-                shown: format!("{:.0}", p.rps),
-                baseline: format!("{:.0}", c.rps),
-                baseline_value: Some(c.rps),
-                ratio: Some(ratio),
-                goal: if goal {
-                    "≥ 0.40".into()
-                } else {
-                    "— (info)".into()
-                },
-                pass: goal.then_some(ratio >= 0.40),
-                stretch: None,
-            });
+            // The goal is for 16 connections; 64 is for information.
+            let goal = (conns == 16).then_some(("≥ 0.40", p.rps / c.rps >= 0.40));
+            v.push(Row::vs(
+                dp,
+                format!("pool req/s, {conns} conns, vs nginx `return 200`"),
+                (p.rps, rps(p)),
+                (c.rps, rps(c)),
+                goal,
+            ));
         }
         if let (Some(p), Some(t)) = (&pool, &tcp) {
-            let ratio = p.rps / t.rps;
-            v.push(Row {
-                section: dp,
-                figure: format!("pool req/s, {conns} conns, vs PoC TCP layout"),
-                value: Some(p.rps),
-                shown: format!("{:.0}", p.rps),
-                baseline: format!("{:.0}", t.rps),
-                baseline_value: Some(t.rps),
-                ratio: Some(ratio),
-                goal: "≥ 1.2".into(),
-                pass: Some(ratio >= 1.2),
-                stretch: None,
-            });
+            v.push(Row::vs(
+                dp,
+                format!("pool req/s, {conns} conns, vs PoC TCP layout"),
+                (p.rps, rps(p)),
+                (t.rps, rps(t)),
+                Some(("≥ 1.2", p.rps / t.rps >= 1.2)),
+            ));
         }
         if let (Some(p), Some(t)) = (&pool, &tcpk) {
-            v.push(Row {
-                section: dp,
-                figure: format!("pool req/s, {conns} conns, vs TCP + keepalive"),
-                value: Some(p.rps),
-                shown: format!("{:.0}", p.rps),
-                baseline: format!("{:.0}", t.rps),
-                baseline_value: Some(t.rps),
-                ratio: Some(p.rps / t.rps),
-                goal: "— (info)".into(),
-                pass: None,
-                stretch: None,
-            });
+            v.push(Row::vs(
+                dp,
+                format!("pool req/s, {conns} conns, vs TCP + keepalive"),
+                (p.rps, rps(p)),
+                (t.rps, rps(t)),
+                None,
+            ));
         }
         if let Some(p) = &pool {
-            v.push(Row {
-                section: dp,
-                figure: format!("pool errors, {conns} conns (all rounds)"),
-                value: Some(p.errors as f64),
-                shown: p.errors.to_string(),
-                baseline: "—".into(),
-                baseline_value: None,
-                ratio: None,
-                goal: "0".into(),
-                pass: Some(p.errors == 0),
-                stretch: None,
-            });
+            v.push(Row::failures(
+                dp,
+                format!("pool errors, {conns} conns (all rounds)"),
+                p.errors,
+                None,
+                true,
+            ));
         }
     }
     for conns in CONNS {
@@ -1055,42 +1107,30 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
             continue;
         };
         let ratio = c.rps / f.rps;
-        v.push(Row {
-            section: dp,
-            figure: format!("cgipool-cgi req/s, {conns} conns, vs fcgiwrap (-c 4)"),
-            value: Some(c.rps),
-            shown: format!("{:.0}", c.rps),
-            baseline: format!("{:.0}", f.rps),
-            baseline_value: Some(f.rps),
-            ratio: Some(ratio),
-            goal: "≥ 1.0 (stretch ≥ 1.3)".into(),
-            pass: Some(ratio >= 1.0),
-            stretch: Some(ratio >= 1.3),
-        });
-        v.push(Row {
-            section: dp,
-            figure: format!("cgipool-cgi p99, {conns} conns, vs fcgiwrap (-c 4)"),
-            value: Some(c.p99_ms),
-            shown: format!("{:.2} ms", c.p99_ms),
-            baseline: format!("{:.2} ms", f.p99_ms),
-            baseline_value: Some(f.p99_ms),
-            ratio: Some(c.p99_ms / f.p99_ms),
-            goal: "— (info)".into(),
-            pass: None,
-            stretch: None,
-        });
-        v.push(Row {
-            section: dp,
-            figure: format!("cgipool-cgi errors, {conns} conns (all rounds)"),
-            value: Some(c.errors as f64),
-            shown: c.errors.to_string(),
-            baseline: format!("{} (fcgiwrap)", f.errors),
-            baseline_value: Some(f.errors as f64),
-            ratio: None,
-            goal: "0".into(),
-            pass: Some(c.errors == 0),
-            stretch: None,
-        });
+        let mut row = Row::vs(
+            dp,
+            format!("cgipool-cgi req/s, {conns} conns, vs fcgiwrap (-c 4)"),
+            (c.rps, rps(&c)),
+            (f.rps, rps(&f)),
+            Some(("≥ 1.0 (stretch ≥ 1.3)", ratio >= 1.0)),
+        );
+        row.stretch = Some(ratio >= 1.3);
+        v.push(row);
+        let ms = |x: f64| format!("{x:.2} ms");
+        v.push(Row::vs(
+            dp,
+            format!("cgipool-cgi p99, {conns} conns, vs fcgiwrap (-c 4)"),
+            (c.p99_ms, ms(c.p99_ms)),
+            (f.p99_ms, ms(f.p99_ms)),
+            None,
+        ));
+        v.push(Row::failures(
+            dp,
+            format!("cgipool-cgi errors, {conns} conns (all rounds)"),
+            c.errors,
+            Some((f.errors, format!("{} (fcgiwrap)", f.errors))),
+            true,
+        ));
     }
     let cp = "control plane";
     let n = mode.workers;
@@ -1148,7 +1188,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                     base_label: &str,
                     b: f64,
                     goal: Option<f64>| {
-        let goal_s = goal.map_or("— (info)".into(), |g| format!("≤ {g}"));
+        let goal_s = goal.map_or(INFO.into(), |g| format!("≤ {g}"));
         let baseline = format!("{b:.3} s ({base_label})");
         match failed {
             Some(why) => Row {
@@ -1230,18 +1270,12 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
                 .collect::<Vec<_>>()
         })
         .fold(0.0, f64::max);
-    v.push(Row {
-        section: cp,
-        figure: "peak RSS of `cgipool apply` (VmHWM)".into(),
-        value: Some(rss),
-        shown: format!("{:.1} MiB", rss / 1024.0),
-        baseline: "—".into(),
-        baseline_value: None,
-        ratio: None,
-        goal: "— (info)".into(),
-        pass: None,
-        stretch: None,
-    });
+    v.push(Row::info(
+        cp,
+        "peak RSS of `cgipool apply` (VmHWM)".into(),
+        rss,
+        format!("{:.1} MiB", rss / 1024.0),
+    ));
     // The largest reading of watch's VmHWM (the same process unless systemd
     // restarted it; then the readings say so).
     if let Some(w) = rep
@@ -1250,58 +1284,37 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
         .max_by_key(|w| w["vmhwm_kb"].as_u64().unwrap_or(0))
     {
         let kb = w["vmhwm_kb"].as_f64().unwrap_or(f64::NAN);
-        v.push(Row {
-            section: cp,
-            figure: format!(
+        v.push(Row::info(
+            cp,
+            format!(
                 "peak RSS of `cgipool watch` (VmHWM, {} s running, {})",
                 w["running_secs"],
                 w["when"].as_str().unwrap_or("?")
             ),
-            value: Some(kb),
-            shown: format!("{:.1} MiB", kb / 1024.0),
-            baseline: "—".into(),
-            baseline_value: None,
-            ratio: None,
-            goal: "— (info)".into(),
-            pass: None,
-            stretch: None,
-        });
+            kb,
+            format!("{:.1} MiB", kb / 1024.0),
+        ));
     }
     let rc = "recovery";
     let kill = &rep.recovery["kill"];
     let ans = kill["secs_to_answer"].as_f64().unwrap_or(f64::NAN);
-    v.push(Row {
-        section: rc,
-        figure: "kill -9 of a worker under load: until it answers again".into(),
-        value: Some(ans),
-        shown: format!("{:.0} ms", ans * 1000.0),
-        baseline: "—".into(),
-        baseline_value: None,
-        ratio: None,
-        goal: "— (info)".into(),
-        pass: None,
-        stretch: None,
-    });
+    v.push(Row::info(
+        rc,
+        "kill -9 of a worker under load: until it answers again".into(),
+        ans,
+        format!("{:.0} ms", ans * 1000.0),
+    ));
     let w = &rep.recovery["wrk"];
-    let failed: u64 = ["connect", "read", "write", "status", "timeout"]
-        .iter()
-        .map(|k| w[*k].as_u64().unwrap_or(0))
-        .sum();
-    v.push(Row {
-        section: rc,
-        figure: format!(
+    v.push(Row::failures(
+        rc,
+        format!(
             "failed requests during the kill ({} requests, 16 conns)",
             w["requests"].as_u64().unwrap_or(0)
         ),
-        value: Some(failed as f64),
-        shown: failed.to_string(),
-        baseline: "—".into(),
-        baseline_value: None,
-        ratio: None,
-        goal: "0".into(),
-        pass: Some(failed == 0),
-        stretch: None,
-    });
+        wrk_errors(w),
+        None,
+        true,
+    ));
     let sc = "scaling";
     let step = &rep.scaling["step"];
     let up_base = f64::from(scale_steps(STEP_MIN, STEP_MAX)) * STEP_UP_AFTER_SECS;
@@ -1315,7 +1328,7 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
             baseline: format!("{base:.1} s ({why})"),
             baseline_value: Some(base),
             ratio: got.map(|x| x / base),
-            goal: "— (info)".into(),
+            goal: INFO.into(),
             pass: None,
             stretch: None,
         };
@@ -1352,25 +1365,16 @@ fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
         ),
     ));
     let w = &rep.scaling["wrk"];
-    let failed: u64 = ["connect", "read", "write", "status", "timeout"]
-        .iter()
-        .map(|k| w[*k].as_u64().unwrap_or(0))
-        .sum();
-    v.push(Row {
-        section: sc,
-        figure: format!(
+    v.push(Row::failures(
+        sc,
+        format!(
             "failed requests during the load step ({} requests)",
             w["requests"].as_u64().unwrap_or(0)
         ),
-        value: Some(failed as f64),
-        shown: failed.to_string(),
-        baseline: "—".into(),
-        baseline_value: None,
-        ratio: None,
-        goal: "— (info)".into(),
-        pass: None,
-        stretch: None,
-    });
+        wrk_errors(w),
+        None,
+        false,
+    ));
     v
 }
 
@@ -1659,4 +1663,71 @@ fn last_json(o: &crate::agent::Output, helper: &str) -> Result<Value> {
                 o.rc, o.stdout, o.stderr
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed report's summary is what `rows` computes from the
+    /// committed raw figures (the summary code cannot drift silently).
+    #[test]
+    fn summary_recomputes_from_the_committed_raw_figures() {
+        let text = include_str!("../../bench/results/latest.json");
+        let j: Value = serde_json::from_str(text).expect("latest.json");
+        let runs = j["data_path"]
+            .as_array()
+            .expect("data_path")
+            .iter()
+            .map(|r| Run {
+                target: TARGETS
+                    .iter()
+                    .find(|t| t.key == r["target"])
+                    .map(|t| t.key)
+                    .expect("a known target"),
+                conns: r["connections"].as_u64().expect("connections") as u32,
+                rep: r["round"].as_u64().expect("round") as u32,
+                wrk: r["wrk"].clone(),
+            })
+            .collect();
+        let rep = Report {
+            machine: j["machine"].clone(),
+            runs,
+            control: j["control_plane"].as_array().expect("control").clone(),
+            recovery: j["recovery"].clone(),
+            scaling: j["scaling"].clone(),
+            watch_rss: j["watch_memory"].as_array().expect("watch").clone(),
+        };
+        let mut mode = Mode::defaults(j["mode"] == "smoke");
+        mode.workers = j["settings"]["control_plane_workers"]
+            .as_u64()
+            .expect("workers") as u32;
+        let (_, again) = render(&rep, mode, Duration::ZERO);
+        assert!(
+            same(&again["summary"], &j["summary"]),
+            "recomputed:\n{:#}\ncommitted:\n{:#}",
+            again["summary"],
+            j["summary"]
+        );
+    }
+
+    /// Equal, numbers up to the last bits JSON's decimal form loses.
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                let (x, y) = (
+                    x.as_f64().unwrap_or(f64::NAN),
+                    y.as_f64().unwrap_or(f64::NAN),
+                );
+                (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
+    }
 }
