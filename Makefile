@@ -9,7 +9,7 @@ FUZZ_SECONDS ?= 60
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 
-.PHONY: all build deps test cargo-test workers-test fuzz image payload vm-test demo bench bench-smoke clean lint
+.PHONY: all build deps test test-all cargo-test workers-test fuzz image payload vm-test demo demo-run bench bench-smoke clean lint
 
 all: build
 
@@ -56,7 +56,13 @@ vm-test: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- --test-threads=1 $(VM_TESTS_ARGS)
 
-demo: deps payload image
+# Both README commands install what they need first and say how long they took.
+demo:
+	@start=$$(date +%s); if $(MAKE) --no-print-directory demo-run; then \
+	  echo "make demo: passed in $$(( $$(date +%s) - start ))s (packages, build, image and the tour)"; \
+	else echo "make demo: FAILED after $$(( $$(date +%s) - start ))s"; exit 1; fi
+
+demo-run: deps payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- demo
 
@@ -72,8 +78,12 @@ bench-smoke: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  CGIPOOL_BENCH_PROFILE=$(PROFILE) $(CARGO) run -q -p vm-tests -- bench --smoke
 
-test: lint cargo-test workers-test vm-test bench-smoke
-	@echo "make test: all tiers passed"
+test:
+	@start=$$(date +%s); if $(MAKE) --no-print-directory test-all; then \
+	  echo "make test: all tiers passed in $$(( $$(date +%s) - start ))s"; \
+	else echo "make test: FAILED after $$(( $$(date +%s) - start ))s"; exit 1; fi
+
+test-all: deps lint cargo-test workers-test vm-test bench-smoke
 
 clean:
 	$(CARGO) clean

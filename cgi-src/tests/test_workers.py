@@ -171,7 +171,18 @@ class Worker:
             raise AssertionError(f"worker exited early: {self.proc.returncode}: "
                                  f"{self.log()}")
         if isinstance(self.addr, str):
-            return os.path.exists(self.addr)
+            # The path exists from bind() on, but connections are refused
+            # until listen(): probe with a real connection.
+            if not os.path.exists(self.addr):
+                return False
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.addr)
+                return True
+            except OSError:
+                return False
+            finally:
+                s.close()
         try:
             socket.create_connection(self.addr, timeout=1).close()
             return True

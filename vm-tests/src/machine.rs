@@ -1,7 +1,10 @@
 //! A guest with a real systemd as PID 1: an nspawn container or a QEMU VM,
-//! driven through one API. Every wait is bounded and scaled by
-//! VM_TEST_TIMEOUT_FACTOR; failures keep artifacts under target/vm-tests/.
+//! driven through one API. Every wait is bounded and scaled by the run's
+//! calibration (see calibration.rs) times VM_TEST_TIMEOUT_FACTOR; a wait that
+//! runs out names its limit and the factor in force; failures keep artifacts
+//! under target/vm-tests/.
 use crate::agent::{Agent, Output};
+use crate::calibration::{self, Measurement};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -74,7 +77,10 @@ impl Env {
 
 pub struct Machine {
     pub tier: Tier,
+    /// What every wait is multiplied by: `manual` × the calibration.
     pub factor: f64,
+    /// VM_TEST_TIMEOUT_FACTOR.
+    manual: f64,
     name: String,
     dir: PathBuf,
     run_dir: PathBuf,
@@ -83,6 +89,7 @@ pub struct Machine {
     opts: Options,
     transcript: String,
     units: BTreeSet<String>,
+    calibration: String,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -106,7 +113,8 @@ impl Machine {
         };
         let mut m = Machine {
             tier,
-            factor: env.factor,
+            factor: env.factor * calibration::current(tier),
+            manual: env.factor,
             name,
             dir,
             run_dir,
@@ -115,6 +123,7 @@ impl Machine {
             opts,
             transcript: String::new(),
             units: BTreeSet::new(),
+            calibration: String::new(),
         };
         let boot_limit = match tier {
             Tier::Nspawn => Duration::from_secs(30),
@@ -123,15 +132,56 @@ impl Machine {
         let started = Instant::now();
         m.wait_for_agent(None, m.scaled(boot_limit))?;
         m.wait_boot_finished()?;
-        m.note(&format!(
-            "# booted in {:.1}s",
-            started.elapsed().as_secs_f64()
-        ));
+        let boot = started.elapsed();
+        m.note(&format!("# booted in {:.1}s", boot.as_secs_f64()));
+        m.calibrate(boot)?;
         Ok(m)
+    }
+
+    /// Times the calibration workload in the guest and sets the factor every
+    /// later wait is scaled by.
+    fn calibrate(&mut self, boot: Duration) -> Result<()> {
+        let limit = self.scaled(Duration::from_secs(60));
+        let out = self.succeed_within(calibration::WORKLOAD, limit)?;
+        let ms: u64 = out
+            .trim()
+            .parse()
+            .with_context(|| format!("the calibration workload printed {out:?}"))?;
+        let measured = Measurement {
+            tier: self.tier,
+            workload: Duration::from_millis(ms),
+            boot,
+        };
+        let in_force = calibration::record(&measured);
+        self.factor = self.manual * in_force;
+        self.calibration = calibration::describe(&measured, in_force);
+        let line = format!(
+            "# {} (x{} VM_TEST_TIMEOUT_FACTOR = {:.2})",
+            self.calibration, self.manual, self.factor
+        );
+        self.note(&line);
+        Ok(())
+    }
+
+    /// The calibration line of this boot, for the demo's output.
+    pub fn calibration(&self) -> &str {
+        &self.calibration
     }
 
     pub fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.factor)
+    }
+
+    /// How a scaled limit came about, for the message of a wait that ran out.
+    pub fn limit_note(&self, base: Duration) -> String {
+        format!(
+            "limit {:.1}s = {:.0}s x factor {:.2} (calibration {:.2} x VM_TEST_TIMEOUT_FACTOR {})",
+            self.scaled(base).as_secs_f64(),
+            base.as_secs_f64(),
+            self.factor,
+            self.factor / self.manual,
+            self.manual
+        )
     }
 
     pub fn artifacts_dir(&self) -> &Path {
@@ -219,8 +269,20 @@ impl Machine {
         self.succeed_within(cmd, limit)
     }
 
+    /// Like `succeed`, with `limit` as given (scale it with `scaled`).
     pub fn succeed_within(&mut self, cmd: &str, limit: Duration) -> Result<String> {
         let o = self.execute(cmd, limit)?;
+        if o.rc == 124 {
+            bail!(
+                "command ran out of its {:.1}s limit (factor {:.2} in force: calibration {:.2} x VM_TEST_TIMEOUT_FACTOR {}): {cmd}\nstdout: {}\nstderr: {}",
+                limit.as_secs_f64(),
+                self.factor,
+                self.factor / self.manual,
+                self.manual,
+                tail(&o.stdout),
+                tail(&o.stderr)
+            );
+        }
         if o.rc != 0 {
             bail!(
                 "command failed (exit {}): {cmd}\nstdout: {}\nstderr: {}",
@@ -250,9 +312,9 @@ impl Machine {
         &mut self,
         cmd: &str,
         what: &str,
-        limit: Duration,
+        base: Duration,
     ) -> Result<String> {
-        let limit = self.scaled(limit);
+        let limit = self.scaled(base);
         let deadline = Instant::now() + limit;
         let mut last;
         loop {
@@ -263,8 +325,9 @@ impl Machine {
             last = o;
             if Instant::now() >= deadline {
                 bail!(
-                    "timed out after {:.1}s waiting for {what} (`{cmd}`: exit {}, {})",
+                    "timed out after {:.1}s waiting for {what} ({}; `{cmd}`: exit {}, {})",
                     limit.as_secs_f64(),
+                    self.limit_note(base),
                     last.rc,
                     tail(&format!("{}{}", last.stdout, last.stderr))
                 );
@@ -276,7 +339,8 @@ impl Machine {
     /// Waits until `unit` is active; fails at once if it is failed.
     pub fn wait_for_unit(&mut self, unit: &str) -> Result<()> {
         self.units.insert(unit.to_string());
-        let limit = self.scaled(Duration::from_secs(30));
+        let base = Duration::from_secs(30);
+        let limit = self.scaled(base);
         let deadline = Instant::now() + limit;
         loop {
             let state = self.unit_property(unit, "ActiveState")?;
@@ -286,7 +350,11 @@ impl Machine {
                 _ => {}
             }
             if Instant::now() >= deadline {
-                bail!("timed out after {:.1}s waiting for unit {unit} to become active (ActiveState={state})", limit.as_secs_f64());
+                bail!(
+                    "timed out after {:.1}s waiting for unit {unit} to become active ({}; ActiveState={state})",
+                    limit.as_secs_f64(),
+                    self.limit_note(base)
+                );
             }
             sleep(Duration::from_millis(200));
         }

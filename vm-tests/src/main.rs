@@ -5,6 +5,7 @@
 //! fails if fewer trials ran than listed.
 mod agent;
 mod bench;
+mod calibration;
 mod demo;
 mod machine;
 mod scenarios;

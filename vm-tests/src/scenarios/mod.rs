@@ -2,7 +2,7 @@
 mod cgi;
 pub mod common;
 mod core;
-mod edge;
+pub mod edge;
 mod harness;
 mod machine_tier;
 mod watch;
