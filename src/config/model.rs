@@ -1,0 +1,97 @@
+//! The validated configuration model, with the defaults and limits that
+//! parsing applies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub const DEFAULT_CONFIG: &str = "/etc/cgipool/cgipool.toml";
+
+pub const DEFAULT_UPSTREAMS: &str = "/etc/nginx/conf.d/cgipool-upstreams.conf";
+pub const DEFAULT_LOCATIONS: &str = "/etc/nginx/snippets/cgipool-locations.conf";
+
+/// Routes cgipool keeps for itself (exact, or as a prefix for `/.cgipool`).
+pub const RESERVED_ROUTES: &[&str] = &["/pool-status", "/metrics", "/.cgipool"];
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The config path as given (used in the headers of generated files).
+    pub source: PathBuf,
+    pub nginx: Nginx,
+    pub watch_enabled: bool,
+    pub pools: BTreeMap<String, Pool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nginx {
+    pub upstreams: PathBuf,
+    pub locations: PathBuf,
+    pub unit: String,
+    pub socket_group: String,
+    /// host:port where cgipool reaches nginx over HTTP on loopback to read
+    /// `/.cgipool/generation` after a reload.
+    pub check_address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http,
+    Cgi,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub exec: PathBuf,
+    pub args: Vec<String>,
+    pub description: String,
+    pub environment: BTreeMap<String, String>,
+    pub route: String,
+    pub min: u32,
+    pub max: u32,
+    pub notify: bool,
+    /// Normalised systemd duration.
+    pub watchdog_sec: Option<String>,
+    /// Normalised systemd duration.
+    pub restart_sec: String,
+    /// Normalised systemd duration or "infinity".
+    pub runtime_max_sec: Option<String>,
+    pub memory_max: String,
+    pub cpu_quota: Option<String>,
+    pub tasks_max: String,
+    pub user: Option<String>,
+    pub read_write_paths: Vec<PathBuf>,
+    pub read_only_paths: Vec<PathBuf>,
+    pub private_network: bool,
+    pub protocol: Protocol,
+    /// The cgipool binary whose `cgi-gateway` subcommand runs a
+    /// `protocol = "cgi"` pool's program (unused for "http" pools).
+    pub gateway: PathBuf,
+    pub working_directory: Option<PathBuf>,
+    /// Normalised systemd duration (render converts it to nginx syntax).
+    pub request_timeout: String,
+    pub body_limit: String,
+    pub rate_limit: Option<String>,
+    pub burst: u32,
+    pub max_connections: Option<u32>,
+    /// Normalised systemd duration: how long the pool must be saturated
+    /// before `cgipool watch` grows it.
+    pub scale_up_after: String,
+    /// Normalised systemd duration: how long the pool must be idle before
+    /// `cgipool watch` shrinks it.
+    pub scale_down_after: String,
+    /// Path `cgipool watch` probes on each worker's socket (none: no probe).
+    pub health_path: Option<String>,
+    /// Normalised systemd durations.
+    pub health_interval: String,
+    pub health_timeout: String,
+    /// Failed probes in a row before a worker is taken out and restarted.
+    pub unhealthy_after: u32,
+}
+
+/// Where `cargo install --path . --root /usr/local` puts cgipool; the
+/// default `gateway` of CGI pools.
+pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
+
+pub const MAX_POOL_NAME: usize = 32;
+pub const MAX_WORKERS: u32 = 512;

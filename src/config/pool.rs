@@ -1,0 +1,549 @@
+//! Pool keys: the key tables, one pool's fields as parsed ([`PoolFields`],
+//! [`apply_field`]), `environment`, and assembling a [`Pool`] with its
+//! defaults ([`parse_pool`]).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use toml_edit::{Item, TableLike};
+
+use super::diag::{
+    entries, get_bool, get_str, get_str_list, get_u32, type_err, unknown_key, Cx, Src,
+};
+use super::duration::{format_nginx_usec, format_systemd_usec};
+use super::model::{Pool, Protocol, DEFAULT_GATEWAY, MAX_WORKERS};
+use super::values::{
+    check_abs_path, env_key_ok, get_abs_path, get_abs_path_list, get_duration, health_path_problem,
+    memory_ok, nginx_size_ok, percent, positive, rate_ok, route_problem, user_name_ok,
+};
+
+// ---------------------------------------------------------------------------
+// Key tables
+
+pub(super) const TOP_KEYS: &[&str] = &["nginx", "watch", "defaults", "pool"];
+pub(super) const NGINX_KEYS: &[&str] = &[
+    "upstreams",
+    "locations",
+    "unit",
+    "socket_group",
+    "check_address",
+];
+pub(super) const WATCH_SECTION_KEYS: &[&str] = &["enabled"];
+pub(super) const POOL_KEYS: &[&str] = &[
+    "exec",
+    "args",
+    "description",
+    "environment",
+    "route",
+    "min",
+    "max",
+    "notify",
+    "watchdog_sec",
+    "restart_sec",
+    "runtime_max_sec",
+    "memory_max",
+    "cpu_quota",
+    "tasks_max",
+    "user",
+    "read_write_paths",
+    "read_only_paths",
+    "private_network",
+    "protocol",
+    "gateway",
+    "working_directory",
+    "request_timeout",
+    "body_limit",
+    "rate_limit",
+    "burst",
+    "max_connections",
+    "scale_up_after",
+    "scale_down_after",
+    "health_path",
+    "health_interval",
+    "health_timeout",
+    "unhealthy_after",
+];
+/// Environment variables the units set for every worker.
+const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER"];
+
+/// Reject keys that are not pool keys. Returns true when the key is one.
+pub(super) fn check_pool_key(cx: &mut Cx<'_>, src: &Src<'_>, what: &str) -> bool {
+    if POOL_KEYS.contains(&src.name.as_str()) {
+        true
+    } else {
+        unknown_key(cx, src, POOL_KEYS, what);
+        false
+    }
+}
+
+pub(super) fn parse_env(cx: &mut Cx<'_>, src: &Src<'_>) -> Option<Vec<(String, String)>> {
+    let Some(t) = src.item.as_table_like() else {
+        type_err(cx, src, "a table of strings");
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for e in entries(&src.key, t) {
+        let raw_key = e.name.clone();
+        if !env_key_ok(&raw_key) {
+            cx.err(
+                e.key_span.clone(),
+                &e.key,
+                format!(
+                    "invalid environment variable name {raw_key:?}: use [A-Za-z_][A-Za-z0-9_]*"
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        if RESERVED_ENV.contains(&raw_key.as_ref()) {
+            cx.err(
+                e.key_span.clone(),
+                &e.key,
+                "CGIPOOL_POOL and CGIPOOL_WORKER are reserved (cgipool sets them)",
+            );
+            ok = false;
+            continue;
+        }
+        match get_str(cx, &e) {
+            Some(v) => out.push((raw_key, v)),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// Pool values as parsed; None = not given (or invalid, then an error was
+/// reported).
+#[derive(Default)]
+pub(super) struct PoolFields {
+    exec: Option<PathBuf>,
+    args: Option<Vec<String>>,
+    description: Option<String>,
+    route: Option<String>,
+    min: Option<(u32, Option<Range<usize>>, String)>,
+    max: Option<u32>,
+    notify: Option<bool>,
+    watchdog_sec: Option<String>,
+    restart_sec: Option<String>,
+    runtime_max_sec: Option<String>,
+    memory_max: Option<String>,
+    cpu_quota: Option<String>,
+    tasks_max: Option<String>,
+    user: Option<String>,
+    read_write_paths: Option<Vec<PathBuf>>,
+    read_only_paths: Option<Vec<PathBuf>>,
+    private_network: Option<bool>,
+    protocol: Option<Protocol>,
+    gateway: Option<PathBuf>,
+    working_directory: Option<PathBuf>,
+    request_timeout: Option<String>,
+    body_limit: Option<String>,
+    scale_up_after: Option<String>,
+    scale_down_after: Option<String>,
+    health_path: Option<String>,
+    health_interval: Option<String>,
+    health_timeout: Option<String>,
+    unhealthy_after: Option<u32>,
+    rate_limit: Option<String>,
+    burst: Option<u32>,
+    max_connections: Option<u32>,
+}
+
+/// Parse one known pool key (not environment) into `f`.
+pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
+    let sp = src.span();
+    let key = src.key.as_str();
+    match src.name.as_str() {
+        "exec" => {
+            if let Some(s) = get_str(cx, src) {
+                f.exec = check_abs_path(cx, sp, key, &s);
+            }
+        }
+        "args" => f.args = get_str_list(cx, src).map(|l| l.into_iter().map(|(s, _)| s).collect()),
+        "description" => {
+            if let Some(s) = get_str(cx, src) {
+                let s = s.trim().to_string();
+                if s.ends_with('\\') {
+                    cx.err(sp, key, "must not end with a backslash");
+                } else {
+                    f.description = Some(s);
+                }
+            }
+        }
+        "route" => {
+            if let Some(s) = get_str(cx, src) {
+                if let Some(msg) = route_problem(&s) {
+                    cx.err(sp, key, msg);
+                } else {
+                    f.route = Some(s);
+                }
+            }
+        }
+        "min" => f.min = get_u32(cx, src, 1, MAX_WORKERS).map(|v| (v, sp, key.to_string())),
+        "max" => f.max = get_u32(cx, src, 1, MAX_WORKERS),
+        "notify" => f.notify = get_bool(cx, src),
+        "watchdog_sec" => f.watchdog_sec = get_duration(cx, src, false).map(format_systemd_usec),
+        "restart_sec" => f.restart_sec = get_duration(cx, src, true).map(format_systemd_usec),
+        "scale_up_after" => {
+            f.scale_up_after = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "scale_down_after" => {
+            f.scale_down_after = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "runtime_max_sec" => {
+            if src.item.as_str() == Some("infinity") {
+                f.runtime_max_sec = Some("infinity".to_string());
+            } else {
+                f.runtime_max_sec = get_duration(cx, src, false).map(format_systemd_usec);
+            }
+        }
+        "request_timeout" => {
+            if let Some(us) = get_duration(cx, src, false) {
+                if format_nginx_usec(us).is_some() {
+                    f.request_timeout = Some(format_systemd_usec(us));
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        "must be a whole number of milliseconds (nginx's resolution)",
+                    );
+                }
+            }
+        }
+        "memory_max" => {
+            if let Some(s) = get_str(cx, src) {
+                if memory_ok(&s) {
+                    f.memory_max = Some(s);
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        format!("invalid memory size {s:?}: use e.g. \"256M\", \"1G\", \"50%\" or \"infinity\""),
+                    );
+                }
+            }
+        }
+        "cpu_quota" => {
+            if let Some(s) = get_str(cx, src) {
+                if percent(&s).is_some_and(|p| p > 0 && p <= 100_000) {
+                    f.cpu_quota = Some(s);
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        format!("invalid CPU quota {s:?}: use a percentage of one CPU, e.g. \"50%\" or \"200%\""),
+                    );
+                }
+            }
+        }
+        "tasks_max" => {
+            if let Some(i) = src.item.as_integer() {
+                if i >= 1 {
+                    f.tasks_max = Some(i.to_string());
+                } else {
+                    cx.err(sp, key, format!("must be at least 1, got {i}"));
+                }
+            } else if src.item.is_str() {
+                if let Some(s) = get_str(cx, src) {
+                    if s == "infinity" || positive(&s) {
+                        f.tasks_max = Some(s);
+                    } else {
+                        cx.err(
+                            sp,
+                            key,
+                            format!("expected an integer or \"infinity\", got {s:?}"),
+                        );
+                    }
+                }
+            } else {
+                type_err(cx, src, "an integer or \"infinity\"");
+            }
+        }
+        "user" => {
+            if let Some(s) = get_str(cx, src) {
+                if user_name_ok(&s) {
+                    f.user = Some(s);
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        format!(
+                            "invalid user name {s:?}: use [a-z_][a-z0-9_-]*, at most 32 characters"
+                        ),
+                    );
+                }
+            }
+        }
+        "read_write_paths" => f.read_write_paths = get_abs_path_list(cx, src),
+        "read_only_paths" => f.read_only_paths = get_abs_path_list(cx, src),
+        "private_network" => f.private_network = get_bool(cx, src),
+        "protocol" => {
+            if let Some(s) = get_str(cx, src) {
+                let p = match s.as_str() {
+                    "http" => Some(Protocol::Http),
+                    "cgi" => Some(Protocol::Cgi),
+                    _ => None,
+                };
+                match p {
+                    Some(_) => f.protocol = p,
+                    None => cx.err(sp, key, format!("expected \"http\" or \"cgi\", got {s:?}")),
+                }
+            }
+        }
+        "gateway" => f.gateway = get_abs_path(cx, src),
+        "working_directory" => f.working_directory = get_abs_path(cx, src),
+        "body_limit" => {
+            if let Some(s) = get_str(cx, src) {
+                if nginx_size_ok(&s) {
+                    f.body_limit = Some(s);
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        format!("invalid size {s:?}: use nginx syntax, e.g. \"1m\", \"512k\""),
+                    );
+                }
+            }
+        }
+        "rate_limit" => {
+            if let Some(s) = get_str(cx, src) {
+                if rate_ok(&s) {
+                    f.rate_limit = Some(s);
+                } else {
+                    cx.err(
+                        sp,
+                        key,
+                        format!("invalid rate {s:?}: use e.g. \"20r/s\" or \"600r/m\""),
+                    );
+                }
+            }
+        }
+        "burst" => f.burst = get_u32(cx, src, 0, 1_000_000),
+        "max_connections" => f.max_connections = get_u32(cx, src, 1, 1_000_000),
+        "health_path" => {
+            if let Some(s) = get_str(cx, src) {
+                match health_path_problem(&s) {
+                    Some(msg) => cx.err(sp, key, msg),
+                    None => f.health_path = Some(s),
+                }
+            }
+        }
+        "health_interval" => {
+            f.health_interval = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "health_timeout" => {
+            f.health_timeout = get_duration(cx, src, false).map(format_systemd_usec)
+        }
+        "unhealthy_after" => f.unhealthy_after = get_u32(cx, src, 1, 1000),
+        _ => {}
+    }
+}
+
+pub(super) fn parse_pool(
+    cx: &mut Cx<'_>,
+    name: &str,
+    psrc: &Src<'_>,
+    table: &dyn TableLike,
+    defaults: &[&Src<'_>],
+    default_env: &[(String, String)],
+) -> Option<Pool> {
+    let errors_before = cx.errors;
+    let own = entries(&psrc.key, table);
+    let mut f = PoolFields::default();
+    for src in defaults {
+        apply_field(cx, &mut f, src);
+    }
+    let mut environment: BTreeMap<String, String> = default_env.iter().cloned().collect();
+    let mut has_exec = defaults.iter().any(|s| s.name == "exec");
+    let mut has_route = false;
+    for src in &own {
+        let k = src.name.as_str();
+        if k == "environment" {
+            if let Some(env) = parse_env(cx, src) {
+                environment.extend(env);
+            }
+            continue;
+        }
+        if !check_pool_key(cx, src, &format!("[{}]", psrc.key)) {
+            continue;
+        }
+        match k {
+            "exec" => has_exec = true,
+            "route" => has_route = true,
+            _ => {}
+        }
+        apply_field(cx, &mut f, src);
+    }
+    // Where to point at for "missing key": the [pool.NAME] header.
+    let here = table_span(psrc);
+    if !has_exec {
+        cx.err(
+            here.clone(),
+            &format!("{}.exec", psrc.key),
+            "missing required key `exec` (absolute path of the worker program)",
+        );
+    }
+    if !has_route {
+        cx.err(
+            here,
+            &format!("{}.route", psrc.key),
+            "missing required key `route` (e.g. \"/api/NAME\")",
+        );
+    }
+    let min = f.min.as_ref().map_or(2, |m| m.0);
+    let max = f.max.unwrap_or(5);
+    if min > max {
+        let (span, key) = match &f.min {
+            Some((_, span, key)) => (span.clone(), key.clone()),
+            None => (here_or(psrc), format!("{}.min", psrc.key)),
+        };
+        cx.err(
+            span,
+            &key,
+            format!("min ({min}) must not be greater than max ({max})"),
+        );
+    }
+    if f.protocol == Some(Protocol::Cgi) && (f.notify == Some(true) || f.watchdog_sec.is_some()) {
+        cx.err(
+            here_or(psrc),
+            &format!("{}.protocol", psrc.key),
+            "notify and watchdog_sec are not available for protocol = \"cgi\" (the gateway does not send READY=1 or WATCHDOG=1)",
+        );
+    }
+    if cx.errors != errors_before {
+        return None;
+    }
+    let rate_limit = f.rate_limit;
+    let burst = f.burst.unwrap_or(if rate_limit.is_some() { 10 } else { 0 });
+    Some(Pool {
+        name: name.to_string(),
+        exec: f.exec?,
+        args: f.args.unwrap_or_default(),
+        description: f.description.unwrap_or_default(),
+        environment,
+        route: f.route?,
+        min,
+        max,
+        notify: f.notify.unwrap_or(false),
+        watchdog_sec: f.watchdog_sec,
+        restart_sec: f.restart_sec.unwrap_or_else(|| "100ms".to_string()),
+        runtime_max_sec: f.runtime_max_sec,
+        memory_max: f.memory_max.unwrap_or_else(|| "256M".to_string()),
+        cpu_quota: f.cpu_quota,
+        tasks_max: f.tasks_max.unwrap_or_else(|| "64".to_string()),
+        user: f.user,
+        read_write_paths: f.read_write_paths.unwrap_or_default(),
+        read_only_paths: f.read_only_paths.unwrap_or_default(),
+        private_network: f.private_network.unwrap_or(true),
+        protocol: f.protocol.unwrap_or(Protocol::Http),
+        gateway: f.gateway.unwrap_or_else(|| PathBuf::from(DEFAULT_GATEWAY)),
+        working_directory: f.working_directory,
+        request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
+        body_limit: f.body_limit.unwrap_or_else(|| "1m".to_string()),
+        rate_limit,
+        burst,
+        max_connections: f.max_connections,
+        scale_up_after: f.scale_up_after.unwrap_or_else(|| "2s".to_string()),
+        scale_down_after: f.scale_down_after.unwrap_or_else(|| "30s".to_string()),
+        health_path: f.health_path,
+        health_interval: f.health_interval.unwrap_or_else(|| "5s".to_string()),
+        health_timeout: f.health_timeout.unwrap_or_else(|| "2s".to_string()),
+        unhealthy_after: f.unhealthy_after.unwrap_or(3),
+    })
+}
+
+fn table_span(psrc: &Src<'_>) -> Option<Range<usize>> {
+    match psrc.item {
+        Item::Table(t) => t.span().or_else(|| psrc.key_span.clone()),
+        _ => psrc.key_span.clone().or_else(|| psrc.item.span()),
+    }
+}
+
+fn here_or(psrc: &Src<'_>) -> Option<Range<usize>> {
+    table_span(psrc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{errs, ok, one_err, pool_with};
+    use pretty_assertions::assert_eq;
+    use std::path::Path;
+
+    /// The README's config reference cannot drift from the code.
+    #[test]
+    fn readme_documents_every_config_key() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<(&str, &str)> = readme
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key, *cells.get(2)?))
+            })
+            .collect();
+        let documented =
+            |key: &str, section: &str| rows.iter().any(|(k, s)| *k == key && *s == section);
+        for key in NGINX_KEYS {
+            assert!(
+                documented(key, "`[nginx]`"),
+                "README lacks [nginx] key {key}"
+            );
+        }
+        for key in WATCH_SECTION_KEYS {
+            assert!(
+                documented(key, "`[watch]`"),
+                "README lacks [watch] key {key}"
+            );
+        }
+        for key in POOL_KEYS {
+            assert!(documented(key, "pool"), "README lacks pool key {key}");
+        }
+        let known = rows.iter().filter(|(_, s)| *s == "pool").count();
+        assert_eq!(
+            known,
+            POOL_KEYS.len(),
+            "README documents pool keys the code does not know"
+        );
+    }
+
+    #[test]
+    fn burst_defaults_to_10_with_rate_limit() {
+        let c = ok(&pool_with("rate_limit = \"20r/s\""));
+        assert_eq!(c.pools["p"].burst, 10);
+        let c = ok(&pool_with("rate_limit = \"20r/s\"\nburst = 0"));
+        assert_eq!(c.pools["p"].burst, 0);
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(one_err("min = 0").contains("must be between 1 and 512, got 0"));
+        assert!(one_err("max = 513").contains("must be between 1 and 512, got 513"));
+        assert!(one_err("min = -1").contains("must be between 1 and 512"));
+        // min > max where max comes from the default (5).
+        assert!(one_err("min = 6").contains("min (6) must not be greater than max (5)"));
+        // max < default min (2): reported at the pool header.
+        assert_eq!(
+            one_err("max = 1"),
+            "t.toml:1:1: pool.p.min: min (2) must not be greater than max (1)"
+        );
+        ok(&pool_with("min = 1\nmax = 1"));
+    }
+
+    #[test]
+    fn cgi_pools() {
+        let c = ok(&pool_with("protocol = \"cgi\""));
+        assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
+        assert_eq!(c.pools["p"].gateway, Path::new(DEFAULT_GATEWAY));
+        for bad in ["notify = true", "watchdog_sec = \"5s\""] {
+            let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(
+                e[0].contains("not available for protocol = \"cgi\""),
+                "{e:?}"
+            );
+        }
+    }
+}

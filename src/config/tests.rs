@@ -1,0 +1,278 @@
+//! End-to-end parse tests of whole files, and the helpers the per-module
+//! tests share.
+
+use super::model::{DEFAULT_LOCATIONS, DEFAULT_UPSTREAMS};
+use super::*;
+use pretty_assertions::assert_eq;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+const DEMO: &str = include_str!("../../examples/demo.toml");
+
+pub(super) fn ok(text: &str) -> Config {
+    match parse(Path::new("t.toml"), text) {
+        Ok(c) => c,
+        Err(e) => panic!("unexpected errors:\n{e}"),
+    }
+}
+
+/// Display lines of all diagnostics.
+pub(super) fn errs(text: &str) -> Vec<String> {
+    match parse(Path::new("t.toml"), text) {
+        Ok(c) => panic!("expected errors, got {c:#?}"),
+        Err(e) => e.diagnostics.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// A valid pool plus `extra` lines inside it (line 4 on).
+pub(super) fn pool_with(extra: &str) -> String {
+    format!("[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n{extra}\n")
+}
+
+pub(super) fn one_err(extra: &str) -> String {
+    let e = errs(&pool_with(extra));
+    assert_eq!(e.len(), 1, "{e:#?}");
+    e[0].clone()
+}
+
+#[test]
+fn demo_parses_with_defaults() {
+    let c = parse(Path::new("examples/demo.toml"), DEMO).unwrap();
+    assert_eq!(c.source, PathBuf::from("examples/demo.toml"));
+    assert_eq!(
+        c.nginx,
+        Nginx {
+            upstreams: DEFAULT_UPSTREAMS.into(),
+            locations: DEFAULT_LOCATIONS.into(),
+            unit: "nginx.service".into(),
+            socket_group: "www-data".into(),
+            check_address: "127.0.0.1:80".into(),
+        }
+    );
+    assert!(c.watch_enabled);
+    assert_eq!(c.pools.keys().collect::<Vec<_>>(), ["auth", "search"]);
+    let s = &c.pools["search"];
+    assert_eq!((s.min, s.max), (2, 5));
+    let a = &c.pools["auth"];
+    assert_eq!(
+        a,
+        &Pool {
+            name: "auth".into(),
+            exec: "/usr/local/lib/cgipool/auth".into(),
+            args: vec![],
+            description: String::new(),
+            environment: BTreeMap::new(),
+            route: "/api/auth".into(),
+            min: 2,
+            max: 5,
+            notify: false,
+            watchdog_sec: None,
+            restart_sec: "100ms".into(),
+            runtime_max_sec: None,
+            memory_max: "256M".into(),
+            cpu_quota: None,
+            tasks_max: "64".into(),
+            user: None,
+            read_write_paths: vec![],
+            read_only_paths: vec![],
+            private_network: true,
+            protocol: Protocol::Http,
+            gateway: PathBuf::from(DEFAULT_GATEWAY),
+            working_directory: None,
+            request_timeout: "60s".into(),
+            body_limit: "1m".into(),
+            rate_limit: None,
+            burst: 0,
+            max_connections: None,
+            scale_up_after: "2s".into(),
+            scale_down_after: "30s".into(),
+            health_path: None,
+            health_interval: "5s".into(),
+            health_timeout: "2s".into(),
+            unhealthy_after: 3,
+        }
+    );
+}
+
+#[test]
+fn every_key_parses() {
+    let c = ok(r#"
+[nginx]
+upstreams = "/etc/nginx/a.conf"
+locations = "/etc/nginx/b.conf"
+unit = "openresty.service"
+socket_group = "nginx"
+
+[watch]
+enabled = false
+
+[pool.x]
+exec = "/bin/x"
+args = ["a", "b c"]
+description = "  X pool  "
+environment = { A = "1", _b = "two words" }
+route = "/x"
+min = 1
+max = 512
+notify = true
+watchdog_sec = 30
+restart_sec = "0"
+runtime_max_sec = "infinity"
+memory_max = "50%"
+cpu_quota = "150%"
+tasks_max = 10
+user = "www-x"
+read_write_paths = ["/var/lib/x"]
+read_only_paths = ["/srv"]
+private_network = false
+protocol = "http"
+gateway = "/opt/cgipool/bin/cgipool"
+working_directory = "/var/lib/x"
+request_timeout = "2min"
+body_limit = "10M"
+rate_limit = "5r/m"
+burst = 3
+max_connections = 7
+"#);
+    assert_eq!(c.nginx.unit, "openresty.service");
+    assert_eq!(c.nginx.socket_group, "nginx");
+    assert!(!c.watch_enabled);
+    let x = &c.pools["x"];
+    assert_eq!(x.args, ["a", "b c"]);
+    assert_eq!(x.description, "X pool");
+    assert_eq!(
+        x.environment.get("_b").map(String::as_str),
+        Some("two words")
+    );
+    assert_eq!((x.min, x.max), (1, 512));
+    assert_eq!(x.watchdog_sec.as_deref(), Some("30s"));
+    assert_eq!(x.restart_sec, "0");
+    assert_eq!(x.runtime_max_sec.as_deref(), Some("infinity"));
+    assert_eq!(x.tasks_max, "10");
+    assert_eq!(x.request_timeout, "2min");
+    assert_eq!(x.burst, 3);
+    assert_eq!(x.max_connections, Some(7));
+    assert!(!x.private_network);
+    assert_eq!(x.protocol, Protocol::Http);
+    assert_eq!(x.gateway, Path::new("/opt/cgipool/bin/cgipool"));
+}
+
+#[test]
+fn defaults_merge() {
+    let c = ok(r#"
+[defaults]
+min = 3
+max = 9
+memory_max = "1G"
+environment = { A = "default", B = "default" }
+
+[pool.a]
+exec = "/bin/a"
+route = "/a"
+max = 4
+environment = { B = "pool" }
+
+[pool.b]
+exec = "/bin/b"
+route = "/b"
+"#);
+    let a = &c.pools["a"];
+    assert_eq!((a.min, a.max, a.memory_max.as_str()), (3, 4, "1G"));
+    assert_eq!(
+        a.environment,
+        BTreeMap::from([("A".into(), "default".into()), ("B".into(), "pool".into())])
+    );
+    let b = &c.pools["b"];
+    assert_eq!((b.min, b.max), (3, 9));
+    assert_eq!(b.environment["B"], "default");
+}
+
+#[test]
+fn all_errors_at_once_with_positions() {
+    let text = r#"[nginx]
+upstreams = "relative.conf"
+colour = "blue"
+
+[pool.search]
+exec = "bin/search"
+route = "/api/search"
+min = 6
+max = 5
+mim = 1
+
+[pool.Bad-Name]
+exec = "/bin/x"
+route = "/x"
+
+[pool.auth]
+route = "/api/search"
+health_path = "health"
+"#;
+    let e = errs(text);
+    assert_eq!(
+        e,
+        [
+            "t.toml:2:13: nginx.upstreams: must be an absolute path, got \"relative.conf\"",
+            "t.toml:3:1: nginx.colour: unknown key `colour` in [nginx]",
+            "t.toml:6:8: pool.search.exec: must be an absolute path, got \"bin/search\"",
+            "t.toml:8:7: pool.search.min: min (6) must not be greater than max (5)",
+            "t.toml:10:1: pool.search.mim: unknown key `mim` in [pool.search]; did you mean `min`?",
+            "t.toml:12:7: pool.Bad-Name: invalid pool name \"Bad-Name\": use [a-z0-9][a-z0-9_]*, at most 32 characters",
+            "t.toml:16:1: pool.auth.exec: missing required key `exec` (absolute path of the worker program)",
+            "t.toml:18:15: pool.auth.health_path: must start with `/`, got \"health\"",
+        ]
+    );
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = errs("[pool.a]\nexec = \"/bin/a\nroute = 1\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("t.toml:2:"), "{e:?}");
+}
+
+#[test]
+fn io_error_names_file() {
+    let e = load(Path::new("/nonexistent/cgipool.toml")).unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.starts_with("/nonexistent/cgipool.toml: cannot read config file:"),
+        "{s}"
+    );
+}
+
+#[test]
+fn odd_shapes_are_errors_not_panics() {
+    for text in [
+        "pool = 1\n",
+        "[[pool]]\nexec = \"/bin/a\"\n",
+        "pool.a = 1\n",
+        "[pool]\n",
+        "nginx = 1\n[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\n",
+        "watch = []\n[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\n",
+        "defaults = \"x\"\n[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\n",
+        "[defaults]\nenvironment = 1\n[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\n",
+        "[defaults]\nexec = \"rel\"\n[pool.a]\nroute = \"/a\"\n[pool.b]\nroute = \"/b\"\n",
+        "[nginx]\nupstreams = 1\n[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nenvironment.A.B = \"x\"\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 99999999999999\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nwatchdog_sec = 99999999999999999\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nrestart_sec = \"99999999999999999999h\"\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nrestart_sec = \"1.99999999999999999999s\"\nmin=0\n",
+        "\u{feff}[pool.é]\n",
+        "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nexec = \"/bin/b\"\n",
+    ] {
+        let e = errs(text);
+        assert!(!e.is_empty(), "{text:?}");
+        for d in &e {
+            assert!(d.starts_with("t.toml:"), "{text:?}: {d}");
+        }
+    }
+    // An invalid default exec is reported once, not as "missing exec".
+    let e =
+        errs("[defaults]\nexec = \"rel\"\n[pool.a]\nroute = \"/a\"\n[pool.b]\nroute = \"/b\"\n");
+    assert_eq!(
+        e,
+        ["t.toml:2:8: defaults.exec: must be an absolute path, got \"rel\""]
+    );
+}

@@ -1,0 +1,246 @@
+//! The nginx files: askama nginx templates and [`nginx()`], which renders
+//! the upstreams and locations files and their generation.
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use sha2::{Digest, Sha256};
+
+use super::{finish, header};
+use crate::config::{format_nginx_usec, Config, Pool, Protocol};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NginxFiles {
+    /// http-context file: zones and upstream blocks.
+    pub upstreams: String,
+    /// server-context file: location blocks.
+    pub locations: String,
+    /// What `location = /.cgipool/generation` answers (without newline).
+    pub generation: String,
+}
+
+struct UpstreamView<'a> {
+    pool: &'a Pool,
+    workers: Vec<u32>,
+    /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
+    /// server (64k fails at 100 servers), so the zone grows with `max`.
+    zone_kb: u32,
+}
+
+struct LocationView<'a> {
+    pool: &'a Pool,
+    active: bool,
+    /// A `protocol = "cgi"` pool (the gateway needs X-Forwarded-Port).
+    cgi: bool,
+    /// nginx's proxy_read_timeout/proxy_send_timeout: request_timeout, plus
+    /// [`CGI_TIMEOUT_MARGIN`] for CGI pools so that the gateway's own 504
+    /// (and its cleanup) reaches the client rather than nginx's.
+    timeout: String,
+}
+
+/// How much longer nginx waits for a CGI pool than the gateway's timeout.
+pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
+
+#[derive(Template)]
+#[template(path = "upstreams.conf")]
+struct UpstreamsTemplate<'a> {
+    upstreams: Vec<UpstreamView<'a>>,
+}
+
+#[derive(Template)]
+#[template(path = "locations.conf")]
+struct LocationsTemplate<'a> {
+    locations: Vec<LocationView<'a>>,
+    generation: &'a str,
+    /// Route /pool-status and /metrics to `cgipool watch`.
+    watch: bool,
+}
+
+/// systemd duration (as stored in the config) plus `extra_usec` → nginx time.
+fn nginx_time(systemd: &str, extra_usec: u64) -> String {
+    crate::config::duration_usec(systemd)
+        .and_then(|us| us.checked_add(extra_usec))
+        .and_then(format_nginx_usec)
+        // Unreachable for a validated config; the escaper keeps it one token
+        // and `nginx -t` rejects it.
+        .unwrap_or_else(|| systemd.to_string())
+}
+
+/// The nginx files. `active` lists, per pool, the worker numbers that are in
+/// the upstream (sorted and deduplicated here); a pool with none (or missing
+/// from `active`) gets no upstream and its route answers 503 with JSON.
+///
+/// `generation` is the first 16 hex digits of
+/// sha256(upstreams ‖ locations-with-an-empty-generation), i.e. it covers
+/// everything in both files except itself.
+pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
+    let header = header(&cfg.source);
+    let mut upstreams = Vec::new();
+    let mut locations = Vec::new();
+    for (name, pool) in &cfg.pools {
+        let mut workers = active.get(name).cloned().unwrap_or_default();
+        workers.sort_unstable();
+        workers.dedup();
+        let is_active = !workers.is_empty();
+        if is_active {
+            let zone_kb = 64 + pool.max;
+            upstreams.push(UpstreamView {
+                pool,
+                workers,
+                zone_kb,
+            });
+        }
+        let cgi = pool.protocol == Protocol::Cgi;
+        locations.push(LocationView {
+            pool,
+            active: is_active,
+            cgi,
+            timeout: nginx_time(
+                &pool.request_timeout,
+                if cgi { CGI_TIMEOUT_MARGIN_USEC } else { 0 },
+            ),
+        });
+    }
+    let upstreams = finish(&header, UpstreamsTemplate { upstreams }.render());
+    let mut loc = LocationsTemplate {
+        locations,
+        generation: "",
+        watch: cfg.watch_enabled,
+    };
+    let unhashed = finish(&header, loc.render());
+    let mut hasher = Sha256::new();
+    hasher.update(upstreams.as_bytes());
+    hasher.update(unhashed.as_bytes());
+    let generation: String = hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    loc.generation = &generation;
+    let locations = finish(&header, loc.render());
+    NginxFiles {
+        upstreams,
+        locations,
+        generation: generation.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::{all_active, cfg, CGI, DEMO, FULL};
+    use pretty_assertions::assert_eq;
+    use std::fs;
+
+    #[test]
+    fn nginx_inactive_pool_and_generation() {
+        let c = cfg("x.toml", DEMO);
+        let none = nginx(&c, &BTreeMap::new());
+        assert!(!none.upstreams.contains("upstream"));
+        assert!(none
+            .locations
+            .contains(r#"return 503 '{"error":"no healthy workers","pool":"search"}\n';"#));
+        assert!(!none.locations.contains("proxy_pass http://cgipool_"));
+        let some = nginx(&c, &all_active(&c));
+        assert_ne!(none.generation, some.generation);
+        assert_eq!(some.generation.len(), 16);
+        assert!(some.generation.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(some
+            .locations
+            .contains(&format!("return 200 \"{}\\n\";", some.generation)));
+        // The hash covers both files without the generation value itself.
+        let without = some.locations.replace(&some.generation, "");
+        let mut h = Sha256::new();
+        h.update(some.upstreams.as_bytes());
+        h.update(without.as_bytes());
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(&hex[..16], some.generation);
+    }
+
+    #[test]
+    fn nginx_durations() {
+        let c = cfg("x.toml", FULL);
+        let ng = nginx(&c, &all_active(&c));
+        assert!(ng.locations.contains("proxy_read_timeout 90s;"));
+        assert!(ng.locations.contains("proxy_read_timeout 60s;"));
+        assert!(ng
+            .locations
+            .contains("limit_req zone=cgipool_search_req burst=10 nodelay;"));
+        assert!(ng
+            .locations
+            .contains("limit_req zone=cgipool_auth_req nodelay;"));
+        assert!(ng
+            .upstreams
+            .contains("limit_req_zone $binary_remote_addr zone=cgipool_auth_req:10m rate=600r/m;"));
+        assert_eq!(nginx_time("1min 30s", 0), "90s");
+        assert_eq!(nginx_time("1500ms", 0), "1500ms");
+        assert_eq!(nginx_time("2h", 0), "7200s");
+        assert_eq!(nginx_time("2h", CGI_TIMEOUT_MARGIN_USEC), "7205s");
+    }
+
+    /// `nginx -t` on the rendered files (skipped with a notice when nginx is
+    /// not installed).
+    #[test]
+    fn nginx_accepts_rendered_files() {
+        const LARGEST: &str =
+            "[pool.big]\nexec = \"/bin/true\"\nroute = \"/big\"\nmin = 512\nmax = 512\n";
+        if std::process::Command::new("nginx")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("NOTICE: nginx not on PATH; skipping nginx -t check");
+            return;
+        }
+        for (text, active) in [
+            (DEMO, None),
+            (FULL, None),
+            (CGI, None),
+            (
+                FULL,
+                Some(BTreeMap::from([("search".to_string(), vec![1, 3])])),
+            ),
+            (DEMO, Some(BTreeMap::new())),
+            // The largest pool the config allows, every worker active: the
+            // upstream zone must hold 512 servers.
+            (LARGEST, None),
+        ] {
+            let c = cfg("x.toml", text);
+            let active = active.unwrap_or_else(|| all_active(&c));
+            let ng = nginx(&c, &active);
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            fs::write(d.join("upstreams.conf"), &ng.upstreams).unwrap();
+            fs::write(d.join("locations.conf"), &ng.locations).unwrap();
+            fs::write(
+                d.join("nginx.conf"),
+                format!(
+                    "pid {p}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n    \
+                     access_log off;\n    include {p}/upstreams.conf;\n    server {{\n        \
+                     listen 127.0.0.1:18080;\n        include {p}/locations.conf;\n    }}\n}}\n",
+                    p = d.display()
+                ),
+            )
+            .unwrap();
+            let out = std::process::Command::new("nginx")
+                .arg("-t")
+                .arg("-q")
+                .arg("-e")
+                .arg("stderr")
+                .arg("-p")
+                .arg(d)
+                .arg("-c")
+                .arg(d.join("nginx.conf"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "nginx -t failed:\n{}\n--- upstreams\n{}\n--- locations\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                ng.upstreams,
+                ng.locations
+            );
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The systemd units: askama unit templates and [`units()`], which lays out
+//! the unit files and `.wants/` links.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use askama::Template;
+
+use super::{
+    finish, header, instance_name, service_name, socket_name, target_name, Entry, UnitTree,
+    TOP_TARGET, WATCH_UNIT,
+};
+use crate::config::{Config, Pool, Protocol};
+// The template filters (`exec_arg`, `env_quote`) are looked up as `filters::…`.
+use crate::escape::filters;
+
+const TOP_TARGET_BODY: &str = include_str!("../../units/cgipool.target");
+
+#[derive(Template)]
+#[template(path = "watch.service")]
+struct WatchTemplate<'a> {
+    config: String,
+    nginx_unit: &'a str,
+    binary: &'a str,
+    runtime: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pool.service")]
+struct ServiceTemplate<'a> {
+    pool: &'a Pool,
+    /// `protocol = "cgi"`: ExecStart runs `cgipool cgi-gateway -- exec args`.
+    cgi: bool,
+}
+
+#[derive(Template)]
+#[template(path = "pool.socket")]
+struct SocketTemplate<'a> {
+    pool: &'a Pool,
+    socket_group: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "pool.target")]
+struct TargetTemplate<'a> {
+    pool: &'a Pool,
+}
+
+/// All unit files and `.wants/` links for `cfg`. `counts` gives the number
+/// of workers per pool (the caller clamps to [min, max]); a pool missing
+/// from `counts` gets `pool.min`.
+pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> UnitTree {
+    let header = header(&cfg.source);
+    let mut entries = BTreeMap::new();
+    for (name, pool) in &cfg.pools {
+        let service = service_name(name);
+        let socket = socket_name(name);
+        let target = target_name(name);
+        entries.insert(
+            PathBuf::from(&service),
+            Entry::File(finish(
+                &header,
+                ServiceTemplate {
+                    pool,
+                    cgi: pool.protocol == Protocol::Cgi,
+                }
+                .render(),
+            )),
+        );
+        entries.insert(
+            PathBuf::from(&socket),
+            Entry::File(finish(
+                &header,
+                SocketTemplate {
+                    pool,
+                    socket_group: &cfg.nginx.socket_group,
+                }
+                .render(),
+            )),
+        );
+        entries.insert(
+            PathBuf::from(&target),
+            Entry::File(finish(&header, TargetTemplate { pool }.render())),
+        );
+        let wants = PathBuf::from(format!("{target}.wants"));
+        let count = counts.get(name).copied().unwrap_or(pool.min);
+        for n in 1..=count {
+            entries.insert(
+                wants.join(instance_name(name, n, "socket")),
+                Entry::Link(unit_dir.join(&socket)),
+            );
+            entries.insert(
+                wants.join(instance_name(name, n, "service")),
+                Entry::Link(unit_dir.join(&service)),
+            );
+        }
+        entries.insert(
+            PathBuf::from(format!("{TOP_TARGET}.wants")).join(&target),
+            Entry::Link(unit_dir.join(&target)),
+        );
+    }
+    if cfg.watch_enabled {
+        let watch = WatchTemplate {
+            config: cfg.source.display().to_string(),
+            nginx_unit: &cfg.nginx.unit,
+            binary: crate::config::DEFAULT_GATEWAY,
+            runtime: unit_dir == Path::new("/run/systemd/system"),
+        };
+        entries.insert(
+            PathBuf::from(WATCH_UNIT),
+            Entry::File(finish(&header, watch.render())),
+        );
+        entries.insert(
+            PathBuf::from(format!("{TOP_TARGET}.wants")).join(WATCH_UNIT),
+            Entry::Link(unit_dir.join(WATCH_UNIT)),
+        );
+    }
+    entries.insert(
+        PathBuf::from(TOP_TARGET),
+        Entry::File(finish(&header, Ok(TOP_TARGET_BODY.to_string()))),
+    );
+    entries.insert(
+        PathBuf::from("multi-user.target.wants").join(TOP_TARGET),
+        Entry::Link(unit_dir.join(TOP_TARGET)),
+    );
+    UnitTree { entries }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::tests::{all_active, cfg, line, unit_file, CGI, DEMO, FULL};
+    use crate::render::{is_generated, nginx};
+    use pretty_assertions::assert_eq;
+    use std::fs;
+
+    #[test]
+    fn cgi_pools_run_the_gateway() {
+        let c = cfg("x.toml", CGI);
+        let tree = units(&c, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        assert_eq!(
+            line(&unit_file(&tree, "cgipool-shell@.service"), "ExecStart="),
+            [
+                r#"ExecStart=/opt/cgipool/bin/cgipool cgi-gateway --route "/cgi/shell" --timeout "1500ms" --body-limit "1m" -- "/usr/local/lib/cgipool/cgi/shell.cgi" "100%%" "$$HOME" "say \"hi\"""#
+            ]
+        );
+        let git = unit_file(&tree, "cgipool-git@.service");
+        assert_eq!(
+            line(&git, "ExecStart="),
+            [
+                r#"ExecStart=/usr/local/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
+            ]
+        );
+        // Same sandbox as any pool, with the configured relaxations.
+        for want in [
+            "User=git",
+            "ReadWritePaths=/srv/git",
+            "ProtectSystem=strict",
+            "TasksMax=64",
+        ] {
+            assert!(git.lines().any(|l| l == want), "git lacks {want}\n{git}");
+        }
+        // nginx waits 5s longer than the gateway, so the gateway's 504 wins.
+        let ng = nginx(&c, &all_active(&c));
+        assert!(
+            ng.locations.contains("proxy_read_timeout 95s;"),
+            "{}",
+            ng.locations
+        );
+        assert!(
+            ng.locations.contains("proxy_read_timeout 6500ms;"),
+            "{}",
+            ng.locations
+        );
+        assert!(ng
+            .locations
+            .contains("proxy_set_header X-Forwarded-Port $server_port;"));
+        // HTTP pools keep their ExecStart and timeouts.
+        let demo = cfg("x.toml", DEMO);
+        let ng = nginx(&demo, &all_active(&demo));
+        assert!(!ng.locations.contains("X-Forwarded-Port"));
+    }
+
+    #[test]
+    fn escaping_in_units() {
+        let c = cfg("/tmp/100% $x.toml", FULL);
+        let tree = units(&c, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        let svc = unit_file(&tree, "cgipool-search@.service");
+        assert_eq!(
+            line(&svc, "ExecStart="),
+            [
+                r#"ExecStart=/usr/local/lib/cgipool/search "--index" "/srv/index dir" "100%%" "$$HOME" "say \"hi\" \\ ;" """#
+            ]
+        );
+        assert_eq!(
+            line(&svc, "Environment="),
+            [
+                "Environment=CGIPOOL_POOL=search CGIPOOL_WORKER=search@%i",
+                r#"Environment="LANG=C.UTF-8""#,
+                r#"Environment="SHARED=pool wins""#,
+                r#"Environment="WEIRD=a %% $HOME \" \\ ; b""#,
+            ]
+        );
+        assert_eq!(
+            line(&svc, "Description="),
+            ["Description=Search 100%% of things"]
+        );
+        // The header names the path as given; comments need no % escaping.
+        assert!(svc.starts_with("# Generated by cgipool from /tmp/100% $x.toml. Do not edit"));
+        assert!(is_generated(&svc));
+    }
+
+    #[test]
+    fn sandbox_defaults_and_relaxations() {
+        let c = cfg("x.toml", FULL);
+        let tree = units(&c, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        let auth = unit_file(&tree, "cgipool-auth@.service");
+        for want in [
+            "Type=simple",
+            "DynamicUser=yes",
+            "PrivateNetwork=yes",
+            "IPAddressDeny=any",
+            "RestrictAddressFamilies=AF_UNIX",
+            "CapabilityBoundingSet=",
+            "MemoryMax=512M",
+            "TasksMax=64",
+            "RestartSec=100ms",
+            "Restart=always",
+            "StartLimitIntervalSec=10s",
+            "StartLimitBurst=20",
+            "Description=cgipool worker %i of pool auth",
+        ] {
+            assert!(auth.lines().any(|l| l == want), "auth lacks {want}\n{auth}");
+        }
+        let search = unit_file(&tree, "cgipool-search@.service");
+        for want in [
+            "Type=notify",
+            "User=search",
+            "PrivateNetwork=no",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "WatchdogSec=90s",
+            "RestartSec=1500ms",
+            "RuntimeMaxSec=2h",
+            "CPUQuota=200%",
+            "TasksMax=infinity",
+            "ReadWritePaths=/var/lib/search /var/cache/search",
+            "ReadOnlyPaths=/srv/index",
+            "WorkingDirectory=/srv",
+        ] {
+            assert!(
+                search.lines().any(|l| l == want),
+                "search lacks {want}\n{search}"
+            );
+        }
+        assert!(!search.contains("DynamicUser"));
+        assert!(!search.contains("IPAddressDeny"));
+        let sock = unit_file(&tree, "cgipool-search@.socket");
+        assert!(sock.lines().any(|l| l == "SocketGroup=nginx"));
+        assert!(sock
+            .lines()
+            .any(|l| l == "ListenStream=/run/cgipool/search/%i.sock"));
+    }
+
+    #[test]
+    fn unit_tree_shape_and_counts() {
+        let c = cfg("x.toml", DEMO);
+        let dir = Path::new("/run/systemd/system");
+        let counts = BTreeMap::from([("search".to_string(), 4)]);
+        let tree = units(&c, dir, &counts);
+        let links: Vec<(String, String)> = tree
+            .entries
+            .iter()
+            .filter_map(|(p, e)| match e {
+                Entry::Link(t) => Some((p.display().to_string(), t.display().to_string())),
+                Entry::File(_) => None,
+            })
+            .collect();
+        let wanted = |pool: &str, kind: &str| {
+            links
+                .iter()
+                .filter(|(p, _)| {
+                    p.starts_with(&format!("cgipool-{pool}.target.wants/")) && p.ends_with(kind)
+                })
+                .count()
+        };
+        assert_eq!(wanted("search", ".socket"), 4);
+        assert_eq!(wanted("search", ".service"), 4);
+        assert_eq!(wanted("auth", ".socket"), 2); // missing → min
+        assert!(links.contains(&(
+            "cgipool-search.target.wants/cgipool-search@3.socket".into(),
+            "/run/systemd/system/cgipool-search@.socket".into()
+        )));
+        assert!(links.contains(&(
+            "cgipool.target.wants/cgipool-auth.target".into(),
+            "/run/systemd/system/cgipool-auth.target".into()
+        )));
+        assert!(links.contains(&(
+            "multi-user.target.wants/cgipool.target".into(),
+            "/run/systemd/system/cgipool.target".into()
+        )));
+        let files: Vec<String> = tree
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::File(_)))
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "cgipool-auth.target",
+                "cgipool-auth@.service",
+                "cgipool-auth@.socket",
+                "cgipool-search.target",
+                "cgipool-search@.service",
+                "cgipool-search@.socket",
+                "cgipool-watch.service",
+                "cgipool.target"
+            ]
+        );
+        for (p, e) in &tree.entries {
+            if let Entry::File(s) = e {
+                assert!(is_generated(s), "{}", p.display());
+                assert!(s.ends_with('\n') && !s.ends_with("\n\n"), "{}", p.display());
+            }
+        }
+    }
+
+    /// `systemd-analyze verify` and `security --offline` on the rendered
+    /// units (skipped with a notice when systemd-analyze is not installed).
+    /// The exec paths are replaced by /bin/true because verify checks them.
+    #[test]
+    fn systemd_analyze_accepts_units() {
+        if std::process::Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("NOTICE: systemd-analyze not on PATH; skipping unit verification");
+            return;
+        }
+        let full = FULL
+            .replace("/usr/local/lib/cgipool/search", "/bin/true")
+            .replace("/usr/local/lib/cgipool/auth", "/bin/true")
+            .replace("socket_group = \"nginx\"", "socket_group = \"root\"")
+            .replace("user = \"search\"", "user = \"root\"");
+        let c = cfg("x.toml", &full);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let tree = units(&c, d, &BTreeMap::new());
+        let mut check = Vec::new();
+        for (p, e) in &tree.entries {
+            if let Entry::File(s) = e {
+                // Instances of the templates, as systemd would load them;
+                // the watch unit runs a cgipool that is not installed here.
+                let s = &s.replace(crate::config::DEFAULT_GATEWAY, "/bin/true");
+                let name = p.display().to_string();
+                let inst = name.replace("@.", "@1.");
+                fs::write(d.join(&inst), s).unwrap();
+                check.push(d.join(&inst));
+            }
+        }
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(&check)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains(&d.display().to_string()),
+            "systemd-analyze verify:\n{stderr}"
+        );
+        // The default (fully sandboxed) template: exposure 0.2 on systemd
+        // 252, i.e. 2 on the 0..100 scale that --threshold uses.
+        let out = std::process::Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=2", "--no-pager"])
+            .arg(d.join("cgipool-auth@1.service"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "systemd-analyze security:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
