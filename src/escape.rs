@@ -123,14 +123,6 @@ pub fn env_quote(key: &str, value: &str) -> String {
     quote_c(&format!("{key}={value}"), false)
 }
 
-/// Text that goes into a `#` comment line (the header): control characters
-/// become `?`, so the comment cannot end early.
-pub fn comment(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
-
 /// For systemd settings whose parser does NOT expand specifiers
 /// (`CPUQuota=`, `MemoryMax=`, `TasksMax=`): there `%%` would be taken
 /// literally, so `%` must be written as is. Only `[A-Za-z0-9.%]` passes;
@@ -223,11 +215,6 @@ mod tests {
         assert_eq!(no_specifiers("200%"), "200%");
         assert_eq!(no_specifiers("1.5G"), "1.5G");
         assert_eq!(no_specifiers("5%\nX=1"), "5%?X?1");
-    }
-
-    #[test]
-    fn comment_strips_control() {
-        assert_eq!(comment("/etc/a\nb.toml"), "/etc/a?b.toml");
     }
 
     /// Inverse of systemd's handling of one quoted word (specifier `%%`,

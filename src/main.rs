@@ -5,17 +5,19 @@ mod apply;
 mod cgi;
 mod config;
 mod escape;
+mod exec;
 mod files;
-mod lock;
 mod nginx;
 mod plan;
 mod render;
+mod state;
 mod status;
 mod systemd;
 mod watch;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use exec::interrupt::Interrupt;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,14 +56,17 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Set a pool's running count within [min, max].
+    /// Set a pool's running count within [min, max] of the applied config
+    /// (only the count changes: edits of the file that were not applied stay so).
     Scale {
         pool: String,
         count: u32,
+        /// The config file, only to say whether it has edits not applied yet.
         #[arg(long, default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
-        #[command(flatten)]
-        target: Target,
+        /// Seconds to wait for systemd jobs and the nginx reload.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
     },
     /// Per worker state, restarts, PID, memory, CPU, as systemd reports them.
     Status {
@@ -71,7 +76,8 @@ enum Command {
         #[arg(long)]
         runtime: bool,
     },
-    /// Stop and remove everything cgipool made for this config.
+    /// Stop and remove everything cgipool made on this host (the config is
+    /// needed only if nothing was recorded).
     Down {
         #[arg(default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
@@ -88,13 +94,7 @@ enum Command {
     },
     /// The daemon behind cgipool-watch.service: nginx routes follow worker
     /// health, pools scale between min and max, /pool-status and /metrics.
-    Watch {
-        #[arg(default_value = config::DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// The units live in /run/systemd/system (they were applied with --runtime).
-        #[arg(long)]
-        runtime: bool,
-    },
+    Watch,
     /// Serve a classic CGI program (RFC 3875) on the worker's socket, one
     /// fresh process per request (what `protocol = "cgi"` workers run).
     CgiGateway(cgi::Args),
@@ -112,11 +112,12 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-/// Loads and validates a config; its absolute path goes into the headers so
-/// `apply demo.toml` and `apply ./demo.toml` render the same bytes.
-fn load(path: &Path) -> Result<config::Config> {
+/// Loads and validates a config (exit 2 on any error, nothing touched);
+/// returns it with its absolute path and the exact bytes parsed.
+fn load(path: &Path) -> Result<(config::Config, PathBuf, String)> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    config::load(&path).map_err(|e| anyhow::Error::new(Usage(e.to_string())))
+    let (cfg, text) = config::load(&path).map_err(|e| Usage(e.to_string()))?;
+    Ok((cfg, path, text))
 }
 
 fn unit_dir(runtime: bool) -> PathBuf {
@@ -137,26 +138,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { config } => {
-            let cfg = load(&config)?;
+            let (cfg, _, _) = load(&config)?;
             println!("{}: ok ({} pools)", config.display(), cfg.pools.len());
             Ok(())
         }
         Command::CgiGateway(args) => cgi::run(args),
-        Command::Watch {
-            config,
-            runtime: rt,
-        } => {
-            let config = std::path::absolute(&config).unwrap_or(config);
+        Command::Watch => {
             let opts = watch::Options {
-                config,
-                unit_dir: unit_dir(rt),
                 tick: Duration::from_millis(500),
                 grace: Duration::from_secs(1),
             };
             runtime()?.block_on(watch::run(opts))
         }
         Command::Render { config, out } => {
-            let cfg = load(&config)?;
+            let (cfg, _, _) = load(&config)?;
             render_offline(&cfg, &out)
         }
         Command::Apply {
@@ -164,74 +159,39 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
             target,
         } => {
-            let cfg = load(&config)?;
-            let _lock = if dry_run {
-                None
-            } else {
-                Some(lock::acquire(
-                    Path::new(lock::LOCK_PATH),
-                    Duration::from_secs(target.timeout),
-                )?)
-            };
-            let opts = apply::Options {
+            let (cfg, config_path, config_text) = load(&config)?;
+            let req = apply::ApplyRequest {
+                cfg,
+                config_path,
+                config_text,
                 unit_dir: unit_dir(target.runtime),
                 dry_run,
-                counts: BTreeMap::new(),
-                job_timeout: Duration::from_secs(target.timeout),
-                leave_failed: false,
-                exclude: Default::default(),
             };
-            runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
+            let opts = apply::Options::operator(Duration::from_secs(target.timeout));
+            runtime()?.block_on(async {
+                let stop = Interrupt::on_signals()?;
+                apply::apply(req, &opts, &stop).await
+            })
         }
         Command::Scale {
             pool,
             count,
             config,
-            target,
+            timeout,
         } => {
-            let cfg = load(&config)?;
-            let Some(p) = cfg.pools.get(&pool) else {
-                let known: Vec<&String> = cfg.pools.keys().collect();
-                return Err(Usage(format!(
-                    "{}: no pool named {pool:?} (pools: {known:?})",
-                    config.display()
-                ))
-                .into());
-            };
-            if count < p.min || count > p.max {
-                return Err(Usage(format!(
-                    "pool {pool}: {count} is outside [min, max] = [{}, {}] set in {}",
-                    p.min,
-                    p.max,
-                    config.display()
-                ))
-                .into());
-            }
-            let _lock = lock::acquire(
-                Path::new(lock::LOCK_PATH),
-                Duration::from_secs(target.timeout),
-            )?;
-            let opts = apply::Options {
-                unit_dir: unit_dir(target.runtime),
-                dry_run: false,
-                counts: BTreeMap::from([(pool, count)]),
-                job_timeout: Duration::from_secs(target.timeout),
-                leave_failed: false,
-                exclude: Default::default(),
-            };
-            runtime()?.block_on(apply::apply(&cfg, &opts)).map(|_| ())
+            let opts = apply::Options::operator(Duration::from_secs(timeout));
+            runtime()?.block_on(async {
+                let stop = Interrupt::on_signals()?;
+                apply::scale(&pool, count, &config, &opts, &stop).await
+            })
         }
         Command::Down { config, target } => {
-            let cfg = load(&config)?;
-            let _lock = lock::acquire(
-                Path::new(lock::LOCK_PATH),
-                Duration::from_secs(target.timeout),
-            )?;
-            runtime()?.block_on(apply::down(
-                &cfg,
-                &unit_dir(target.runtime),
-                Duration::from_secs(target.timeout),
-            ))
+            let fallback = load(&config).ok().map(|(cfg, _, _)| cfg);
+            let opts = apply::Options::operator(Duration::from_secs(target.timeout));
+            runtime()?.block_on(async {
+                let stop = Interrupt::on_signals()?;
+                apply::down(fallback, &unit_dir(target.runtime), &opts, &stop).await
+            })
         }
         Command::Status {
             pool,
@@ -247,7 +207,9 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "pools": pools }))?
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "intent": status::intent_summary(), "pools": pools })
+                    )?
                 );
             } else {
                 status::print_table(&pools);
@@ -294,6 +256,10 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(u) = e.downcast_ref::<Usage>() {
                 eprintln!("cgipool: {u}");
+                return ExitCode::from(2);
+            }
+            if let Some(r) = e.downcast_ref::<apply::Refused>() {
+                eprintln!("cgipool: {r}");
                 return ExitCode::from(2);
             }
             eprintln!("cgipool: {e:#}");

@@ -7,6 +7,7 @@ use crate::files::write_atomic;
 use crate::render::{is_generated, NginxFiles};
 use crate::systemd::{Job, JobKind, Systemd};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
@@ -17,12 +18,6 @@ use std::time::{Duration, Instant};
 
 /// Where nginx says which generation it serves (on `[nginx].check_address`).
 pub const GENERATION_PATH: &str = "/.cgipool/generation";
-
-/// The bytes of our two files before this run touched them (None: absent).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Saved {
-    files: Vec<(PathBuf, Option<Vec<u8>>)>,
-}
 
 /// The current contents of the upstreams and locations files.
 pub fn current(cfg: &Nginx) -> Result<(Option<String>, Option<String>)> {
@@ -62,30 +57,72 @@ pub fn check_ownership(cfg: &Nginx) -> Result<()> {
     Ok(())
 }
 
-/// Writes both files atomically; returns what was there before.
-pub fn install(cfg: &Nginx, files: &NginxFiles) -> Result<Saved> {
-    check_ownership(cfg)?;
-    let mut saved = Saved { files: Vec::new() };
-    for (path, text) in [
-        (&cfg.upstreams, &files.upstreams),
-        (&cfg.locations, &files.locations),
-    ] {
-        let before = match fs::read(path) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        saved.files.push((path.clone(), before));
-        write_atomic(path, text.as_bytes(), 0o644)?;
-    }
-    Ok(saved)
+/// Our two files as they were before a candidate was installed, recorded
+/// (synced) before the first byte of the candidate is written, so that a run
+/// killed in the middle of a check is undone by the next one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Backup {
+    files: Vec<(PathBuf, Option<String>)>,
 }
 
-/// Puts the saved bytes back (removing files that did not exist).
-pub fn restore(saved: &Saved) -> Result<()> {
-    for (path, before) in &saved.files {
+/// Installs `files`, runs `nginx -t`, and puts the previous files back if
+/// the check fails, or whatever its result unless `keep`.
+pub fn install_checked(
+    cfg: &Nginx,
+    backup_path: &Path,
+    files: &NginxFiles,
+    keep: bool,
+) -> Result<()> {
+    check_ownership(cfg)?;
+    recover(backup_path)?;
+    let backup = Backup {
+        files: vec![
+            (cfg.upstreams.clone(), read_optional(&cfg.upstreams)?),
+            (cfg.locations.clone(), read_optional(&cfg.locations)?),
+        ],
+    };
+    write_atomic(
+        backup_path,
+        serde_json::to_string(&backup)?.as_bytes(),
+        0o600,
+    )
+    .with_context(|| format!("recording the nginx files in {}", backup_path.display()))?;
+    let written = write_atomic(&cfg.upstreams, files.upstreams.as_bytes(), 0o644)
+        .and_then(|()| write_atomic(&cfg.locations, files.locations.as_bytes(), 0o644));
+    let checked = written.and_then(|()| test_config());
+    if checked.is_err() || !keep {
+        restore(&backup).context("putting the previous nginx files back")?;
+    }
+    remove_backup(backup_path)?;
+    checked
+}
+
+/// Puts back what an interrupted `install_checked` recorded; true if it did.
+pub fn recover(backup_path: &Path) -> Result<bool> {
+    let text = match fs::read_to_string(backup_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", backup_path.display())),
+    };
+    let backup: Backup = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an nginx backup", backup_path.display()))?;
+    restore(&backup)?;
+    remove_backup(backup_path)?;
+    Ok(true)
+}
+
+fn remove_backup(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+fn restore(backup: &Backup) -> Result<()> {
+    for (path, before) in &backup.files {
         match before {
-            Some(bytes) => write_atomic(path, bytes, 0o644)?,
+            Some(text) => write_atomic(path, text.as_bytes(), 0o644)?,
             None => match fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -109,26 +146,18 @@ pub fn test_config() -> Result<()> {
     Ok(())
 }
 
-/// The nginx workers that served before a reload; they finish their
-/// requests and exit once the new workers took over.
-#[derive(Debug, Clone, Default)]
-pub struct OldWorkers(BTreeSet<u32>);
-
-impl OldWorkers {
-    /// True once every old worker has exited or begun its graceful shutdown
-    /// (nginx retitles it as it closes its listening sockets): from then on
-    /// only workers with the new configuration accept connections.
-    fn stopped_accepting(&self) -> bool {
-        self.0
-            .iter()
-            .all(|pid| match fs::read(format!("/proc/{pid}/cmdline")) {
-                Ok(c) => {
-                    !String::from_utf8_lossy(&c).starts_with("nginx: worker process")
-                        || String::from_utf8_lossy(&c).contains("shutting down")
-                }
-                Err(_) => true,
-            })
-    }
+/// True once every old worker has exited or begun its graceful shutdown
+/// (nginx retitles it as it closes its listening sockets): from then on
+/// only workers with the new configuration accept connections.
+fn stopped_accepting(old: &BTreeSet<u32>) -> bool {
+    old.iter()
+        .all(|pid| match fs::read(format!("/proc/{pid}/cmdline")) {
+            Ok(c) => {
+                let title = String::from_utf8_lossy(&c);
+                !title.starts_with("nginx: worker process") || title.contains("shutting down")
+            }
+            Err(_) => true,
+        })
 }
 
 /// Reloads nginx through systemd and waits until it serves `generation`
@@ -139,9 +168,9 @@ pub async fn reload_and_verify(
     cfg: &Nginx,
     generation: &str,
     limit: Duration,
-) -> Result<OldWorkers> {
+) -> Result<BTreeSet<u32>> {
     let unit = cfg.unit.as_str();
-    let old = OldWorkers(worker_pids());
+    let old = worker_pids(systemd, unit).await?;
     systemd
         .run_jobs(&[Job::new(JobKind::Reload, unit)], limit)
         .await
@@ -150,7 +179,7 @@ pub async fn reload_and_verify(
     loop {
         // Checked before connecting: if the old workers had stopped
         // accepting by then, a new worker is the one that answers.
-        let only_new = old.stopped_accepting();
+        let only_new = stopped_accepting(&old);
         let last = match fetch_generation(&cfg.check_address) {
             Ok(g) if g == generation && only_new => return Ok(old),
             Ok(g) if g == generation => "old workers still accept connections".to_string(),
@@ -195,11 +224,10 @@ pub fn fetch_generation(addr: &str) -> Result<String> {
 
 /// Waits until every worker from before the reload has exited (they finish
 /// their requests first; `worker_shutdown_timeout` caps that), within `limit`.
-pub async fn wait_old_workers(old: &OldWorkers, limit: Duration) -> Result<()> {
+pub async fn wait_old_workers(old: &BTreeSet<u32>, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let left = old
-            .0
             .iter()
             .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
             .count();
@@ -216,17 +244,20 @@ pub async fn wait_old_workers(old: &OldWorkers, limit: Duration) -> Result<()> {
     }
 }
 
-/// PIDs of the processes titled "nginx: worker process".
-fn worker_pids() -> BTreeSet<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return BTreeSet::new();
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+/// PIDs of the worker processes of nginx's own unit: the processes in its
+/// control group titled "nginx: worker process" (another nginx on the host,
+/// or a process merely named like one, is none of ours).
+async fn worker_pids(systemd: &Systemd, unit: &str) -> Result<BTreeSet<u32>> {
+    let pids = systemd
+        .unit_pids(unit)
+        .await
+        .with_context(|| format!("listing the processes of {unit}"))?;
+    Ok(pids
+        .into_iter()
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).starts_with("nginx: worker process"))
                 .unwrap_or(false)
         })
-        .collect()
+        .collect())
 }

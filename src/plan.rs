@@ -1,47 +1,144 @@
-//! The plan: a pure value saying what `apply` will do to reach the desired
-//! state from the observed one. No I/O; printed by `--dry-run`, unit-tested.
-use crate::render::{Entry, UnitTree};
+//! The plan: a pure value saying what the executor will do to reach the
+//! desired state from the observed one. No I/O; printed by `--dry-run`,
+//! unit-tested. Computed once per run: where nginx must follow what really
+//! started, the plan says so as a step ("route the workers that come up")
+//! and the executor renders the files from what systemd reports then.
+use crate::render::{Entry, NginxFiles, UnitTree};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// What the config wants on the host.
+/// Worker numbers per pool.
+pub type Workers = BTreeMap<String, BTreeSet<u32>>;
+
+/// Renders the nginx files that route to a given set of workers.
+#[derive(Clone)]
+pub struct Routes(Arc<dyn Fn(&Workers) -> NginxFiles + Send + Sync>);
+
+impl Routes {
+    pub fn new(f: impl Fn(&Workers) -> NginxFiles + Send + Sync + 'static) -> Routes {
+        Routes(Arc::new(f))
+    }
+
+    pub fn render(&self, workers: &Workers) -> NginxFiles {
+        (self.0)(workers)
+    }
+}
+
+impl fmt::Debug for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Routes(..)")
+    }
+}
+
+/// What the intent wants on the host.
 #[derive(Debug, Clone)]
 pub struct Desired {
     pub units: UnitTree,
     /// pool → the worker numbers that should run.
-    pub instances: BTreeMap<String, BTreeSet<u32>>,
-    /// The nginx files as they will be once every wanted worker is active.
-    pub nginx: Option<(String, String)>,
+    pub instances: Workers,
+    /// How nginx routes a set of workers; None: nginx is not managed
+    /// (not installed, or its unit is not active).
+    pub routes: Option<Routes>,
+    /// Services nginx must not route to although systemd says they are
+    /// active (watch's health probe failed them).
+    pub exclude: BTreeSet<String>,
+    /// Don't reset and start workers that are `failed` (watch never revives
+    /// what systemd gave up on: that is the operator's apply).
+    pub leave_failed: bool,
+}
+
+/// What nginx has now: its files, and the generation it really serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedNginx {
+    pub upstreams: Option<String>,
+    pub locations: Option<String>,
+    /// What `/.cgipool/generation` answered (None: no answer).
+    pub served: Option<String>,
+}
+
+impl ObservedNginx {
+    pub fn files_match(&self, files: &NginxFiles) -> bool {
+        self.upstreams.as_deref() == Some(files.upstreams.as_str())
+            && self.locations.as_deref() == Some(files.locations.as_str())
+    }
+}
+
+/// Work an earlier run recorded before it began and did not finish: a
+/// daemon-reload and rolling restarts that the unit files on disk no longer
+/// show (they already carry the new bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    pub daemon_reload: bool,
+    pub roll: Vec<Vec<String>>,
+    pub restart_watch: bool,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        *self == Pending::default()
+    }
 }
 
 /// What the host has now.
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
+    /// What an earlier run left to do.
+    pub pending: Pending,
+    /// The unit directory's entries that carry cgipool's header (and links).
     pub files: BTreeMap<PathBuf, Entry>,
-    /// unit name → ActiveState, for every loaded cgipool unit.
+    /// unit name → ActiveState, for every loaded cgipool-* unit.
     pub active: BTreeMap<String, String>,
-    pub nginx: Option<(Option<String>, Option<String>)>,
+    /// None: nginx is not installed or its unit is not active.
+    pub nginx: Option<ObservedNginx>,
+}
+
+impl Observed {
+    fn state(&self, unit: &str) -> Option<&str> {
+        self.active.get(unit).map(String::as_str)
+    }
+
+    fn is_active(&self, unit: &str) -> bool {
+        self.state(unit) == Some("active")
+    }
+}
+
+/// Routing the workers that come up: after the starts, the executor asks
+/// systemd which wanted workers are active, renders the files for them,
+/// installs them (nginx -t) if they differ, and reloads nginx if the
+/// generation it serves differs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The files if every worker the plan starts comes up.
+    pub expected: NginxFiles,
+    /// How many workers that is.
+    pub workers: usize,
+    pub write: bool,
+    pub reload: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// `nginx -t` of the expected files before any unit changes.
+    pub nginx_check: bool,
     /// Files and links to create or replace (relative to the unit dir).
     pub write: Vec<PathBuf>,
     /// Links of instances that go away (removed with the writes).
     pub unlink: Vec<PathBuf>,
-    /// Unit files of pools that go away (removed at the end).
-    pub remove: Vec<PathBuf>,
     pub daemon_reload: bool,
+    /// Units in `start` that are `failed` now: reset first (start limits).
+    pub reset_failed: Vec<String>,
     /// Units to start, in order (targets, then sockets before services).
     pub start: Vec<String>,
     /// Services (or socket+service pairs) to restart one at a time.
     pub roll: Vec<Vec<String>>,
-    /// Units to stop after nginx stopped sending them traffic.
+    /// nginx follows the workers that came up.
+    pub route: Option<Route>,
+    /// Units to stop once nginx no longer sends them traffic.
     pub stop: Vec<String>,
-    pub nginx_write: bool,
-    /// Units in `start` that are `failed` now: reset first (start limits).
-    pub reset_failed: Vec<String>,
+    /// Unit files of pools that go away (removed at the end).
+    pub remove: Vec<PathBuf>,
     /// Start or restart the watch daemon, last of all.
     pub watch: Option<WatchAction>,
 }
@@ -93,8 +190,8 @@ pub fn parse_instance(unit: &str) -> Option<(&str, u32, &str)> {
 }
 
 /// The worker numbers a pool target wants, read from its `.wants` links.
-pub fn instances_on_disk(files: &BTreeMap<PathBuf, Entry>) -> BTreeMap<String, BTreeSet<u32>> {
-    let mut out: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+pub fn instances_on_disk(files: &BTreeMap<PathBuf, Entry>) -> Workers {
+    let mut out: Workers = BTreeMap::new();
     for path in files.keys() {
         let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             continue;
@@ -112,45 +209,47 @@ pub fn instances_on_disk(files: &BTreeMap<PathBuf, Entry>) -> BTreeMap<String, B
     out
 }
 
-/// Units cgipool manages: its top target, and the pool targets and worker
-/// instances of pools that are configured or still have generated files.
-/// Anything else named cgipool-* is left alone.
-fn is_ours(unit: &str, desired: &Desired, observed: &Observed) -> bool {
-    let known = |pool: &str| {
-        desired.instances.contains_key(pool)
-            || observed
-                .files
-                .contains_key(&PathBuf::from(format!("cgipool-{pool}@.service")))
+/// `1..=n` per pool.
+pub fn numbered(counts: &BTreeMap<String, u32>) -> Workers {
+    counts
+        .iter()
+        .map(|(p, &n)| (p.clone(), (1..=n).collect()))
+        .collect()
+}
+
+/// The wanted workers whose service unit satisfies `pred`.
+pub fn workers_where(wanted: &Workers, pred: impl Fn(&str) -> bool) -> Workers {
+    wanted
+        .iter()
+        .map(|(pool, ns)| {
+            let up = ns
+                .iter()
+                .copied()
+                .filter(|&n| pred(&service(pool, n)))
+                .collect();
+            (pool.clone(), up)
+        })
+        .collect()
+}
+
+/// Units cgipool made: those whose own unit file, or whose template's,
+/// carries cgipool's header. Anything else named cgipool-* is left alone.
+pub fn is_ours(unit: &str, files: &BTreeMap<PathBuf, Entry>) -> bool {
+    let file = match parse_instance(unit) {
+        Some((pool, _, kind)) => format!("cgipool-{pool}@.{kind}"),
+        None => unit.to_string(),
     };
-    if unit == "cgipool.target" || unit == WATCH_UNIT {
-        return true;
-    }
-    if let Some((pool, _, kind)) = parse_instance(unit) {
-        return (kind == "service" || kind == "socket") && known(pool);
-    }
-    match unit
-        .strip_prefix("cgipool-")
-        .and_then(|r| r.strip_suffix(".target"))
-    {
-        Some(pool) => known(pool),
-        None => false,
-    }
+    matches!(files.get(&PathBuf::from(file)), Some(Entry::File(_)))
 }
 
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut p = Plan::default();
-    let is_active = |u: &str| {
-        observed
-            .active
-            .get(u)
-            .map(|s| s == "active")
-            .unwrap_or(false)
-    };
     let is_link = |path: &PathBuf| {
         path.parent()
             .map(|d| !d.as_os_str().is_empty())
             .unwrap_or(false)
     };
+    let failed = |u: &str| observed.state(u) == Some("failed");
 
     for (path, entry) in &desired.units.entries {
         if observed.files.get(path) != Some(entry) {
@@ -166,43 +265,43 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
-    p.daemon_reload = !p.write.is_empty() || !p.unlink.is_empty();
+    p.daemon_reload = !p.write.is_empty() || !p.unlink.is_empty() || observed.pending.daemon_reload;
 
     // Start: targets first, then each new worker's socket and service.
-    let mut targets = vec!["cgipool.target".to_string()];
+    let mut targets = Vec::new();
+    if desired
+        .units
+        .entries
+        .contains_key(&PathBuf::from("cgipool.target"))
+    {
+        targets.push("cgipool.target".to_string());
+    }
     targets.extend(desired.instances.keys().map(|pool| pool_target(pool)));
     p.start
-        .extend(targets.into_iter().filter(|t| !is_active(t)));
+        .extend(targets.into_iter().filter(|t| !observed.is_active(t)));
     let mut starting = BTreeSet::new();
     for (pool, ns) in &desired.instances {
         for &n in ns {
-            if !is_active(&socket(pool, n)) {
-                p.start.push(socket(pool, n));
-            }
-            if !is_active(&service(pool, n)) {
-                p.start.push(service(pool, n));
-                starting.insert(service(pool, n));
+            for unit in [socket(pool, n), service(pool, n)] {
+                if observed.is_active(&unit) || (desired.leave_failed && failed(&unit)) {
+                    continue;
+                }
+                if unit.ends_with(".service") {
+                    starting.insert(unit.clone());
+                }
+                p.start.push(unit);
             }
         }
     }
+    p.reset_failed = p.start.iter().filter(|u| failed(u)).cloned().collect();
 
-    p.reset_failed = p
-        .start
-        .iter()
-        .filter(|u| {
-            observed
-                .active
-                .get(*u)
-                .map(|s| s == "failed")
-                .unwrap_or(false)
-        })
-        .cloned()
-        .collect();
     let watch_path = PathBuf::from(WATCH_UNIT);
     if desired.units.entries.contains_key(&watch_path) {
-        if !is_active(WATCH_UNIT) {
+        if !observed.is_active(WATCH_UNIT) {
             p.watch = Some(WatchAction::Start);
-        } else if observed.files.contains_key(&watch_path) && p.write.contains(&watch_path) {
+        } else if (observed.files.contains_key(&watch_path) && p.write.contains(&watch_path))
+            || observed.pending.restart_watch
+        {
             p.watch = Some(WatchAction::Restart);
         }
     }
@@ -219,7 +318,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             continue;
         }
         for &n in ns {
-            if starting.contains(&service(pool, n)) {
+            if starting.contains(&service(pool, n)) || !observed.is_active(&service(pool, n)) {
                 continue;
             }
             if socket_changed {
@@ -229,15 +328,38 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
+    // Rolls an earlier run recorded and did not get to, for workers that
+    // are still wanted and running (the others start fresh anyway).
+    let wanted_service = |unit: &str| {
+        parse_instance(unit)
+            .map(|(pool, n, _)| {
+                desired
+                    .instances
+                    .get(pool)
+                    .map(|ns| ns.contains(&n))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false)
+    };
+    for group in &observed.pending.roll {
+        let Some(svc) = group.iter().find(|u| u.ends_with(".service")) else {
+            continue;
+        };
+        if wanted_service(svc)
+            && observed.is_active(svc)
+            && !starting.contains(svc)
+            && !p.roll.iter().any(|g| g.contains(svc))
+        {
+            p.roll.push(group.clone());
+        }
+    }
 
-    // Stop: every loaded cgipool unit that is running but not wanted.
-    let mut wanted: BTreeSet<String> = BTreeSet::from(["cgipool.target".to_string()]);
-    if desired
-        .units
-        .entries
-        .contains_key(&PathBuf::from(WATCH_UNIT))
-    {
-        wanted.insert(WATCH_UNIT.to_string());
+    // Stop: every unit of ours that is running but not wanted.
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    for unit in ["cgipool.target", WATCH_UNIT] {
+        if desired.units.entries.contains_key(&PathBuf::from(unit)) {
+            wanted.insert(unit.to_string());
+        }
     }
     for (pool, ns) in &desired.instances {
         wanted.insert(pool_target(pool));
@@ -249,19 +371,32 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut stop: Vec<&String> = observed
         .active
         .iter()
-        .filter(|(unit, _)| is_ours(unit, desired, observed))
+        .filter(|(unit, _)| is_ours(unit, &observed.files))
         .filter(|(unit, state)| {
             !wanted.contains(*unit) && state.as_str() != "inactive" && state.as_str() != "failed"
         })
         .map(|(unit, _)| unit)
         .collect();
-    // Services before their sockets, targets last.
     stop.sort_by_key(|u| stop_order(u));
     p.stop = stop.into_iter().cloned().collect();
 
-    if let (Some(want), Some(have)) = (&desired.nginx, &observed.nginx) {
-        p.nginx_write = have.0.as_deref() != Some(want.0.as_str())
-            || have.1.as_deref() != Some(want.1.as_str());
+    // nginx: the workers that are active now or started by this plan.
+    if let (Some(routes), Some(have)) = (&desired.routes, &observed.nginx) {
+        let expected_workers = workers_where(&desired.instances, |unit| {
+            !desired.exclude.contains(unit) && (starting.contains(unit) || observed.is_active(unit))
+        });
+        let expected = routes.render(&expected_workers);
+        let write = !have.files_match(&expected);
+        let reload = have.served.as_deref() != Some(expected.generation.as_str());
+        if write || reload || !starting.is_empty() {
+            p.nginx_check = write;
+            p.route = Some(Route {
+                workers: expected_workers.values().map(BTreeSet::len).sum(),
+                expected,
+                write,
+                reload,
+            });
+        }
     }
     p
 }
@@ -271,17 +406,23 @@ impl fmt::Display for Plan {
         if self.is_empty() {
             return writeln!(f, "no changes");
         }
+        if self.nginx_check {
+            writeln!(
+                f,
+                "nginx   check the new upstreams and locations (nginx -t)"
+            )?;
+        }
         for w in &self.write {
             writeln!(f, "write   {}", w.display())?;
         }
         for w in &self.unlink {
             writeln!(f, "unlink  {}", w.display())?;
         }
-        if self.nginx_write {
-            writeln!(f, "nginx   write upstreams and locations, nginx -t, reload")?;
-        }
         if self.daemon_reload {
             writeln!(f, "systemd daemon-reload")?;
+        }
+        for u in &self.reset_failed {
+            writeln!(f, "reset-failed {u}")?;
         }
         for u in &self.start {
             writeln!(f, "start   {u}")?;
@@ -289,8 +430,24 @@ impl fmt::Display for Plan {
         for group in &self.roll {
             writeln!(f, "restart {}", group.join(" + "))?;
         }
-        for u in &self.reset_failed {
-            writeln!(f, "reset-failed {u}")?;
+        if let Some(r) = &self.route {
+            let mut what = Vec::new();
+            if r.write {
+                what.push("write the files");
+            }
+            if r.reload {
+                what.push("reload");
+            }
+            if what.is_empty() {
+                what.push("check");
+            }
+            writeln!(
+                f,
+                "nginx   route the workers that come up ({} expected): {}, generation {}",
+                r.workers,
+                what.join(", "),
+                r.expected.generation
+            )?;
         }
         for u in &self.stop {
             writeln!(f, "stop    {u}")?;
@@ -360,8 +517,37 @@ mod tests {
         Desired {
             units: tree(&refs),
             instances: BTreeMap::from([("search".to_string(), (1..=n).collect())]),
-            nginx: Some(("up".into(), "loc".into())),
+            routes: Some(fixed_routes()),
+            exclude: BTreeSet::new(),
+            leave_failed: false,
         }
+    }
+
+    fn files(gen: &str) -> NginxFiles {
+        NginxFiles {
+            upstreams: "up".into(),
+            locations: format!("loc {gen}"),
+            generation: gen.into(),
+        }
+    }
+
+    /// Routes whose generation counts the routed workers.
+    fn fixed_routes() -> Routes {
+        Routes::new(|w: &Workers| {
+            files(&format!(
+                "g{}",
+                w.values().map(BTreeSet::len).sum::<usize>()
+            ))
+        })
+    }
+
+    fn served(gen: &str) -> Option<ObservedNginx> {
+        let f = files(gen);
+        Some(ObservedNginx {
+            upstreams: Some(f.upstreams),
+            locations: Some(f.locations),
+            served: Some(gen.into()),
+        })
     }
 
     fn observed_from(d: &Desired) -> Observed {
@@ -373,10 +559,12 @@ mod tests {
                 active.insert(service(pool, n), "active".into());
             }
         }
+        let n: usize = d.instances.values().map(BTreeSet::len).sum();
         Observed {
+            pending: Pending::default(),
             files: d.units.entries.clone(),
             active,
-            nginx: Some((Some("up".into()), Some("loc".into()))),
+            nginx: served(&format!("g{n}")),
         }
     }
 
@@ -394,11 +582,13 @@ mod tests {
         let p = plan(
             &d,
             &Observed {
-                nginx: Some((None, None)),
+                nginx: Some(ObservedNginx::default()),
                 ..Observed::default()
             },
         );
-        assert!(p.daemon_reload && p.nginx_write);
+        assert!(p.daemon_reload && p.nginx_check);
+        let route = p.route.as_ref().unwrap();
+        assert!(route.write && route.reload && route.workers == 2);
         assert_eq!(p.write.len(), d.units.entries.len());
         assert_eq!(
             p.start,
@@ -461,7 +651,9 @@ mod tests {
                 Entry::File("# Generated by cgipool\n".into()),
             )]),
             instances: BTreeMap::new(),
-            nginx: Some(("up".into(), "loc".into())),
+            routes: Some(fixed_routes()),
+            exclude: BTreeSet::new(),
+            leave_failed: false,
         };
         let p = plan(&after, &observed_from(&before));
         assert_eq!(

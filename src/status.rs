@@ -1,7 +1,9 @@
 //! status: what systemd says about each pool and worker, read over D-Bus,
-//! next to the count each pool target wants (from the unit directory).
+//! next to the count each pool runs in the recorded intent (or, with none,
+//! what the unit directory's pool targets want), and the config it came from.
 use crate::files;
 use crate::plan;
+use crate::state::{self, Decision, Paths};
 use crate::systemd::{ServiceDetails, Systemd};
 use anyhow::Result;
 use serde::Serialize;
@@ -14,7 +16,8 @@ pub struct PoolStatus {
     pub wanted: usize,
     pub healthy: usize,
     /// What `cgipool watch` last decided for this pool, and why.
-    pub last_decision: Option<crate::watch::DecisionRecord>,
+    /// The last change of the count (by apply, scale or watch), and why.
+    pub last_decision: Option<Decision>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -27,8 +30,11 @@ pub struct WorkerStatus {
 
 pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStatus>> {
     let systemd = Systemd::connect().await?;
-    let disk = files::read_unit_dir(unit_dir)?;
-    let wanted = plan::instances_on_disk(&disk.entries);
+    let paths = Paths::host();
+    let wanted = match state::read_intent(&paths).ok().flatten() {
+        Some(intent) => plan::numbered(&intent.counts),
+        None => plan::instances_on_disk(&files::read_unit_dir(unit_dir)?.entries),
+    };
     let units = systemd.list(&["cgipool-*@*.service"]).await?;
     let details = systemd.service_details(&units).await?;
     let mut pools: BTreeMap<String, PoolStatus> = wanted
@@ -69,7 +75,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         .into_values()
         .filter(|p| only.map(|o| o == p.pool).unwrap_or(true))
         .collect();
-    let decisions = crate::watch::read_decisions();
+    let decisions = state::last_decisions(&paths);
     for p in &mut out {
         p.last_decision = decisions.get(&p.pool).cloned();
         p.workers.sort_by_key(|w| {
@@ -114,7 +120,28 @@ fn since(usec: Option<u64>) -> String {
     }
 }
 
+/// Where the recorded intent came from, for the top of `cgipool status`.
+pub fn intent_summary() -> Option<serde_json::Value> {
+    let i = state::read_intent(&Paths::host()).ok().flatten()?;
+    Some(serde_json::json!({
+        "config": i.config_path,
+        "serial": i.serial,
+        "written_by": i.written_by,
+        "at_unix": i.at_unix,
+        "unit_dir": i.unit_dir,
+    }))
+}
+
 pub fn print_table(pools: &[PoolStatus]) {
+    if let Some(i) = intent_summary() {
+        println!(
+            "intent {} from {} (recorded by {}, units in {})",
+            i["serial"],
+            i["config"].as_str().unwrap_or("?"),
+            i["written_by"].as_str().unwrap_or("?"),
+            i["unit_dir"].as_str().unwrap_or("?")
+        );
+    }
     if pools.is_empty() {
         println!("no cgipool pools on this host");
     }
@@ -126,8 +153,8 @@ pub fn print_table(pools: &[PoolStatus]) {
         if let Some(d) = &p.last_decision {
             let ago = now_unix().saturating_sub(d.at_unix);
             println!(
-                "  watch scaled {} -> {} {ago}s ago: {}",
-                d.from, d.to, d.reason
+                "  {} scaled {} -> {} {ago}s ago: {}",
+                d.by, d.from, d.to, d.reason
             );
         }
         println!(

@@ -75,6 +75,12 @@ impl Job {
 /// 128 pending replies per connection).
 const MAX_CALLS_IN_FLIGHT: usize = 64;
 
+/// Jobs queued and not yet finished at most. systemd adds a D-Bus match rule
+/// for every job a client is waiting on, and dbus-daemon refuses PID 1 more
+/// than 512 (max_match_rules_per_connection): past that systemd loses the
+/// bus (seen with 800 start jobs queued at once).
+const MAX_PENDING_JOBS: usize = 128;
+
 pub struct Systemd {
     conn: zbus::Connection,
     manager: ManagerProxy<'static>,
@@ -185,40 +191,17 @@ impl Systemd {
         Ok(())
     }
 
-    /// Queues every job at once (the bus pipelines the calls), then waits
-    /// until each one is removed; returns the ones that did not end `done`.
+    /// Queues the jobs in order, at most MAX_PENDING_JOBS unfinished at a
+    /// time (the bus pipelines the calls), and waits until each one is
+    /// removed; returns the ones that did not end `done`.
     async fn queue_and_wait(
         &self,
         jobs: &[Job],
         pending: &mut HashMap<String, Job>,
         removed: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
     ) -> Result<Vec<String>> {
-        // At most 64 calls in flight: the bus refuses more than 128 pending
-        // replies per connection (LimitsExceeded with 100 workers = 200 jobs).
-        let queued: Vec<(&Job, zbus::Result<zbus::OwnedObjectPath>)> =
-            futures_util::stream::iter(jobs)
-                .map(|job| async move {
-                    let (name, mode) = (job.unit.clone(), "replace".to_string());
-                    let path = match job.kind {
-                        JobKind::Start => self.manager.start_unit(name, mode).await,
-                        JobKind::Stop => self.manager.stop_unit(name, mode).await,
-                        JobKind::Restart => self.manager.restart_unit(name, mode).await,
-                        JobKind::Reload => self.manager.reload_unit(name, mode).await,
-                    };
-                    (job, path)
-                })
-                .buffer_unordered(MAX_CALLS_IN_FLIGHT)
-                .collect()
-                .await;
-        for (job, path) in queued {
-            let path = path.with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
-            pending.insert(path.to_string(), job.clone());
-        }
         let mut failures = Vec::new();
-        while !pending.is_empty() {
-            let Some((path, result)) = removed.recv().await else {
-                bail!("the JobRemoved stream ended");
-            };
+        let mut finished = |pending: &mut HashMap<String, Job>, path: String, result: String| {
             if let Some(job) = pending.remove(&path) {
                 if result != "done" {
                     failures.push(format!(
@@ -227,9 +210,58 @@ impl Systemd {
                     ));
                 }
             }
+        };
+        let mut next = 0;
+        while next < jobs.len() || !pending.is_empty() {
+            let room = MAX_PENDING_JOBS.saturating_sub(pending.len());
+            if next < jobs.len() && room > 0 {
+                let batch = &jobs[next..jobs.len().min(next + room)];
+                next += batch.len();
+                // At most 64 calls in flight: the bus refuses more than 128
+                // pending replies per connection.
+                let queued: Vec<(&Job, zbus::Result<zbus::OwnedObjectPath>)> =
+                    futures_util::stream::iter(batch)
+                        .map(|job| async move {
+                            let (name, mode) = (job.unit.clone(), "replace".to_string());
+                            let path = match job.kind {
+                                JobKind::Start => self.manager.start_unit(name, mode).await,
+                                JobKind::Stop => self.manager.stop_unit(name, mode).await,
+                                JobKind::Restart => self.manager.restart_unit(name, mode).await,
+                                JobKind::Reload => self.manager.reload_unit(name, mode).await,
+                            };
+                            (job, path)
+                        })
+                        .buffer_unordered(MAX_CALLS_IN_FLIGHT)
+                        .collect()
+                        .await;
+                for (job, path) in queued {
+                    let path =
+                        path.with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
+                    pending.insert(path.to_string(), job.clone());
+                }
+                // Jobs of this batch may be gone already: their signals wait here.
+                while let Ok((path, result)) = removed.try_recv() {
+                    finished(pending, path, result);
+                }
+                continue;
+            }
+            let Some((path, result)) = removed.recv().await else {
+                bail!("the JobRemoved stream ended");
+            };
+            finished(pending, path, result);
         }
         failures.sort();
         Ok(failures)
+    }
+
+    /// PIDs of every process in a unit's control group.
+    pub async fn unit_pids(&self, unit: &str) -> Result<Vec<u32>> {
+        let procs = self
+            .manager
+            .get_unit_processes(unit.to_string())
+            .await
+            .with_context(|| format!("GetUnitProcesses({unit})"))?;
+        Ok(procs.into_iter().map(|(_, pid, _)| pid).collect())
     }
 
     /// Fresh (uncached) Unit and Service properties of each unit, fetched

@@ -40,10 +40,10 @@ pub use model::{Config, Nginx, Pool, Protocol, DEFAULT_CONFIG, DEFAULT_GATEWAY};
 use diag::Cx;
 use sections::parse_root;
 
-/// Read and validate a config file.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+/// Read and validate a config file; returns it with the exact text parsed.
+pub fn load(path: &Path) -> Result<(Config, String), ConfigError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(path, &text),
+        Ok(text) => parse(path, &text).map(|cfg| (cfg, text)),
         Err(e) => Err(ConfigError {
             diagnostics: vec![Diagnostic {
                 file: path.to_path_buf(),

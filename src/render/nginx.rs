@@ -74,7 +74,7 @@ fn nginx_time(systemd: &str, extra_usec: u64) -> String {
 /// sha256(upstreams ‖ locations-with-an-empty-generation), i.e. it covers
 /// everything in both files except itself.
 pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
-    let header = header(&cfg.source);
+    let header = header();
     let mut upstreams = Vec::new();
     let mut locations = Vec::new();
     for (name, pool) in &cfg.pools {

@@ -1,118 +1,43 @@
 //! watch: the daemon that keeps pools healthy and sized. It follows
 //! systemd's signals (no tight polling for health), samples each worker
 //! socket's queue (sock_diag) for load, takes unhealthy workers out of nginx
-//! and puts them back, and scales pools between min and max. Every change
-//! goes through `apply` — the same code path and lock as `cgipool apply` and
-//! `cgipool scale` — so they never fight. Serves /pool-status and /metrics.
+//! and puts them back, and scales pools between min and max.
+//!
+//! watch acts only on the intent `cgipool apply` recorded (never on the
+//! config file, never on an older config): every change it makes is a
+//! converge under the same lock as apply and scale, and a scaling decision
+//! changes only a count in the intent, and only if that count is still the
+//! one the decision was based on. A converge that fails is retried. Its
+//! watchdog is fed by a task of its own, so a long drain inside a converge
+//! does not look like a hang. Serves /pool-status and /metrics.
 mod notify;
 mod probe;
 pub mod scaler;
 mod server;
 mod sockdiag;
+mod view;
 
 use crate::apply;
 use crate::config::{self, Config, Pool};
-use crate::files;
-use crate::lock;
+use crate::exec::interrupt::Interrupt;
 use crate::plan;
-use crate::systemd::{ServiceDetails, Systemd, UnitState};
+use crate::state::{self, Decision, Intent, Paths, RUN_DIR, WATCH_SOCKET};
+use crate::systemd::{Job, JobKind, ServiceDetails, Systemd, UnitState};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
-use scaler::{Decision, Policy, Sample, Scaler};
-use serde::{Deserialize, Serialize};
+use scaler::{Policy, Sample, Scaler};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-pub const SOCKET: &str = "/run/cgipool/watch.sock";
-/// The last scaling decision per pool, for `cgipool status`.
-pub const STATE_FILE: &str = "/run/cgipool/watch-state.json";
-/// The config as last applied: watch acts on what the operator applied, not
-/// on edits that were not applied yet.
-pub const APPLIED_CONFIG: &str = "/var/lib/cgipool/applied.toml";
-const SOCKET_ROOT: &str = "/run/cgipool/";
+use std::time::{Duration, Instant};
+pub use view::{PoolView, Snapshot, WorkerView};
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub config: PathBuf,
-    pub unit_dir: PathBuf,
     /// How often load is sampled.
     pub tick: Duration,
     /// How long a worker may be starting or restarting before it leaves nginx.
     pub grace: Duration,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Snapshot {
-    pub generated_at: u64,
-    pub pools: Vec<PoolView>,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PoolView {
-    pub pool: String,
-    pub min: u32,
-    pub max: u32,
-    pub wanted: u32,
-    pub healthy: u32,
-    pub queue_depth: u32,
-    pub scale_events: u64,
-    pub last_decision: Option<DecisionRecord>,
-    pub workers: Vec<WorkerView>,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct WorkerView {
-    pub worker: String,
-    pub unit: String,
-    pub active_state: String,
-    pub sub_state: String,
-    pub healthy: bool,
-    pub busy: bool,
-    pub waiting: u32,
-    pub n_restarts: Option<u32>,
-    pub main_pid: Option<u32>,
-    pub memory_bytes: Option<u64>,
-    pub cpu_nsec: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DecisionRecord {
-    pub from: u32,
-    pub to: u32,
-    pub reason: String,
-    pub at_unix: u64,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// The config watch acts on: the snapshot `apply` saved, parsed as if it
-/// were the config file (so rendered headers stay the same), else the file.
-pub fn load_applied(path: &Path) -> Result<Config> {
-    match std::fs::read_to_string(APPLIED_CONFIG) {
-        Ok(text) => config::parse(path, &text)
-            .map_err(|e| anyhow::anyhow!("{APPLIED_CONFIG} (as {}): {e}", path.display())),
-        Err(_) => config::load(path).map_err(|e| anyhow::anyhow!("{e}")),
-    }
-}
-
-/// Saves the config text `apply` just carried out, for watch.
-pub fn save_applied(cfg: &Config) -> Result<()> {
-    let text = std::fs::read_to_string(&cfg.source)?;
-    // Only if the file still says what was applied.
-    let unchanged = std::fs::read_to_string(APPLIED_CONFIG)
-        .map(|t| t == text)
-        .unwrap_or(false);
-    if !unchanged && config::parse(&cfg.source, &text).ok().as_ref() == Some(cfg) {
-        files::write_atomic(Path::new(APPLIED_CONFIG), text.as_bytes(), 0o600)?;
-    }
-    Ok(())
 }
 
 fn policy(pool: &Pool) -> Policy {
@@ -129,31 +54,47 @@ fn policy(pool: &Pool) -> Policy {
     }
 }
 
+/// What a converge changes in the intent first.
+enum Change {
+    None,
+    /// A scaling decision, carried out only if the pool still runs `from`.
+    Scale {
+        pool: String,
+        decision: scaler::Decision,
+    },
+    /// After converging, have systemd restart this unit (its probe failed).
+    Restart(String),
+}
+
 /// What watch keeps between ticks.
-struct Watcher {
+pub(crate) struct Watcher {
     opts: Options,
+    paths: Paths,
     cfg: Config,
+    /// The intent watch last read (None: nothing applied yet).
+    intent: Option<Intent>,
+    /// The intent serial the last successful converge reached.
+    converged: Option<u64>,
+    /// After a failed converge: not before this instant, and how many failed in a row.
+    retry_at: Option<Instant>,
+    failures: u32,
     scalers: BTreeMap<String, Scaler>,
-    /// Count per pool as last seen on disk (a change by anyone resets the window).
+    /// Count per pool in the intent (a change by anyone resets the window).
     counts: BTreeMap<String, u32>,
     /// Since when each non-active worker has been non-active.
     down_since: HashMap<String, Instant>,
-    /// The active workers per pool the last time apply ran.
-    routed: Option<BTreeMap<String, BTreeSet<u32>>>,
-    decisions: BTreeMap<String, DecisionRecord>,
+    /// The active workers per pool the last time a converge succeeded.
+    routed: Option<plan::Workers>,
+    decisions: BTreeMap<String, Decision>,
     scale_events: BTreeMap<String, u64>,
     details: BTreeMap<String, ServiceDetails>,
     details_at: Option<Instant>,
-    /// ActiveState/SubState per service from the latest ListUnitsByPatterns
-    /// (fresh every step; `details` lags up to 2 s).
+    /// ActiveState/SubState per service from the latest ListUnitsByPatterns.
     states: BTreeMap<String, UnitState>,
     /// Probe state per service unit, for pools with a health_path.
     probes: HashMap<String, ProbeState>,
     /// Services the probe failed: out of nginx until they answer again.
     unhealthy: BTreeSet<String>,
-    /// mtime of the applied config last read: a later apply (new pools,
-    /// other limits) is picked up on the next step.
-    config_stamp: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -162,8 +103,19 @@ struct ProbeState {
     next_at: Option<Instant>,
 }
 
+/// The empty config watch shows before anything is applied.
+fn no_config() -> Result<Config> {
+    config::parse(Path::new("(nothing applied yet)"), "")
+        .map_err(|e| anyhow::anyhow!("the empty config does not parse: {e}"))
+}
+
 pub async fn run(opts: Options) -> Result<()> {
-    let cfg = load_applied(&opts.config)?;
+    let paths = Paths::host();
+    let intent = state::read_intent(&paths)?;
+    let cfg = match &intent {
+        Some(i) => i.config()?,
+        None => no_config()?,
+    };
     let systemd = Systemd::connect().await?;
     // Drain systemd's signals in their own task: a stream nobody reads
     // fills up and stalls the whole bus connection (method replies too).
@@ -179,28 +131,44 @@ pub async fn run(opts: Options) -> Result<()> {
     let server_state = Arc::clone(&snapshot);
     let group = cfg.nginx.socket_group.clone();
     let server =
-        tokio::spawn(async move { server::serve(Path::new(SOCKET), &group, server_state).await });
-    let mut notifier = notify::Notifier::from_env();
+        tokio::spawn(
+            async move { server::serve(Path::new(WATCH_SOCKET), &group, server_state).await },
+        );
+    // The watchdog is fed as long as the runtime runs, converges included
+    // (they wait on systemd and nginx for up to minutes).
+    let notifier = notify::Notifier::from_env();
+    let pinger = notifier.clone();
+    tokio::spawn(async move {
+        let mut pinger = pinger;
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            pinger.ping();
+        }
+    });
     let mut w = Watcher {
-        scalers: cfg
-            .pools
-            .iter()
-            .map(|(n, p)| (n.clone(), Scaler::new(policy(p))))
-            .collect(),
-        cfg,
-        opts,
+        scalers: BTreeMap::new(),
         counts: BTreeMap::new(),
+        decisions: state::last_decisions(&paths),
+        cfg,
+        intent: None,
+        converged: None,
+        retry_at: None,
+        failures: 0,
+        paths,
+        opts,
         down_since: HashMap::new(),
         routed: None,
-        decisions: read_decisions(),
         scale_events: BTreeMap::new(),
         details: BTreeMap::new(),
         details_at: None,
         states: BTreeMap::new(),
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
-        config_stamp: applied_stamp(),
     };
+    if let Some(i) = intent {
+        w.set_intent(i);
+    }
     println!(
         "watch: watching {} pools ({})",
         w.cfg.pools.len(),
@@ -223,7 +191,6 @@ pub async fn run(opts: Options) -> Result<()> {
         if server.is_finished() {
             bail!("the status server stopped");
         }
-        notifier.ping();
         w.step(&systemd, sample).await?;
         if let Ok(mut s) = snapshot.lock() {
             *s = w.snapshot_view();
@@ -232,27 +199,17 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Watcher {
-    /// Re-reads the applied config when `apply` saved a new one.
-    fn refresh_config(&mut self) {
-        let stamp = applied_stamp();
-        if stamp == self.config_stamp {
-            return;
-        }
-        self.config_stamp = stamp;
-        match load_applied(&self.opts.config) {
-            Ok(cfg) => {
-                println!(
-                    "watch: the applied config changed; now watching {}",
-                    cfg.pools.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-                self.set_config(cfg);
+    /// Takes the recorded intent; pools whose limits did not change keep
+    /// their window, and a changed count resets it.
+    fn set_intent(&mut self, intent: Intent) {
+        let cfg = match intent.config() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("watch: {e:#}");
+                return;
             }
-            Err(e) => eprintln!("watch: cannot read the applied config: {e:#}"),
-        }
-    }
-
-    /// Takes a config; pools whose limits did not change keep their window.
-    fn set_config(&mut self, cfg: Config) {
+        };
+        let now = Instant::now();
         for (name, pool) in &cfg.pools {
             let p = policy(pool);
             if self
@@ -263,26 +220,60 @@ impl Watcher {
             {
                 self.scalers.insert(name.clone(), Scaler::new(p));
             }
-        }
-        self.scalers.retain(|name, _| cfg.pools.contains_key(name));
-        self.cfg = cfg;
-    }
-
-    async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
-        self.refresh_config();
-        let units: BTreeMap<String, UnitState> =
-            crate::systemd::by_name(systemd.list(&["cgipool-*@*.service"]).await?);
-        let wanted = plan::instances_on_disk(&files::read_unit_dir(&self.opts.unit_dir)?.entries);
-        self.states = units.clone();
-        let now = Instant::now();
-        for (pool, ns) in &wanted {
-            let n = ns.len() as u32;
-            if self.counts.insert(pool.clone(), n) != Some(n) {
-                if let Some(s) = self.scalers.get_mut(pool) {
+            let n = intent.counts.get(name).copied().unwrap_or(pool.min);
+            if self.counts.insert(name.clone(), n) != Some(n) {
+                if let Some(s) = self.scalers.get_mut(name) {
                     s.reset(now);
                 }
             }
         }
+        self.scalers.retain(|name, _| cfg.pools.contains_key(name));
+        self.counts.retain(|name, _| cfg.pools.contains_key(name));
+        self.cfg = cfg;
+        self.intent = Some(intent);
+    }
+
+    /// Re-reads the intent when someone recorded a new one.
+    fn refresh_intent(&mut self) {
+        match state::read_intent(&self.paths) {
+            Ok(Some(i)) => {
+                if self.intent.as_ref().map(|c| c.serial) != Some(i.serial) {
+                    println!(
+                        "watch: intent {} (recorded by {}): watching {}",
+                        i.serial,
+                        i.written_by,
+                        i.counts
+                            .iter()
+                            .map(|(p, n)| format!("{p}={n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    self.set_intent(i);
+                }
+            }
+            Ok(None) => {
+                if self.intent.take().is_some() {
+                    println!("watch: the intent was removed (cgipool down); nothing to watch");
+                    self.counts.clear();
+                    if let Ok(c) = no_config() {
+                        self.cfg = c;
+                    }
+                }
+            }
+            Err(e) => eprintln!("watch: {e:#}"),
+        }
+    }
+
+    async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
+        self.refresh_intent();
+        let Some(intent) = self.intent.clone() else {
+            return Ok(());
+        };
+        let units: BTreeMap<String, UnitState> =
+            crate::systemd::by_name(systemd.list(&["cgipool-*@*.service"]).await?);
+        let wanted = plan::numbered(&intent.counts);
+        self.states = units.clone();
+        let now = Instant::now();
         let (mut active, in_grace) = self.active(&units, &wanted, now);
         self.probe_due(systemd, &active, now).await;
         for unit in &self.unhealthy {
@@ -293,44 +284,72 @@ impl Watcher {
             }
         }
         if sample {
-            let queues = sockdiag::queues(SOCKET_ROOT).unwrap_or_default();
             self.refresh_details(systemd, &units).await;
-            for (pool, ns) in &wanted {
-                let waiting: u32 = ns
-                    .iter()
-                    .map(|n| {
-                        queues
-                            .get(&sock_path(pool, *n))
-                            .map(|q| q.waiting())
-                            .unwrap_or(0)
-                    })
-                    .sum();
-                let Some(scaler) = self.scalers.get_mut(pool) else {
-                    continue;
-                };
-                let decision = scaler.observe(Sample {
-                    at: now,
-                    workers: ns.len() as u32,
-                    waiting,
-                });
-                if let Some(d) = decision {
-                    self.scale(pool, d, &queues_summary(pool, ns, &queues))
-                        .await;
-                    return Ok(());
+            match sockdiag::queues(&format!("{RUN_DIR}/")) {
+                Ok(queues) => {
+                    for (pool, ns) in &wanted {
+                        let waiting: u32 = ns
+                            .iter()
+                            .map(|n| {
+                                queues
+                                    .get(&sock_path(pool, *n))
+                                    .map(|q| q.waiting())
+                                    .unwrap_or(0)
+                            })
+                            .sum();
+                        let Some(scaler) = self.scalers.get_mut(pool) else {
+                            continue;
+                        };
+                        let decision = scaler.observe(Sample {
+                            at: now,
+                            workers: ns.len() as u32,
+                            waiting,
+                        });
+                        if let Some(d) = decision {
+                            println!(
+                                "watch: pool {pool}: scale {} -> {}: {}; queues: {}",
+                                d.from,
+                                d.to,
+                                d.reason,
+                                queues_summary(pool, ns, &queues)
+                            );
+                            let why = format!("scale {pool} {} -> {}", d.from, d.to);
+                            let change = Change::Scale {
+                                pool: pool.clone(),
+                                decision: d,
+                            };
+                            self.converge(systemd, &why, change).await;
+                            if let Some(s) = self.scalers.get_mut(pool) {
+                                s.reset(Instant::now());
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                // Never "nothing waiting": that would shrink pools.
+                Err(e) => {
+                    eprintln!("watch: reading the socket queues failed, no load sample: {e:#}")
                 }
             }
         }
-        // nginx routes to the active workers (apply renders them); wait out
-        // the grace period of a worker systemd is restarting.
-        if self.routed.as_ref() != Some(&active) && !in_grace {
-            let change = diff(&self.routed, &active);
-            if self
-                .converge(
-                    BTreeMap::new(),
-                    &format!("routes follow health ({})", change.join(", ")),
-                )
-                .await
-            {
+        if self.retry_at.map(|t| now < t).unwrap_or(false) {
+            return Ok(());
+        }
+        // Converge when the intent is newer than what the last converge
+        // reached (an apply was cut short, or ours failed), and when routes
+        // must follow health (after a restarting worker's grace period).
+        let behind = self.converged != Some(intent.serial);
+        if behind {
+            let why = format!("intent {} is not converged yet", intent.serial);
+            if self.converge(systemd, &why, Change::None).await {
+                self.routed = Some(active);
+            }
+        } else if self.routed.as_ref() != Some(&active) && !in_grace {
+            let why = format!(
+                "routes follow health ({})",
+                diff(&self.routed, &active).join(", ")
+            );
+            if self.converge(systemd, &why, Change::None).await {
                 self.routed = Some(active);
             }
         }
@@ -453,22 +472,6 @@ impl Watcher {
             .collect()
     }
 
-    /// Routes around a worker the probe failed, then has systemd restart it
-    /// (RestartUnit): never a signal from watch itself.
-    async fn take_out_and_restart(&mut self, systemd: &Systemd, unit: &str) {
-        println!("watch: {unit}: unhealthy; taking it out of nginx and restarting it");
-        if self
-            .converge(BTreeMap::new(), &format!("{unit} failed its probe"))
-            .await
-        {
-            self.routed = None;
-        }
-        let job = crate::systemd::Job::new(crate::systemd::JobKind::Restart, unit);
-        if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
-            eprintln!("watch: restarting {unit}: {e:#}");
-        }
-    }
-
     async fn refresh_details(&mut self, systemd: &Systemd, units: &BTreeMap<String, UnitState>) {
         if self
             .details_at
@@ -484,130 +487,112 @@ impl Watcher {
         }
     }
 
-    async fn scale(&mut self, pool: &str, d: Decision, queues: &str) {
-        println!(
-            "watch: pool {pool}: scale {} -> {}: {}; queues: {queues}",
-            d.from, d.to, d.reason
-        );
-        let counts = BTreeMap::from([(pool.to_string(), d.to)]);
+    /// Routes around a worker the probe failed, then has systemd restart it
+    /// (RestartUnit, under the lock): never a signal from watch itself.
+    async fn take_out_and_restart(&mut self, systemd: &Systemd, unit: &str) {
+        println!("watch: {unit}: unhealthy; taking it out of nginx and restarting it");
         if self
-            .converge(counts, &format!("scale {pool} {} -> {}", d.from, d.to))
+            .converge(
+                systemd,
+                &format!("{unit} failed its probe"),
+                Change::Restart(unit.to_string()),
+            )
             .await
         {
-            *self.scale_events.entry(pool.to_string()).or_default() += 1;
-            self.decisions.insert(
-                pool.to_string(),
-                DecisionRecord {
-                    from: d.from,
-                    to: d.to,
-                    reason: d.reason,
-                    at_unix: now_unix(),
-                },
-            );
-            write_decisions(&self.decisions);
             self.routed = None;
         }
-        if let Some(s) = self.scalers.get_mut(pool) {
-            s.reset(Instant::now());
-        }
     }
 
-    /// One apply under the shared lock; false if it could not run or failed.
-    async fn converge(&mut self, counts: BTreeMap<String, u32>, why: &str) -> bool {
-        let _lock = match lock::acquire(Path::new(lock::LOCK_PATH), Duration::ZERO) {
-            Ok(l) => l,
-            Err(_) => return false, // an operator's apply/scale is running; next tick
+    /// One converge to the recorded intent under the shared lock, after
+    /// `change`; false if it could not run or failed (retried later).
+    async fn converge(&mut self, systemd: &Systemd, why: &str, change: Change) -> bool {
+        let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
+            return false; // an operator's apply/scale is running; next tick
         };
-        match load_applied(&self.opts.config) {
-            Ok(cfg) => self.set_config(cfg),
-            Err(e) => {
-                eprintln!("watch: {why}: cannot read the applied config: {e:#}");
-                return false;
-            }
-        }
-        let opts = apply::Options {
-            unit_dir: self.opts.unit_dir.clone(),
-            dry_run: false,
-            counts,
-            job_timeout: Duration::from_secs(90),
-            leave_failed: true,
-            exclude: self.unhealthy.clone(),
-        };
-        println!("watch: {why}: applying");
-        match apply::apply(&self.cfg, &opts).await {
-            Ok(_) => true,
+        let mut intent = match state::read_intent(&self.paths) {
+            Ok(Some(i)) => i,
+            Ok(None) => return false,
             Err(e) => {
                 eprintln!("watch: {why}: {e:#}");
-                // Routes were still made to follow health; try again on the next change.
+                return false;
+            }
+        };
+        if let Change::Scale { pool, decision } = &change {
+            let now = intent.counts.get(pool).copied();
+            if now != Some(decision.from) {
+                println!(
+                    "watch: pool {pool}: dropping the decision {} -> {}: the intent says {} now (recorded by {})",
+                    decision.from,
+                    decision.to,
+                    now.map(|n| n.to_string()).unwrap_or_else(|| "no such pool".into()),
+                    intent.written_by
+                );
+                drop(lock);
+                self.refresh_intent();
+                return false;
+            }
+            intent.counts.insert(pool.clone(), decision.to);
+            intent.written_by = "watch".into();
+            intent = match state::write_intent(&self.paths, &lock, intent) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("watch: {why}: {e:#}");
+                    return false;
+                }
+            };
+            let d = Decision {
+                at_unix: intent.at_unix,
+                by: "watch".into(),
+                pool: pool.clone(),
+                from: decision.from,
+                to: decision.to,
+                reason: decision.reason.clone(),
+                serial: intent.serial,
+            };
+            if let Err(e) = state::log_decision(&self.paths, &d) {
+                eprintln!("watch: logging the decision: {e:#}");
+            }
+            *self.scale_events.entry(pool.clone()).or_default() += 1;
+            self.decisions.insert(pool.clone(), d);
+            self.routed = None;
+        }
+        self.set_intent(intent.clone());
+        let opts = apply::Options {
+            job_timeout: Duration::from_secs(90),
+            exclude: self.unhealthy.clone(),
+            leave_failed: true,
+        };
+        println!("watch: {why}: converging to intent {}", intent.serial);
+        let result = apply::converge(&self.paths, &lock, &intent, &opts, &Interrupt::never()).await;
+        if let Change::Restart(unit) = &change {
+            let job = Job::new(JobKind::Restart, unit.as_str());
+            if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
+                eprintln!("watch: restarting {unit}: {e:#}");
+            }
+        }
+        match result {
+            Ok(outcome) => {
+                for p in &outcome.problems {
+                    eprintln!("watch: {why}: {p}");
+                }
+                self.converged = Some(intent.serial);
+                self.failures = 0;
+                self.retry_at = None;
                 true
+            }
+            Err(e) => {
+                self.failures += 1;
+                let wait = Duration::from_secs(1 << self.failures.min(5));
+                eprintln!("watch: {why}: {e:#}; trying again in {}s", wait.as_secs());
+                self.retry_at = Some(Instant::now() + wait);
+                false
             }
         }
     }
-
-    fn snapshot_view(&self) -> Snapshot {
-        let queues = sockdiag::queues(SOCKET_ROOT).unwrap_or_default();
-        let pools = self
-            .cfg
-            .pools
-            .values()
-            .map(|p| {
-                let n = self.counts.get(&p.name).copied().unwrap_or(0);
-                let workers: Vec<WorkerView> = (1..=n)
-                    .map(|i| {
-                        let unit = plan::service(&p.name, i);
-                        let d = self.details.get(&unit).cloned().unwrap_or_default();
-                        let (active_state, sub_state) = match self.states.get(&unit) {
-                            Some(u) => (u.active_state.clone(), u.sub_state.clone()),
-                            None => ("inactive".to_string(), "dead".to_string()),
-                        };
-                        let healthy = active_state == "active" && !self.unhealthy.contains(&unit);
-                        let waiting = queues
-                            .get(&sock_path(&p.name, i))
-                            .map(|q| q.waiting())
-                            .unwrap_or(0);
-                        WorkerView {
-                            worker: format!("{}@{i}", p.name),
-                            healthy,
-                            busy: waiting > 0,
-                            waiting,
-                            unit,
-                            active_state,
-                            sub_state,
-                            n_restarts: d.n_restarts,
-                            main_pid: d.main_pid,
-                            memory_bytes: d.memory_bytes,
-                            cpu_nsec: d.cpu_nsec,
-                        }
-                    })
-                    .collect();
-                PoolView {
-                    pool: p.name.clone(),
-                    min: p.min,
-                    max: p.max,
-                    wanted: n,
-                    healthy: workers.iter().filter(|w| w.healthy).count() as u32,
-                    queue_depth: workers.iter().map(|w| w.waiting).sum(),
-                    scale_events: self.scale_events.get(&p.name).copied().unwrap_or(0),
-                    last_decision: self.decisions.get(&p.name).cloned(),
-                    workers,
-                }
-            })
-            .collect();
-        Snapshot {
-            generated_at: now_unix(),
-            pools,
-        }
-    }
-}
-
-fn applied_stamp() -> Option<std::time::SystemTime> {
-    std::fs::metadata(APPLIED_CONFIG)
-        .and_then(|m| m.modified())
-        .ok()
 }
 
 fn sock_path(pool: &str, n: u32) -> String {
-    format!("{SOCKET_ROOT}{pool}/{n}.sock")
+    format!("{RUN_DIR}/{pool}/{n}.sock")
 }
 
 fn queues_summary(
@@ -641,17 +626,4 @@ fn diff(
         out.extend(now.difference(&was).map(|n| format!("+{pool}@{n}")));
     }
     out
-}
-
-pub fn read_decisions() -> BTreeMap<String, DecisionRecord> {
-    std::fs::read_to_string(STATE_FILE)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default()
-}
-
-fn write_decisions(d: &BTreeMap<String, DecisionRecord>) {
-    if let Ok(text) = serde_json::to_string_pretty(d) {
-        let _ = files::write_atomic(Path::new(STATE_FILE), text.as_bytes(), 0o644);
-    }
 }

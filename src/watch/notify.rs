@@ -4,6 +4,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
+#[derive(Clone)]
 pub struct Notifier {
     target: Option<SocketAddr>,
     watchdog: Option<Duration>,

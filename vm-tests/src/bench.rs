@@ -665,11 +665,11 @@ fn scaling(m: &mut Machine, mode: Mode) -> Result<Value> {
     // seconds to log the new pool, and restart it (saying so) if it does not.
     let watching = |m: &mut Machine| -> Result<Vec<String>> {
         let _ = m.execute(
-            &format!("for i in $(seq 50); do journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|the applied config changed; now watching)' | tail -n 1 | grep -q '{STEP_POOL}' && exit 0; sleep 0.1; done; exit 1"),
+            &format!("for i in $(seq 50); do journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|intent [0-9]+ .*: watching)' | tail -n 1 | grep -q '{STEP_POOL}' && exit 0; sleep 0.1; done; exit 1"),
             Duration::from_secs(10),
         )?;
         let line = m.succeed(
-            "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|the applied config changed; now watching)' | tail -n 1",
+            "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|intent [0-9]+ .*: watching)' | tail -n 1",
         )?;
         let list = match line.trim().rsplit_once('(') {
             Some((_, l)) => l.trim_end_matches(')').to_string(),

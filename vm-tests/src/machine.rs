@@ -308,12 +308,7 @@ impl Machine {
     }
 
     /// Retries `cmd` until it exits 0, at most `limit` (scaled).
-    pub fn wait_until_succeeds(
-        &mut self,
-        cmd: &str,
-        what: &str,
-        base: Duration,
-    ) -> Result<String> {
+    pub fn wait_until_succeeds(&mut self, cmd: &str, what: &str, base: Duration) -> Result<String> {
         let limit = self.scaled(base);
         let deadline = Instant::now() + limit;
         let mut last;

@@ -411,15 +411,15 @@ fn runtime_lock_and_no_nginx(m: &mut Machine) -> Result<()> {
         "status --runtime:\n{status}"
     );
     // Another apply holds the lock: this one waits --timeout, then says so.
-    m.succeed("systemd-run --quiet --unit=vmtest-lock flock /run/cgipool/lock sleep 30")?;
+    m.succeed("systemd-run --quiet --unit=vmtest-lock flock /run/cgipool/.lock sleep 30")?;
     m.wait_until_succeeds(
-        "pgrep -f 'flock /run/cgipool/lock'",
+        "pgrep -f 'flock /run/cgipool/.lock'",
         "the lock holder",
         Duration::from_secs(5),
     )?;
     let o = m.execute(
         &format!(
-            "cgipool scale search 3 --runtime --timeout 1 --config {}",
+            "cgipool scale search 3 --timeout 1 --config {}",
             common::CONFIG
         ),
         Duration::from_secs(30),

@@ -1,6 +1,7 @@
 //! The scenario list. Each module owns the scenarios of one issue.
 mod cgi;
 pub mod common;
+mod control;
 mod core;
 pub mod edge;
 mod harness;
@@ -17,5 +18,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(machine_tier::scenarios());
     v.extend(cgi::scenarios());
     v.extend(watch::scenarios());
+    v.extend(control::scenarios());
     v
 }

@@ -212,7 +212,7 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
     wait_watch(m)?;
     // Let watch's first look settle, then kill it.
     m.wait_until_succeeds(
-        "journalctl -b -o cat -u cgipool-watch.service | grep -q 'routes follow health'",
+        "journalctl -b -o cat -u cgipool-watch.service | grep -q 'converging to intent'",
         "watch's first look",
         Duration::from_secs(10),
     )?;

@@ -1,0 +1,365 @@
+//! The executor: observes a [`Host`], plans once, and carries the plan out
+//! in the order that never costs a request: check the nginx candidates,
+//! write units and start new workers, route the workers that came up
+//! (reloading nginx only if the generation it serves differs), drain, stop
+//! what goes away, remove files that are no longer wanted, then watch.
+//!
+//! Every step is idempotent and the plan is derived from what the host
+//! really does, so a run cut short at any point (an error, SIGINT or
+//! SIGTERM between steps, or SIGKILL anywhere) is finished by the next one.
+pub mod host;
+pub mod interrupt;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use crate::plan::{self, Desired, Observed, Pending, Plan, WatchAction, WATCH_UNIT};
+use crate::systemd::{Job, JobKind};
+use anyhow::{bail, Context, Result};
+use host::{Drain, Host};
+use interrupt::Interrupt;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Workers that did not come up or roll (reported, not fatal: nginx
+    /// routes to the ones that did).
+    pub problems: Vec<String>,
+}
+
+/// Reads what the host has now.
+pub async fn observe(host: &mut impl Host) -> Result<(Observed, Vec<PathBuf>)> {
+    let disk = host.read_unit_dir().await?;
+    let units = host.list_units(&["cgipool.target", "cgipool-*"]).await?;
+    let nginx = host.nginx().await?;
+    let pending = host.read_pending().await?;
+    Ok((
+        Observed {
+            pending,
+            files: disk.entries,
+            active: units
+                .into_iter()
+                .map(|u| (u.name, u.active_state))
+                .collect(),
+            nginx,
+        },
+        disk.foreign,
+    ))
+}
+
+/// Plans without changing anything (`--dry-run`).
+pub async fn plan_only(host: &mut impl Host, desired: &Desired) -> Result<Plan> {
+    let (observed, foreign) = observe(host).await?;
+    refuse_foreign(desired, &foreign)?;
+    Ok(plan::plan(desired, &observed))
+}
+
+fn refuse_foreign(desired: &Desired, foreign: &[PathBuf]) -> Result<()> {
+    if let Some(f) = foreign.iter().find(|f| {
+        f.file_name()
+            .map(|n| desired.units.entries.contains_key(&PathBuf::from(n)))
+            .unwrap_or(false)
+    }) {
+        bail!(
+            "{} exists without cgipool's header; refusing to overwrite it (move it away)",
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// Converges the host to `desired`; prints what it does.
+pub async fn converge(
+    host: &mut impl Host,
+    desired: &Desired,
+    stop: &Interrupt,
+) -> Result<Outcome> {
+    if host.nginx_recover().await? {
+        println!("nginx: put back the files an interrupted run had installed for a check");
+    }
+    let (observed, foreign) = observe(host).await?;
+    refuse_foreign(desired, &foreign)?;
+    let plan = plan::plan(desired, &observed);
+    if plan.is_empty() {
+        println!("no changes");
+        return Ok(Outcome::default());
+    }
+    if desired.routes.is_some() && observed.nginx.is_none() {
+        println!("nginx: skipped (its unit is not active or nginx is not installed)");
+    }
+    let mut problems = Vec::new();
+    check_nginx(host, &plan, stop).await?;
+    // Recorded before the unit files change: once written, they no longer
+    // show that systemd must reload them and workers must roll.
+    let mut pending = Pending {
+        daemon_reload: plan.daemon_reload,
+        roll: plan.roll.clone(),
+        restart_watch: plan.watch == Some(WatchAction::Restart),
+    };
+    if pending != observed.pending {
+        host.write_pending(&pending).await?;
+    }
+    write_units(host, &plan, desired, stop).await?;
+    if pending.daemon_reload {
+        pending.daemon_reload = false;
+        host.write_pending(&pending).await?;
+    }
+    let recorded_watch = pending.restart_watch;
+    start_and_roll(host, &plan, stop, &mut problems, &mut pending).await?;
+    let drain = route(host, &plan, desired, &observed, stop).await?;
+    stop_units(host, &plan, drain, stop).await?;
+    remove_files(host, &plan, stop).await?;
+    watch(host, &plan, stop, &mut problems).await?;
+    if recorded_watch {
+        // Rolls that did not complete stay recorded for the next run.
+        pending.restart_watch = false;
+        host.write_pending(&pending).await?;
+    }
+    Ok(Outcome { problems })
+}
+
+/// Phase 1: the nginx files the plan expects pass `nginx -t` before any
+/// unit changes (and are put back right after: routing comes later).
+async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Result<()> {
+    let Some(route) = plan.route.as_ref().filter(|_| plan.nginx_check) else {
+        return Ok(());
+    };
+    stop.check("checking the nginx files")?;
+    host.nginx_install(&route.expected, false)
+        .await
+        .context("the new nginx files were put back; no unit was changed")?;
+    println!("nginx: candidate files pass nginx -t");
+    Ok(())
+}
+
+/// Phase 2: unit files and links, then one daemon-reload.
+async fn write_units(
+    host: &mut impl Host,
+    plan: &Plan,
+    desired: &Desired,
+    stop: &Interrupt,
+) -> Result<()> {
+    if plan.write.is_empty() && plan.unlink.is_empty() && !plan.daemon_reload {
+        return Ok(());
+    }
+    stop.check("writing unit files")?;
+    for rel in &plan.write {
+        if let Some(entry) = desired.units.entries.get(rel) {
+            host.write_entry(rel, entry).await?;
+        }
+    }
+    for rel in &plan.unlink {
+        host.remove_entry(rel).await?;
+    }
+    if !plan.write.is_empty() || !plan.unlink.is_empty() {
+        println!(
+            "units: wrote {} and unlinked {}",
+            plan.write.len(),
+            plan.unlink.len()
+        );
+    }
+    if plan.daemon_reload {
+        stop.check("daemon-reload")?;
+        host.daemon_reload().await?;
+        println!("systemd: daemon-reload");
+    }
+    Ok(())
+}
+
+fn services(units: &[String]) -> Vec<String> {
+    units
+        .iter()
+        .filter(|u| u.ends_with(".service"))
+        .cloned()
+        .collect()
+}
+
+/// Phase 3: reset and start new workers, then roll changed ones one at a time.
+async fn start_and_roll(
+    host: &mut impl Host,
+    plan: &Plan,
+    stop: &Interrupt,
+    problems: &mut Vec<String>,
+    pending: &mut Pending,
+) -> Result<()> {
+    for unit in &plan.reset_failed {
+        host.reset_failed(unit).await?;
+    }
+    if !plan.start.is_empty() {
+        stop.check("starting workers")?;
+        let jobs: Vec<Job> = plan
+            .start
+            .iter()
+            .map(|u| Job::new(JobKind::Start, u))
+            .collect();
+        let started = match stop.guard("starting workers", host.run_jobs(&jobs)).await? {
+            Ok(()) => host.not_active(&services(&plan.start)).await?,
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if started.is_empty() {
+            println!("systemd: started {}", plan.start.join(" "));
+        } else {
+            problems.push(format!(
+                "workers are not healthy after starting: {}",
+                started.join("; ")
+            ));
+        }
+    }
+    for group in &plan.roll {
+        stop.check("rolling restarts")?;
+        let jobs: Vec<Job> = group
+            .iter()
+            .map(|u| Job::new(JobKind::Restart, u))
+            .collect();
+        let rolled = match stop
+            .guard("a rolling restart", host.run_jobs(&jobs))
+            .await?
+        {
+            Ok(()) => host.not_active(&services(group)).await?,
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if !rolled.is_empty() {
+            // Stop rolling: taking more workers down would cost capacity.
+            problems.push(format!(
+                "rolling restart stopped at {}: {}",
+                group.join(" + "),
+                rolled.join("; ")
+            ));
+            break;
+        }
+        println!("systemd: restarted {}", group.join(" "));
+        pending.roll.retain(|g| g != group);
+        host.write_pending(pending).await?;
+    }
+    Ok(())
+}
+
+/// Phase 4: nginx routes to the wanted workers that systemd reports active
+/// now; files are installed (nginx -t) if they differ, and nginx reloads if
+/// the generation it serves differs. Returns the old nginx workers to drain.
+async fn route(
+    host: &mut impl Host,
+    plan: &Plan,
+    desired: &Desired,
+    observed: &Observed,
+    stop: &Interrupt,
+) -> Result<Option<Drain>> {
+    let (Some(step), Some(routes), Some(before)) = (&plan.route, &desired.routes, &observed.nginx)
+    else {
+        return Ok(None);
+    };
+    stop.check("routing nginx")?;
+    let units = host.list_units(&["cgipool-*@*.service"]).await?;
+    let active: BTreeSet<String> = units
+        .into_iter()
+        .filter(|u| u.active_state == "active")
+        .map(|u| u.name)
+        .collect();
+    let workers = plan::workers_where(&desired.instances, |unit| {
+        active.contains(unit) && !desired.exclude.contains(unit)
+    });
+    let files = routes.render(&workers);
+    if files != step.expected {
+        let missing: Vec<String> = desired
+            .instances
+            .iter()
+            .flat_map(|(p, ns)| ns.iter().map(move |n| (p, *n)))
+            .filter(|(p, n)| !workers.get(*p).map(|w| w.contains(n)).unwrap_or(false))
+            .map(|(p, n)| format!("{p}@{n}"))
+            .collect();
+        println!(
+            "nginx: leaving out workers that are not active or not healthy: {}",
+            missing.join(", ")
+        );
+    }
+    // The files on disk now are the ones observed: the check put its
+    // candidates back.
+    if !before.files_match(&files) {
+        host.nginx_install(&files, true).await?;
+        println!("nginx: files written, nginx -t passed");
+    }
+    if before.served.as_deref() == Some(files.generation.as_str()) {
+        return Ok(None);
+    }
+    stop.check("reloading nginx")?;
+    let drain = stop
+        .guard("reloading nginx", host.nginx_reload(&files.generation))
+        .await??;
+    println!("nginx: reloaded, serving generation {}", files.generation);
+    Ok(Some(drain))
+}
+
+/// Phase 5: once the old nginx workers have finished, stop what goes away.
+async fn stop_units(
+    host: &mut impl Host,
+    plan: &Plan,
+    drain: Option<Drain>,
+    stop: &Interrupt,
+) -> Result<()> {
+    if plan.stop.is_empty() {
+        return Ok(());
+    }
+    if let Some(d) = &drain {
+        stop.guard("draining nginx", host.nginx_drain(d))
+            .await?
+            .context("draining nginx before stopping workers")?;
+    }
+    stop.check("stopping units")?;
+    let jobs: Vec<Job> = plan
+        .stop
+        .iter()
+        .map(|u| Job::new(JobKind::Stop, u))
+        .collect();
+    stop.guard("stopping units", host.run_jobs(&jobs)).await??;
+    println!("systemd: stopped {}", plan.stop.join(" "));
+    Ok(())
+}
+
+/// Phase 6: unit files of what went away, then a daemon-reload.
+async fn remove_files(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Result<()> {
+    if plan.remove.is_empty() {
+        return Ok(());
+    }
+    stop.check("removing unit files")?;
+    for rel in &plan.remove {
+        host.remove_entry(rel).await?;
+    }
+    host.daemon_reload().await?;
+    println!(
+        "systemd: removed {} unit files, daemon-reload",
+        plan.remove.len()
+    );
+    Ok(())
+}
+
+/// Last: the watch daemon, once everything it watches is in place.
+async fn watch(
+    host: &mut impl Host,
+    plan: &Plan,
+    stop: &Interrupt,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let Some(action) = plan.watch else {
+        return Ok(());
+    };
+    stop.check("starting watch")?;
+    let kind = match action {
+        WatchAction::Start => JobKind::Start,
+        WatchAction::Restart => JobKind::Restart,
+    };
+    match stop
+        .guard(
+            "starting watch",
+            host.run_jobs(&[Job::new(kind, WATCH_UNIT)]),
+        )
+        .await?
+    {
+        Ok(()) => println!("systemd: {kind}ed {WATCH_UNIT}"),
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    Ok(())
+}
