@@ -226,6 +226,14 @@ fn check_text(cx: &mut Cx<'_>, span: Option<Range<usize>>, key: &str, s: &str) -
             "must not contain newlines, tabs or other control characters",
         );
         false
+    } else if s.ends_with('\\') {
+        // A unit-file line that ends in a backslash continues on the next.
+        cx.err(
+            span,
+            key,
+            "must not end with a backslash (systemd would join the next line to it)",
+        );
+        false
     } else {
         true
     }

@@ -276,3 +276,12 @@ fn odd_shapes_are_errors_not_panics() {
         ["t.toml:2:8: defaults.exec: must be an absolute path, got \"rel\""]
     );
 }
+
+#[test]
+fn a_value_ending_in_a_backslash_is_refused() {
+    let e = one_err(r#"description = "ends in \\""#);
+    assert!(
+        e.contains(":4:") && e.contains("pool.p.description") && e.contains("backslash"),
+        "{e}"
+    );
+}

@@ -4,7 +4,7 @@
 //! first, and the next run plans from what the host really does.
 use anyhow::Result;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -27,6 +27,9 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// The signal the process caught (0: none), set by the signal handler.
+static CAUGHT: AtomicI32 = AtomicI32::new(0);
+
 #[derive(Clone, Default)]
 pub struct Interrupt {
     inner: Arc<Inner>,
@@ -35,6 +38,8 @@ pub struct Interrupt {
 #[derive(Default)]
 struct Inner {
     raised: AtomicBool,
+    /// Made by `on_signals` (the process's signals count for it).
+    watches_signals: AtomicBool,
     signal: std::sync::Mutex<&'static str>,
     notify: Notify,
 }
@@ -48,7 +53,18 @@ impl Interrupt {
     /// Raised by SIGINT or SIGTERM; call inside the tokio runtime.
     pub fn on_signals() -> Result<Interrupt> {
         use tokio::signal::unix::{signal, SignalKind};
+        // The flag is set in the signal handler itself, so that a step
+        // boundary sees it at once (the task below runs only when the
+        // runtime polls its signal driver); the task wakes guarded waits.
+        for sig in [nix::libc::SIGINT, nix::libc::SIGTERM] {
+            // SAFETY: the action only stores into an atomic, which is
+            // async-signal-safe.
+            unsafe {
+                signal_hook_registry::register(sig, move || CAUGHT.store(sig, Ordering::SeqCst))
+            }?;
+        }
         let i = Interrupt::default();
+        i.inner.watches_signals.store(true, Ordering::SeqCst);
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let raise = i.clone();
@@ -80,6 +96,13 @@ impl Interrupt {
 
     /// Fails if a signal came, before the step `during` begins.
     pub fn check(&self, during: &str) -> Result<()> {
+        if self.inner.watches_signals.load(Ordering::SeqCst) {
+            match CAUGHT.load(Ordering::SeqCst) {
+                nix::libc::SIGINT => self.raise("SIGINT"),
+                nix::libc::SIGTERM => self.raise("SIGTERM"),
+                _ => {}
+            }
+        }
         if self.inner.raised.load(Ordering::SeqCst) {
             return Err(self.error(during));
         }

@@ -113,12 +113,14 @@ pub async fn converge(
     let drain = route(host, &plan, desired, &observed, stop).await?;
     stop_units(host, &plan, drain, stop).await?;
     remove_files(host, &plan, stop).await?;
-    watch(host, &plan, stop, &mut problems).await?;
     if recorded_watch {
-        // Rolls that did not complete stay recorded for the next run.
+        // Cleared before the restart: when watch itself converges, the
+        // restart ends this process. Rolls that did not complete stay
+        // recorded for the next run.
         pending.restart_watch = false;
         host.write_pending(&pending).await?;
     }
+    watch(host, &plan, stop, &mut problems).await?;
     Ok(Outcome { problems })
 }
 

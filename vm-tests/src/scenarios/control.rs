@@ -25,11 +25,17 @@ pub fn scenarios() -> Vec<Scenario> {
 
 const DEMO: &str = include_str!("../../../examples/demo.toml");
 
-/// The demo plus a pool; auth's environment changes (its workers roll).
+/// The demo with auth pinned at 2 workers (the load below must not make
+/// watch scale it).
+fn demo_a() -> String {
+    format!("{}\nmax = 2\n", DEMO.trim_end())
+}
+
+/// A plus a pool; auth's environment changes (its workers roll).
 fn demo_b() -> String {
     format!(
-        "{}\nenvironment = {{ CGIPOOL_TEST_B = \"1\" }}\n\n[pool.extra]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/extra\"\nmin = 2\n",
-        DEMO.trim_end()
+        "{}environment = {{ CGIPOOL_TEST_B = \"1\" }}\n\n[pool.extra]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/extra\"\nmin = 2\nmax = 2\n",
+        demo_a()
     )
 }
 
@@ -85,7 +91,7 @@ fn assert_converged_to_b(m: &mut Machine, what: &str) -> Result<()> {
             "{what}: auth@{i} runs without B's environment (not rolled)"
         );
     }
-    m.succeed("curl -sf -o /dev/null 'http://127.0.0.1/api/extra?q=x'")
+    m.succeed("curl -sf -o /dev/null 'http://127.0.0.1/api/extra/api/search?q=x'")
         .with_context(|| format!("{what}: the new route"))?;
     assert_serves_its_files(m).with_context(|| what.to_string())?;
     let again = apply(m)?;
@@ -102,6 +108,7 @@ fn assert_converged_to_b(m: &mut Machine, what: &str) -> Result<()> {
 /// the next says "no changes"; no request fails.
 fn kill_points(m: &mut Machine) -> Result<()> {
     install(m)?;
+    write_config(m, &demo_a())?;
     apply(m)?;
     // How long a clean A -> B apply takes here.
     write_config(m, &demo_b())?;
@@ -113,7 +120,7 @@ fn kill_points(m: &mut Machine) -> Result<()> {
     for signal in ["KILL", "TERM"] {
         for i in 0..8 {
             let delay = 0.02 + full * f64::from(i) / 8.0;
-            write_config(m, DEMO)?;
+            write_config(m, &demo_a())?;
             m.succeed_within(
                 &format!("cgipool apply {CONFIG}"),
                 m.scaled(Duration::from_secs(120)),
@@ -218,7 +225,7 @@ fn watch_never_reverts(m: &mut Machine) -> Result<()> {
     )?;
     apply(m)?;
     write_config(m, &b)?;
-    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /dev/null http://127.0.0.1/api/slow?q=x")?;
+    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /dev/null http://127.0.0.1/api/slow/api/search?q=x")?;
     m.wait_until_succeeds(
         "journalctl -b -o cat -u 'cgipool-slow@*' | grep -q . || ss -x | grep -q slow",
         "the slow request to reach its worker",
@@ -277,7 +284,7 @@ fn scale_races_watch(m: &mut Machine) -> Result<()> {
         ),
     )?;
     apply(m)?;
-    let load = Load::start(m, 32, 12, "http://127.0.0.1/api/busy?q=x")?;
+    let load = Load::start(m, 8, 12, "http://127.0.0.1/api/busy/api/search?q=x")?;
     m.wait_until_succeeds(
         "grep -q '\"by\":\"watch\"' /var/lib/cgipool/decisions.jsonl",
         "watch to scale the busy pool",
@@ -319,6 +326,12 @@ fn scale_races_watch(m: &mut Machine) -> Result<()> {
         intent["serial"] == last["serial"],
         "the intent was written after the last decision: {intent}\n{log}"
     );
+    // watch's last converge drains nginx before it stops the worker.
+    m.wait_until_succeeds(
+        &format!("test $(systemctl list-units --no-legend --plain --state=active 'cgipool-busy@*.service' | wc -l) -eq {to}"),
+        "the pool to run the last decision's count",
+        Duration::from_secs(30),
+    )?;
     assert_pool_running(m, "busy", to as u32)?;
     Ok(())
 }
@@ -337,7 +350,7 @@ fn long_drain(m: &mut Machine) -> Result<()> {
     apply(m)?;
     m.succeed("cgipool scale slow 2")?;
     let restarts = m.unit_property("cgipool-watch.service", "NRestarts")?;
-    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /tmp/slow.out -w '%{http_code}' http://127.0.0.1/api/slow?q=x")?;
+    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /tmp/slow.out -w '%{http_code}' http://127.0.0.1/api/slow/api/search?q=x")?;
     m.wait_until_succeeds(
         "journalctl -b -o cat -u cgipool-watch.service | grep -q 'scale slow 2 -> 1: converging'",
         "watch to scale the slow pool down",
@@ -435,6 +448,6 @@ fn thousand_workers(m: &mut Machine) -> Result<()> {
         "systemd lost or nearly lost the bus:\n{}",
         bad.stdout
     );
-    m.succeed("curl -sf -o /dev/null 'http://127.0.0.1/api/d?q=x'")?;
+    m.succeed("curl -sf -o /dev/null 'http://127.0.0.1/api/d/api/search?q=x'")?;
     Ok(())
 }
