@@ -17,11 +17,12 @@ pub const WORKLOAD: &str = "s=$(date +%s%N); i=0; while [ $i -lt 20000 ]; do i=$
      for j in $(seq 40); do /bin/true; done; echo $(( ($(date +%s%N) - s) / 1000000 ))";
 
 /// What the reference machine took (2 shared cores, quiet, 2026-12):
-/// (workload, boot to `running`).
+/// (workload, boot to `running`). Boot is 11–16 s there; under TCG the
+/// workload took about a ninth of the boot in every run measured.
 fn reference(tier: Tier) -> (Duration, Duration) {
     match tier {
         Tier::Nspawn => (Duration::from_millis(120), Duration::from_secs(2)),
-        Tier::Qemu => (Duration::from_millis(900), Duration::from_secs(16)),
+        Tier::Qemu => (Duration::from_millis(1800), Duration::from_secs(16)),
     }
 }
 
@@ -104,7 +105,7 @@ mod tests {
         };
         assert!((slow_boot.factor() - 2.0).abs() < 1e-9);
         let slow_work = Measurement {
-            workload: Duration::from_millis(2700),
+            workload: Duration::from_millis(5400),
             ..slow_boot
         };
         assert!((slow_work.factor() - 3.0).abs() < 1e-9);

@@ -129,11 +129,21 @@ fn resource_limits_hold(m: &mut Machine) -> Result<()> {
     Ok(())
 }
 
+/// The demo, but watch does not scale `search` down while a slow guest
+/// reboots (an idle pool halves after `scale_down_after`, 30 s by default).
+fn demo_without_scale_down() -> String {
+    include_str!("../../../examples/demo.toml").replace(
+        "route = \"/api/search\"\n",
+        "route = \"/api/search\"\nscale_down_after = \"1h\"\n",
+    )
+}
+
 /// Power cut (QEMU system_reset) right after a scale: the files apply wrote
 /// (fsync, rename, fsync of the directory) are all there, so the machine
 /// comes back with the new count.
 fn power_loss_after_scale(m: &mut Machine) -> Result<()> {
     install(m)?;
+    write_config(m, &demo_without_scale_down())?;
     apply(m)?;
     m.succeed("cgipool scale search 3")?;
     m.crash()?;
@@ -150,6 +160,7 @@ fn power_loss_after_scale(m: &mut Machine) -> Result<()> {
 /// generated files alone bring back exactly 4 warm workers and the routes.
 fn reboot_persistence(m: &mut Machine) -> Result<()> {
     install(m)?;
+    write_config(m, &demo_without_scale_down())?;
     apply(m)?;
     m.succeed("cgipool scale search 4")?;
     assert_pool_running(m, "search", 4)?;
