@@ -9,7 +9,7 @@ VM_TEST_TIMEOUT_FACTOR ?= 1
 # Seconds per fuzz target: FUZZ_SECONDS in `make test`, FUZZ_LONG_SECONDS
 # in `make fuzz` (>= 10 M executions per parser on this 2-core machine).
 FUZZ_SECONDS ?= 60
-FUZZ_LONG_SECONDS ?= 180
+FUZZ_LONG_SECONDS ?= 300
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 

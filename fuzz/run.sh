@@ -24,7 +24,7 @@ for t in "${targets[@]}"; do
     log=target/fuzz-$t.log
     rc=0
     cargo fuzz run "${flags[@]}" "$t" "target/corpus/$t" "corpus/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 -max_len=65536 \
+        -max_total_time="$seconds" -print_final_stats=1 -max_len=16384 \
         -timeout=10 -rss_limit_mb=2048 -artifact_prefix="target/artifacts/$t/" \
         >"$log" 2>&1 || rc=$?
     runs=$(awk '/^stat::number_of_executed_units:/ {print $2}' "$log")
