@@ -13,11 +13,18 @@ mod chunked;
 
 fuzz_target!(|data: &[u8]| {
     let body = data;
-    // The input's length picks the socket buffer and read sizes, so the
-    // seeds are plain chunked bodies.
+    // The input's length picks the socket buffer and read sizes (so the
+    // seeds are plain chunked bodies): tiny ones, which split every line
+    // and chunk, for short inputs; for longer ones those of a socket.
     let sizes = (data.len() % 251) as u8;
-    let cap = 1 + (sizes & 0x0f) as usize * 7;
-    let step = 1 + (sizes >> 4) as usize * 97;
+    let (cap, step) = if data.len() <= 1024 {
+        (
+            1 + (sizes & 0x0f) as usize * 7,
+            1 + (sizes >> 4) as usize * 97,
+        )
+    } else {
+        (8192, 64 * 1024)
+    };
     let mut dec = chunked::ChunkedReader::new(BufReader::with_capacity(cap, Cursor::new(body)));
     let mut out = Vec::new();
     let mut buf = vec![0u8; step];
