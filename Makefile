@@ -1,15 +1,19 @@
 # cgipool — the two commands for a fresh Debian machine:
 #   make demo   runs cgipool on the built-in example inside a QEMU machine
 #   make test   runs every test: cargo tests, the C workers' tests and fuzzing,
-#               and the vm-tests tiers (nspawn, then QEMU)
+#               the gateway's parsers fuzzed, and the vm-tests tiers (nspawn,
+#               then QEMU)
 SHELL := /bin/bash
 CARGO ?= cargo
 VM_TEST_TIMEOUT_FACTOR ?= 1
+# Seconds per fuzz target: FUZZ_SECONDS in `make test`, FUZZ_LONG_SECONDS
+# in `make fuzz` (>= 10 M executions per parser on this 2-core machine).
 FUZZ_SECONDS ?= 60
+FUZZ_LONG_SECONDS ?= 300
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 
-.PHONY: all build deps test test-all cargo-test workers-test fuzz image payload vm-test demo demo-run bench bench-smoke clean lint
+.PHONY: all build deps test test-all cargo-test workers-test gateway-fuzz fuzz image payload vm-test demo demo-run bench bench-smoke clean lint
 
 all: build
 
@@ -36,8 +40,16 @@ cargo-test:
 workers-test:
 	$(MAKE) -C cgi-src test TEST_FUZZ_SECONDS=$(FUZZ_SECONDS)
 
+# The gateway's request-head parser and chunked decoder under cargo-fuzz
+# (installed by fuzz/run.sh if missing), FUZZ_SECONDS each.
+gateway-fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+# The long runs: the gateway's two targets and the C workers' parser,
+# FUZZ_LONG_SECONDS each.
 fuzz:
-	$(MAKE) -C cgi-src fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
+	fuzz/run.sh $(FUZZ_LONG_SECONDS)
+	$(MAKE) -C cgi-src fuzz FUZZ_SECONDS=$(FUZZ_LONG_SECONDS)
 
 # The guest image lives outside the repo, keyed by the hash of its inputs.
 image:
@@ -83,8 +95,9 @@ test:
 	  echo "make test: all tiers passed in $$(( $$(date +%s) - start ))s"; \
 	else echo "make test: FAILED after $$(( $$(date +%s) - start ))s"; exit 1; fi
 
-test-all: deps lint cargo-test workers-test vm-test bench-smoke
+test-all: deps lint cargo-test workers-test gateway-fuzz vm-test bench-smoke
 
 clean:
 	$(CARGO) clean
 	$(MAKE) -C cgi-src clean
+	rm -rf fuzz/target

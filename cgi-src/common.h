@@ -4,6 +4,10 @@
  * parsing, response writing, sd_notify without libsystemd, URL decoding,
  * JSON escaping, request logging and the poll() event loop that serves one
  * request at a time while keeping idle keep-alive connections open.
+ * Implemented in http.c (parsing, URL/form decoding), buf.c (buffers,
+ * JSON), notify.c (sd_notify, watchdog), loop.c (the poll loop) and
+ * common.c (identity, logging, listening socket, worker_main); internal.h
+ * is what they share. Each service (search.c, auth.c) is one file.
  */
 #ifndef CGIPOOL_COMMON_H
 #define CGIPOOL_COMMON_H

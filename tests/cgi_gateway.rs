@@ -15,7 +15,7 @@ case "$QUERY_STRING" in
   count) printf 'Content-Type: text/plain\n\n'; echo "read $(wc -c | tr -d ' ') of $CONTENT_LENGTH" ;;
   hang) echo "hanging" >&2; sleep 30 & sleep 30 ;;
   slow) echo "slow: started" >&2; sleep 1; printf 'Content-Type: text/plain\n\nslow\n' ;;
-  flood) printf 'Content-Type: text/plain\n\n'; exec yes ;;
+  flood) echo "flooding" >&2; printf 'Content-Type: text/plain\n\n'; exec yes ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
 esac
 "#;
@@ -27,20 +27,26 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with(&[])
+    }
+
+    /// With more flags (replacing the defaults here).
+    fn start_with(extra: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let program = dir.path().join("t.cgi");
         std::fs::write(&program, PROGRAM).expect("writing the program");
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_cgipool"))
-            .args([
-                "cgi-gateway",
-                "--timeout",
-                "2s",
-                "--body-limit",
-                "1m",
-                "--listen",
-            ])
+            .arg("cgi-gateway")
+            .args(
+                [("--timeout", "2s"), ("--body-limit", "1m")]
+                    .iter()
+                    .filter(|(flag, _)| !extra.contains(flag))
+                    .flat_map(|(flag, value)| [flag, value]),
+            )
+            .args(extra)
+            .arg("--listen")
             .arg(dir.path().join("sock"))
             .arg("--")
             .arg(&program)
@@ -66,6 +72,8 @@ impl Gateway {
     fn connect(&self) -> Client {
         let s = UnixStream::connect(self.sock()).expect("connecting to the gateway");
         s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         Client {
             reader: BufReader::new(s.try_clone().expect("clone")),
@@ -169,6 +177,11 @@ impl Client {
                 }
                 body.extend(chunk);
             }
+        } else if r.header("Connection") == Some("close") {
+            // Delimited by the end of the connection (HTTP/1.0).
+            self.reader
+                .read_to_end(&mut body)
+                .expect("reading the body to the end");
         }
         r.body = String::from_utf8_lossy(&body).into_owned();
         r
@@ -385,4 +398,231 @@ fn a_silent_connection_does_not_block_others() {
         "served after {:?}",
         started.elapsed()
     );
+}
+
+/// A client that sends part of a head and stalls holds nothing: a complete
+/// request on another connection is served at once, and the stalled head
+/// gets 408 at the head deadline.
+#[test]
+fn a_partial_head_does_not_delay_others() {
+    let gw = Gateway::start_with(&["--head-timeout", "2s"]);
+    let mut slow = gw.connect();
+    slow.send("G", b"");
+    let mut slower = gw.connect();
+    slower.send("GET /x HTTP/1.1\r\nHost: t\r\nX-Half", b"");
+    let stalled_at = Instant::now();
+    let mut c = gw.connect();
+    for i in 0..3 {
+        let started = Instant::now();
+        c.send(&get(&format!("/quick{i}"), ""), b"");
+        let r = c.response();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a partial head delayed a complete request by {:?}",
+            started.elapsed()
+        );
+    }
+    for s in [&mut slow, &mut slower] {
+        let r = s.response();
+        assert_eq!(r.status, 408, "{r:?}");
+        assert!(s.closed(), "kept a connection whose head timed out");
+    }
+    let took = stalled_at.elapsed();
+    assert!(
+        (Duration::from_millis(1500)..Duration::from_secs(4)).contains(&took),
+        "408 after {took:?} with a 2 s head timeout"
+    );
+}
+
+/// A client that stops reading a large response is cut at the request's
+/// deadline (2 s here), and the next request is served.
+#[test]
+fn a_stalled_reader_is_cut_at_the_deadline() {
+    let gw = Gateway::start();
+    let mut stalled = gw.connect();
+    let started = Instant::now();
+    stalled.send(&get("/?flood", ""), b"");
+    gw.wait_log("flooding");
+    let mut next = gw.connect();
+    next.send(&get("/next", ""), b"");
+    let r = next.response();
+    let cut = started.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&cut),
+        "the next request waited {cut:?} behind a stalled reader (deadline 2 s)"
+    );
+    let log = gw.wait_log("GET /?flood 200");
+    assert!(log.contains("deadline passed"), "{log}");
+    // The stalled connection was closed without the last chunk.
+    let mut rest = Vec::new();
+    stalled
+        .reader
+        .read_to_end(&mut rest)
+        .expect("the stalled connection is closed, not left open");
+    assert!(rest.starts_with(b"HTTP/1.1 200"), "{:?}", &rest[..20]);
+    assert!(
+        !rest.ends_with(b"0\r\n\r\n"),
+        "a cut response looked complete"
+    );
+    eprintln!("stalled reader: next request served after {cut:?}");
+}
+
+/// HTTP/1.0 responses are never chunked: Content-Length or the end of the
+/// connection delimits them.
+#[test]
+fn http10_gets_no_chunked_framing() {
+    let gw = Gateway::start();
+    for extra in ["", "Connection: keep-alive\r\n"] {
+        let mut c = gw.connect();
+        c.send(&format!("GET /old HTTP/1.0\r\nHost: t\r\n{extra}\r\n"), b"");
+        let mut raw = Vec::new();
+        c.reader.read_to_end(&mut raw).expect("reading to the end");
+        let raw = String::from_utf8_lossy(&raw);
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{raw}"
+        );
+        assert!(head.contains("Connection: close"), "{raw}");
+        assert_eq!(body, "hello GET\n", "{raw}");
+    }
+    // With the program's Content-Length, the connection may stay open.
+    let mut c = gw.connect();
+    c.send(
+        "GET /?noread HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        b"",
+    );
+    let r = c.response();
+    assert_eq!((r.status, r.header("Content-Length")), (201, Some("3")));
+    assert_eq!(r.header("Transfer-Encoding"), None, "{r:?}");
+    c.send(&get("/again", ""), b"");
+    assert_eq!(c.response().status, 200);
+}
+
+/// Requests that nginx would never send, each on its own connection: 4xx
+/// and the connection closed; the gateway serves on.
+#[test]
+fn hostile_requests_get_4xx() {
+    let gw = Gateway::start();
+    let cases: &[(&str, &[u8], u16)] = &[
+        ("GET /a%+2 HTTP/1.1\r\nHost: t\r\n\r\n", b"", 400),
+        ("GET /a%2 HTTP/1.1\r\nHost: t\r\n\r\n", b"", 400),
+        ("GET /a%zz HTTP/1.1\r\nHost: t\r\n\r\n", b"", 400),
+        ("GET /a/../b HTTP/1.1\r\nHost: t\r\n\r\n", b"", 400),
+        ("GET / HTTP/1.1\r\nHost: t\rX: y\r\n\r\n", b"", 400),
+        ("GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", b"", 400),
+        (
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"3\r\nabc\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"abcd",
+            400,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"abc",
+            400,
+        ),
+    ];
+    let chunked = "POST /?count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let bad_chunks: &[&[u8]] = &[
+        b"zz\r\nab\r\n0\r\n\r\n",
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"0x5\r\nhello\r\n0\r\n\r\n",
+        b"-1\r\n",
+        b"ffffffffffffffffff\r\n",
+        b"5\r\nhelloXX\r\n0\r\n\r\n",
+        b" 5\r\nhello\r\n0\r\n\r\n",
+    ];
+    let all = cases
+        .iter()
+        .copied()
+        .chain(bad_chunks.iter().map(|b| (chunked, *b, 400)));
+    for (head, body, want) in all {
+        let mut c = gw.connect();
+        c.send(head, body);
+        let r = c.response();
+        assert_eq!(
+            r.status,
+            want,
+            "{head:?} {:?}: {r:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(c.closed(), "{head:?}: the connection stayed open");
+    }
+    let mut c = gw.connect();
+    c.send(&get("/after", ""), b"");
+    assert_eq!(c.response().status, 200);
+}
+
+/// A body over the limit gets 413 without being read (Content-Length) or
+/// spooled (chunked) whole: the gateway answers before the body ends.
+#[test]
+fn a_body_over_the_limit_gets_413_early() {
+    let gw = Gateway::start_with(&["--body-limit", "64k"]);
+    let mut c = gw.connect();
+    c.send(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nContent-Length: 65537\r\n\r\n",
+        b"",
+    );
+    let r = c.response();
+    assert_eq!((r.status, r.header("Connection")), (413, Some("close")));
+    assert!(c.closed());
+    // Chunked: 80 KiB sent, no last chunk: the answer comes anyway.
+    let mut c = gw.connect();
+    c.send(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"",
+    );
+    for _ in 0..20 {
+        c.send("1000\r\n", &[b'x'; 4096]);
+        c.send("\r\n", b"");
+    }
+    let r = c.response();
+    assert_eq!((r.status, r.header("Connection")), (413, Some("close")));
+    // At the limit exactly: accepted.
+    let mut c = gw.connect();
+    c.send(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"",
+    );
+    for _ in 0..16 {
+        c.send("1000\r\n", &[b'x'; 4096]);
+        c.send("\r\n", b"");
+    }
+    c.send("0\r\n\r\n", b"");
+    let r = c.response();
+    assert_eq!(r.body, "read 65536 of 65536\n", "{r:?}");
+}
+
+/// 200 connections that say nothing, or only part of a head, do not starve
+/// a request on a new connection.
+#[test]
+fn many_idle_connections_do_not_starve_a_request() {
+    let gw = Gateway::start();
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut c = gw.connect();
+        if i % 2 == 1 {
+            c.send("GET /par", b"");
+        }
+        idle.push(c);
+    }
+    let started = Instant::now();
+    let mut c = gw.connect();
+    c.send(&get("/through", ""), b"");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "served after {:?} behind 200 idle connections",
+        started.elapsed()
+    );
+    drop(idle);
 }

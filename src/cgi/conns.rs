@@ -1,14 +1,22 @@
-//! nginx's connections to one gateway: accepting them, keeping the idle
-//! keep-alive ones (at most 64, each for at most 10 s, like the C workers),
-//! and handing out the next connection that has a request waiting.
+//! The accept loop: nginx's connections to one gateway, read in one poll
+//! loop until a connection holds a complete request head.
 //!
-//! Requests are still served one at a time; keep-alive only saves nginx a
-//! connect and the gateway an accept per request. nginx's upstream
-//! `keepalive_timeout` (5 s) stays below the idle limit, so nginx does not
-//! reuse a connection the gateway is about to close.
+//! - A connection is *waiting* (idle, or part of a head received) or
+//!   *ready* (a complete head, or a head to refuse). Only ready ones leave
+//!   the loop, first come first served in the order their heads completed,
+//!   so a client that sends part of a head and stalls holds nothing: its
+//!   head has `--head-timeout` from its first byte, then it gets 408.
+//! - Idle keep-alive connections are kept for at most 10 s, at most 64
+//!   waiting connections in all (beyond that the longest idle is closed),
+//!   like the C workers. nginx's upstream `keepalive_timeout` (5 s) stays
+//!   below the idle limit, so nginx does not reuse a connection the gateway
+//!   is about to close.
+//! - The loop runs only between requests: while a program runs the gateway
+//!   accepts nothing, and what nginx sends meanwhile waits in the kernel
+//!   (a worker takes work only when it is free).
 
 use std::collections::VecDeque;
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufRead, BufWriter};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
@@ -16,119 +24,150 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-pub const MAX_IDLE: usize = 64;
+use super::http::{self, Request};
+use super::sock::{self, Got, In, Sock, IO_BUF};
+
+/// Most connections waiting for a request (idle or with part of a head).
+pub const MAX_WAITING: usize = 64;
 /// New connections taken from the socket's queue per look, and only while
-/// fewer requests than this wait; the rest stay queued in the kernel
+/// fewer requests than this are ready; the rest stay queued in the kernel
 /// (bounds the gateway's fds and buffers).
 pub const MAX_READY: usize = 16;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const IO_BUF: usize = 64 * 1024;
-/// How long the gateway waits for nginx to send the rest of a request head
-/// or body.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on sending to nginx (it reads eagerly; this only stops a hang).
-const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One connection from nginx: a buffered reader (the request head, a body)
+/// One connection from nginx: the reading side (the request head, a body)
 /// and a buffered writer (the response) on the same socket.
 pub struct Conn {
     /// None while a thread feeds the request body to the program.
-    pub reader: Option<BufReader<UnixStream>>,
-    pub out: BufWriter<UnixStream>,
+    pub reader: Option<In>,
+    pub out: BufWriter<Sock>,
     /// Which connection this is (counted from 1 per gateway) and how many
     /// requests it carried before the current one: for the log line.
     pub id: u64,
     pub served: u64,
-    idle_since: Instant,
+    /// Idle since then, or (with part of a head) the head's first byte.
+    since: Instant,
+    /// Part of a head is buffered.
+    partial: bool,
+    /// How much of the buffered head was already looked at for its end.
+    scanned: usize,
 }
 
 impl Conn {
     fn new(stream: UnixStream, id: u64) -> io::Result<Conn> {
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-        stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+        stream.set_nonblocking(true)?;
         let read_half = stream.try_clone()?;
         Ok(Conn {
-            reader: Some(BufReader::with_capacity(IO_BUF, read_half)),
-            out: BufWriter::with_capacity(IO_BUF, stream),
+            reader: Some(In::new(Sock::new(read_half))),
+            out: BufWriter::with_capacity(IO_BUF, Sock::new(stream)),
             id,
             served: 0,
-            idle_since: Instant::now(),
+            since: Instant::now(),
+            partial: false,
+            scanned: 0,
         })
+    }
+
+    /// Sets the deadline of every read and write on this connection.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.out.get_mut().deadline = deadline;
+        if let Some(r) = self.reader.as_mut() {
+            r.sock.deadline = deadline;
+        }
     }
 
     /// Ends the connection (both directions, also for a thread still
     /// reading from it).
     pub fn close(self) {
-        let _ = self.out.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .out
+            .get_ref()
+            .stream()
+            .shutdown(std::net::Shutdown::Both);
     }
 
-    /// A request (or more of one) is already buffered.
-    fn has_buffered(&self) -> bool {
-        self.reader.as_ref().is_some_and(|r| !r.buffer().is_empty())
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.out.get_ref().stream().as_fd()
     }
+}
+
+/// What leaves the accept loop, in the order it became ready.
+pub enum Next {
+    /// A complete request head; the body (if any) follows in `reader`.
+    Request(Conn, Request),
+    /// A head the gateway answers itself (status, reason), then closes.
+    Refuse(Conn, u16, &'static str),
+}
+
+/// What reading a waiting connection found.
+enum Step {
+    Wait(Conn),
+    Ready(Next),
+    Close(Conn),
 }
 
 pub struct Conns {
     listener: UnixListener,
     /// Readable when the signal thread asks to stop.
     wake: OwnedFd,
-    /// Idle connections, the longest idle first.
-    idle: VecDeque<Conn>,
-    /// Connections with a request waiting, in the order they were seen
-    /// ready (new connections in the order the kernel queued them): served
-    /// first come, first served, like one shared accept queue.
-    ready: VecDeque<Conn>,
+    /// Connections waiting for (the rest of) a request, the longest idle
+    /// first.
+    waiting: VecDeque<Conn>,
+    /// Heads complete (or refused), first come first served.
+    ready: VecDeque<Next>,
     accepted: u64,
+    max_header: usize,
+    head_timeout: Duration,
 }
 
 impl Conns {
-    pub fn new(listener: UnixListener, wake: OwnedFd) -> io::Result<Conns> {
-        // Accepted sockets do not inherit O_NONBLOCK (accept4 without it).
+    pub fn new(
+        listener: UnixListener,
+        wake: OwnedFd,
+        max_header: usize,
+        head_timeout: Duration,
+    ) -> io::Result<Conns> {
         listener.set_nonblocking(true)?;
         Ok(Conns {
             listener,
             wake,
-            idle: VecDeque::new(),
+            waiting: VecDeque::new(),
             ready: VecDeque::new(),
             accepted: 0,
+            max_header,
+            head_timeout,
         })
     }
 
-    /// Puts a connection back after a request, to wait for the next one.
+    /// Puts a connection back after a request, to wait for the next one
+    /// (which may already be buffered: pipelined).
     pub fn keep(&mut self, mut conn: Conn) {
-        conn.idle_since = Instant::now();
         conn.served += 1;
-        if conn.has_buffered() {
-            self.ready.push_back(conn);
-            return;
-        }
-        self.push_idle(conn);
-    }
-
-    /// Adds an idle connection; beyond MAX_IDLE the longest idle is closed.
-    fn push_idle(&mut self, conn: Conn) {
-        self.idle.push_back(conn);
-        while self.idle.len() > MAX_IDLE {
-            if let Some(old) = self.idle.pop_front() {
-                old.close();
-            }
+        conn.since = Instant::now();
+        conn.scanned = 0;
+        conn.partial = conn
+            .reader
+            .as_ref()
+            .is_some_and(|r| !r.buffered().is_empty());
+        match self.parse(conn) {
+            Step::Wait(c) => self.push_waiting(c),
+            Step::Ready(n) => self.ready.push_back(n),
+            Step::Close(c) => c.close(),
         }
     }
 
-    /// Blocks until a connection has a request to read (or its peer closed
-    /// it: reading the head then says so) and returns the one that has
-    /// waited longest. After SIGTERM ([`super::stopping`]): only what is
-    /// already waiting, then None.
-    pub fn next(&mut self) -> Option<Conn> {
+    /// Blocks until a connection has a complete request head (or one to
+    /// refuse) and returns the first. After SIGTERM
+    /// ([`super::signals::stopping`]): only what is already there, then None.
+    pub fn next(&mut self) -> Option<Next> {
         loop {
-            self.expire();
-            let stopping = super::stopping();
-            // Requests that arrived meanwhile queue up behind the ones
-            // already seen; only wait when there are none.
+            let stopping = super::signals::stopping();
+            // What arrived meanwhile queues up behind what is already
+            // ready; only wait when nothing is.
             let block = self.ready.is_empty() && !stopping;
-            self.collect(block, !stopping);
-            if let Some(c) = self.ready.pop_front() {
-                return Some(c);
+            self.round(block, !stopping);
+            if let Some(n) = self.ready.pop_front() {
+                return Some(n);
             }
             if stopping {
                 return None;
@@ -136,33 +175,48 @@ impl Conns {
         }
     }
 
-    /// Ends every idle connection (the gateway is stopping).
+    /// Ends every connection (the gateway is stopping).
     pub fn close_all(&mut self) {
-        for c in self.idle.drain(..).chain(self.ready.drain(..)) {
+        for c in self.waiting.drain(..) {
             c.close();
+        }
+        for n in self.ready.drain(..) {
+            match n {
+                Next::Request(c, _) | Next::Refuse(c, _, _) => c.close(),
+            }
         }
     }
 
-    /// Moves every connection with a request to `ready`: kept ones (the
-    /// longest idle first), then new ones (unless `accept` is false or
-    /// MAX_READY are waiting: the rest stay in the socket's queue). Waits
-    /// for one if `block`.
-    fn collect(&mut self, block: bool, accept: bool) {
+    /// When the first waiting connection expires (idle limit or head
+    /// deadline).
+    fn next_expiry(&self) -> Option<Instant> {
+        self.waiting.iter().map(|c| self.expiry(c)).min()
+    }
+
+    fn expiry(&self, c: &Conn) -> Instant {
+        c.since
+            + if c.partial {
+                self.head_timeout
+            } else {
+                IDLE_TIMEOUT
+            }
+    }
+
+    /// One look at every waiting connection and the listener (waiting for
+    /// one of them if `block`); then expiries.
+    fn round(&mut self, block: bool, accept: bool) {
         let timeout = if !block {
             PollTimeout::ZERO
         } else {
-            self.idle
-                .front()
-                .map(|c| IDLE_TIMEOUT.saturating_sub(c.idle_since.elapsed()))
-                .map_or(PollTimeout::NONE, |d| {
-                    PollTimeout::from(u16::try_from(d.as_millis() + 1).unwrap_or(u16::MAX))
-                })
+            self.next_expiry().map_or(PollTimeout::NONE, |at| {
+                sock::poll_ms(at.saturating_duration_since(Instant::now()))
+            })
         };
         let accept = accept && self.ready.len() < MAX_READY;
-        // [wake, idle..., listener if accepting]
-        let mut fds = Vec::with_capacity(self.idle.len() + 2);
+        // [wake, waiting..., listener if accepting]
+        let mut fds = Vec::with_capacity(self.waiting.len() + 2);
         fds.push(self.wake.as_fd());
-        fds.extend(self.idle.iter().map(|c| c.out.get_ref().as_fd()));
+        fds.extend(self.waiting.iter().map(Conn::fd));
         if accept {
             fds.push(self.listener.as_fd());
         }
@@ -175,33 +229,113 @@ impl Conns {
             }
         };
         drop(fds);
-        let n = self.idle.len();
-        let mut still_idle = VecDeque::with_capacity(n);
-        for (c, &r) in self.idle.drain(..).zip(&ready[1..=n]) {
-            if r {
-                self.ready.push_back(c);
-            } else {
-                still_idle.push_back(c);
+        let n = self.waiting.len();
+        let mut still = VecDeque::with_capacity(n);
+        let waiting = std::mem::take(&mut self.waiting);
+        for (c, &r) in waiting.into_iter().zip(&ready[1..=n]) {
+            if !r {
+                still.push_back(c);
+                continue;
+            }
+            match self.read(c) {
+                Step::Wait(c) => still.push_back(c),
+                Step::Ready(next) => self.ready.push_back(next),
+                Step::Close(c) => c.close(),
             }
         }
-        self.idle = still_idle;
+        self.waiting = still;
         if ready.get(n + 1) == Some(&true) {
-            self.accept_all();
+            self.accept_some();
+        }
+        self.expire();
+    }
+
+    /// Reads what a connection has (without waiting) and looks for the end
+    /// of its head.
+    fn read(&self, mut c: Conn) -> Step {
+        let Some(r) = c.reader.as_mut() else {
+            return Step::Close(c);
+        };
+        loop {
+            let have = r.buffered().len();
+            let want = (self.max_header + 1).saturating_sub(have).min(IO_BUF);
+            if want == 0 {
+                break;
+            }
+            match r.fill_now(want) {
+                Ok(Got::Bytes(_)) => {
+                    if !c.partial {
+                        c.partial = true;
+                        c.since = Instant::now();
+                    }
+                }
+                Ok(Got::Nothing) => break,
+                // A clean close between requests, or a head cut short:
+                // nothing to answer.
+                Ok(Got::Eof) => return Step::Close(c),
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::ConnectionReset {
+                        eprintln!("- reading a request head: {e}");
+                    }
+                    return Step::Close(c);
+                }
+            }
+        }
+        self.parse(c)
+    }
+
+    /// Parses the buffered head if it may be complete.
+    fn parse(&self, mut c: Conn) -> Step {
+        let Some(r) = c.reader.as_mut() else {
+            return Step::Close(c);
+        };
+        let buf = r.buffered();
+        if buf.len() < self.max_header && !http::may_be_complete(buf, c.scanned) {
+            c.scanned = buf.len();
+            return Step::Wait(c);
+        }
+        match http::parse_head(buf, self.max_header) {
+            Ok(Some((req, n))) => {
+                r.consume(n);
+                c.partial = false;
+                Step::Ready(Next::Request(c, req))
+            }
+            Ok(None) => {
+                c.scanned = r.buffered().len();
+                Step::Wait(c)
+            }
+            Err(http::HeadError::TooLarge) => {
+                Step::Ready(Next::Refuse(c, 431, "request head too large"))
+            }
+            Err(http::HeadError::Malformed(m)) => Step::Ready(Next::Refuse(c, 400, m)),
         }
     }
 
-    /// Accepts pending connections (at most MAX_READY at a time). They join
-    /// the idle ones: a connection is served once its request is there
-    /// (nginx sends it right after connecting; the next poll sees it), so a
-    /// client that connects and says nothing never holds the gateway.
-    fn accept_all(&mut self) {
-        let mut new = Vec::new();
+    /// Adds a waiting connection; beyond MAX_WAITING the longest idle is
+    /// closed.
+    fn push_waiting(&mut self, conn: Conn) {
+        self.waiting.push_back(conn);
+        while self.waiting.len() > MAX_WAITING {
+            if let Some(old) = self.waiting.pop_front() {
+                old.close();
+            }
+        }
+    }
+
+    /// Accepts pending connections (at most MAX_READY at a time) and reads
+    /// what each already sent (nginx sends its request right after
+    /// connecting); the others wait like idle ones.
+    fn accept_some(&mut self) {
         for _ in 0..MAX_READY {
             match self.listener.accept() {
                 Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
                     Ok(c) => {
                         self.accepted += 1;
-                        new.push(c);
+                        match self.read(c) {
+                            Step::Wait(c) => self.push_waiting(c),
+                            Step::Ready(n) => self.ready.push_back(n),
+                            Step::Close(c) => c.close(),
+                        }
                     }
                     Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
                 },
@@ -214,41 +348,26 @@ impl Conns {
                 }
             }
         }
-        if new.is_empty() {
-            return;
-        }
-        // Usually the request is already there: one look, without waiting.
-        let fds: Vec<_> = new.iter().map(|c| c.out.get_ref().as_fd()).collect();
-        let readable = readable(&fds, PollTimeout::ZERO).unwrap_or_default();
-        drop(fds);
-        for (i, c) in new.into_iter().enumerate() {
-            if readable.get(i) == Some(&true) {
-                self.ready.push_back(c);
-            } else {
-                self.push_idle(c);
-            }
-        }
     }
 
-    /// Closes connections idle for longer than IDLE_TIMEOUT, unless a
-    /// request arrived on one meanwhile (the gateway may have been busy for
-    /// longer than that): that one is served.
+    /// Closes connections idle for longer than IDLE_TIMEOUT; a head not
+    /// complete within the head timeout gets 408. Runs right after the
+    /// connections were read, so what arrived while the gateway was busy
+    /// counts.
     fn expire(&mut self) {
-        while self
-            .idle
-            .front()
-            .is_some_and(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
-        {
-            let Some(c) = self.idle.pop_front() else {
-                break;
-            };
-            let waiting = readable(&[c.out.get_ref().as_fd()], PollTimeout::ZERO);
-            if waiting.is_ok_and(|r| r[0]) {
-                self.ready.push_back(c);
+        let now = Instant::now();
+        let mut still = VecDeque::with_capacity(self.waiting.len());
+        for c in std::mem::take(&mut self.waiting) {
+            if now < self.expiry(&c) {
+                still.push_back(c);
+            } else if c.partial {
+                self.ready
+                    .push_back(Next::Refuse(c, 408, "request head not complete in time"));
             } else {
                 c.close();
             }
         }
+        self.waiting = still;
     }
 }
 

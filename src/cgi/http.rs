@@ -1,13 +1,13 @@
-//! The HTTP/1.1 side of the CGI gateway: reading a request head from nginx,
-//! the request body framing (Content-Length or chunked), and the chunked
-//! encoder for responses of unknown length.
+//! The HTTP/1.1 request head as the CGI gateway reads it: parsing a head
+//! from the bytes received so far (the accept loop calls it as they come,
+//! so a head is never read with a blocking call), and the request body
+//! framing (Content-Length or chunked, [`super::chunked`]).
 //!
 //! Only what nginx sends to an upstream has to work, but the parser is strict
 //! about anything that could make the gateway and nginx disagree on where a
 //! request ends (both Content-Length and Transfer-Encoding, differing
-//! Content-Length values, obsolete line folding, bare CR).
-
-use std::io::{self, BufRead, Read, Write};
+//! Content-Length values, obsolete line folding, bare CR). It depends on
+//! nothing but std, so the fuzz target in `fuzz/` compiles this very file.
 
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,22 +55,13 @@ pub fn keep_alive(req: &Request) -> bool {
     }
 }
 
-/// Why a request head could not be read. Each maps to a status code.
-#[derive(Debug)]
+/// Why a request head is refused. Each maps to a status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
     /// Larger than the limit: 431.
     TooLarge,
     /// Not HTTP/1.x as we accept it: 400.
     Malformed(&'static str),
-    /// The connection ended in the middle of a head.
-    Truncated,
-    Io(io::Error),
-}
-
-impl From<io::Error> for HeadError {
-    fn from(e: io::Error) -> Self {
-        HeadError::Io(e)
-    }
 }
 
 pub fn is_token_char(b: u8) -> bool {
@@ -81,52 +72,64 @@ pub fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(is_token_char)
 }
 
-/// Reads one line (up to and including `\n`) into `line`, never more than
-/// `*budget` bytes in total for the head. Returns false on EOF before any byte.
-fn read_line<R: BufRead>(
-    r: &mut R,
-    line: &mut Vec<u8>,
-    budget: &mut usize,
-) -> Result<bool, HeadError> {
-    line.clear();
-    let limit = u64::try_from(*budget).unwrap_or(u64::MAX).saturating_add(1);
-    let n = r.by_ref().take(limit).read_until(b'\n', line)?;
-    if n == 0 {
-        return Ok(false);
-    }
-    if n > *budget {
-        return Err(HeadError::TooLarge);
-    }
-    *budget -= n;
-    if line.last() != Some(&b'\n') {
-        return Err(HeadError::Truncated);
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    if line.contains(&b'\r') {
-        return Err(HeadError::Malformed("bare CR in the request head"));
-    }
-    Ok(true)
+/// Whether `buf` may hold a complete head, looking only at what arrived
+/// from `from` on (plus the two bytes before it): a head ends with an
+/// empty line, so a head that is not complete yet needs no new parse.
+pub fn may_be_complete(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(2).min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
-/// Reads a request head of at most `max` bytes. `Ok(None)`: the connection
-/// closed cleanly before a request started.
-pub fn read_head<R: BufRead>(r: &mut R, max: usize) -> Result<Option<Request>, HeadError> {
-    let mut budget = max;
-    let mut line = Vec::with_capacity(256);
-    // RFC 9112 §2.2: ignore at least one empty line before the request line.
-    loop {
-        if !read_line(r, &mut line, &mut budget)? {
+/// The lines of a head: each without its line end (LF or CRLF).
+struct Lines<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Lines<'a> {
+    /// The next complete line, Ok(None) when `buf` ends before its LF.
+    fn next(&mut self) -> Result<Option<&'a [u8]>, HeadError> {
+        let rest = &self.buf[self.pos..];
+        let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
             return Ok(None);
+        };
+        self.pos += lf + 1;
+        let mut line = &rest[..lf];
+        if let Some(l) = line.strip_suffix(b"\r") {
+            line = l;
         }
-        if !line.is_empty() {
-            break;
+        if line.contains(&b'\r') {
+            return Err(HeadError::Malformed("bare CR in the request head"));
         }
+        Ok(Some(line))
     }
-    let request_line = std::str::from_utf8(&line)
-        .map_err(|_| HeadError::Malformed("request line is not UTF-8"))?;
+}
+
+/// Parses the request head at the start of `buf`, of at most `max` bytes
+/// (up to and including the empty line that ends it). `Ok(None)`: not
+/// complete yet (and still within `max`); `Ok(Some((request, n)))`: the
+/// head is `buf[..n]`, what follows is the body or the next request.
+pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(Request, usize)>, HeadError> {
+    let window = &buf[..buf.len().min(max)];
+    let incomplete = if buf.len() >= max {
+        Err(HeadError::TooLarge)
+    } else {
+        Ok(None)
+    };
+    let mut lines = Lines {
+        buf: window,
+        pos: 0,
+    };
+    // RFC 9112 §2.2: ignore at least one empty line before the request line.
+    let line = loop {
+        match lines.next()? {
+            None => return incomplete,
+            Some([]) => {}
+            Some(l) => break l,
+        }
+    };
+    let request_line =
+        std::str::from_utf8(line).map_err(|_| HeadError::Malformed("request line is not UTF-8"))?;
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -153,11 +156,11 @@ pub fn read_head<R: BufRead>(r: &mut R, max: usize) -> Result<Option<Request>, H
         headers: Vec::new(),
     };
     loop {
-        if !read_line(r, &mut line, &mut budget)? {
-            return Err(HeadError::Truncated);
-        }
+        let Some(line) = lines.next()? else {
+            return incomplete;
+        };
         if line.is_empty() {
-            return Ok(Some(req));
+            return Ok(Some((req, lines.pos)));
         }
         if line[0] == b' ' || line[0] == b'\t' {
             return Err(HeadError::Malformed("obsolete header line folding"));
@@ -201,8 +204,10 @@ pub fn framing(req: &Request) -> Result<Framing, (u16, &'static str)> {
                 return Err((400, "invalid Content-Length"));
             }
             let n: u64 = part.parse().map_err(|_| (400, "invalid Content-Length"))?;
-            if cl.is_some_and(|c| c != n) {
-                return Err((400, "conflicting Content-Length values"));
+            // Even equal duplicates (RFC 9110 §8.6 allows taking them): nginx
+            // never sends two, so a second one is someone else's request.
+            if cl.is_some() {
+                return Err((400, "more than one Content-Length"));
             }
             cl = Some(n);
         }
@@ -227,136 +232,6 @@ pub fn framing(req: &Request) -> Result<Framing, (u16, &'static str)> {
         Some(0) | None => Framing::None,
         Some(n) => Framing::Length(n),
     })
-}
-
-/// Decodes a chunked body (RFC 9112 §7.1); trailers are read and dropped.
-pub struct ChunkedReader<R> {
-    inner: R,
-    /// Bytes left in the current chunk.
-    left: u64,
-    done: bool,
-}
-
-const MAX_CHUNK_LINE: usize = 4096;
-
-fn bad(msg: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-impl<R: BufRead> ChunkedReader<R> {
-    pub fn new(inner: R) -> Self {
-        ChunkedReader {
-            inner,
-            left: 0,
-            done: false,
-        }
-    }
-
-    fn line(&mut self) -> io::Result<Vec<u8>> {
-        let mut line = Vec::new();
-        let n = self
-            .inner
-            .by_ref()
-            .take(MAX_CHUNK_LINE as u64)
-            .read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            return Err(if n >= MAX_CHUNK_LINE {
-                bad("chunk line too long")
-            } else {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "body ended inside a chunk")
-            });
-        }
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        Ok(line)
-    }
-
-    fn next_chunk(&mut self) -> io::Result<()> {
-        let line = self.line()?;
-        let size = line.split(|&b| b == b';').next().unwrap_or(&[]);
-        let size = std::str::from_utf8(size)
-            .ok()
-            .map(|s| s.trim_matches([' ', '\t']))
-            .filter(|s| !s.is_empty() && s.len() <= 15 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-            .and_then(|s| u64::from_str_radix(s, 16).ok())
-            .ok_or_else(|| bad("invalid chunk size"))?;
-        if size == 0 {
-            // Trailer section, up to the empty line.
-            loop {
-                if self.line()?.is_empty() {
-                    break;
-                }
-            }
-            self.done = true;
-        }
-        self.left = size;
-        Ok(())
-    }
-}
-
-impl<R: BufRead> Read for ChunkedReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while self.left == 0 {
-            if self.done {
-                return Ok(0);
-            }
-            self.next_chunk()?;
-        }
-        let want = usize::try_from(self.left)
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        let n = self.inner.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "body ended inside a chunk",
-            ));
-        }
-        self.left -= n as u64;
-        if self.left == 0 && !self.line()?.is_empty() {
-            return Err(bad("chunk data not followed by CRLF"));
-        }
-        Ok(n)
-    }
-}
-
-/// Encodes everything written as chunks; [`ChunkedWriter::finish`] writes the
-/// last chunk. Each `write` call becomes one chunk (callers write big blocks).
-pub struct ChunkedWriter<W: Write> {
-    inner: W,
-}
-
-impl<W: Write> ChunkedWriter<W> {
-    pub fn new(inner: W) -> Self {
-        ChunkedWriter { inner }
-    }
-
-    /// Writes the terminating zero-length chunk and returns the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        self.inner.write_all(b"0\r\n\r\n")?;
-        Ok(self.inner)
-    }
-}
-
-impl<W: Write> Write for ChunkedWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        write!(self.inner, "{:x}\r\n", buf.len())?;
-        self.inner.write_all(buf)?;
-        self.inner.write_all(b"\r\n")?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// The standard reason phrase of the status codes the gateway uses or
@@ -403,7 +278,7 @@ mod tests {
     use super::*;
 
     fn head(s: &str) -> Result<Option<Request>, HeadError> {
-        read_head(&mut io::Cursor::new(s.as_bytes().to_vec()), 1024)
+        parse_head(s.as_bytes(), 1024).map(|r| r.map(|(req, _)| req))
     }
 
     #[test]
@@ -419,9 +294,9 @@ mod tests {
 
     #[test]
     fn parses_a_request_from_nginx() {
-        let r = head("\r\nPOST /git/repo.git/git-upload-pack?x=1 HTTP/1.1\r\nHost: example.org\r\nContent-Length: 5\r\nX-Empty:\r\nX-Spaces:   a b  \r\n\r\nhello")
-            .unwrap()
-            .unwrap();
+        let raw = "\r\nPOST /git/repo.git/git-upload-pack?x=1 HTTP/1.1\r\nHost: example.org\r\nContent-Length: 5\r\nX-Empty:\r\nX-Spaces:   a b  \r\n\r\nhello";
+        let (r, n) = parse_head(raw.as_bytes(), 1024).unwrap().unwrap();
+        assert_eq!(&raw[n..], "hello");
         assert_eq!(r.method, "POST");
         assert_eq!(r.target, "/git/repo.git/git-upload-pack?x=1");
         assert_eq!(r.version, "HTTP/1.1");
@@ -436,13 +311,18 @@ mod tests {
     }
 
     #[test]
-    fn clean_close_and_truncation() {
-        assert!(head("").unwrap().is_none());
-        assert!(matches!(
-            head("GET / HTTP/1.1\r\nA: b\r\n"),
-            Err(HeadError::Truncated)
-        ));
-        assert!(matches!(head("GET / HTTP/1.1"), Err(HeadError::Truncated)));
+    fn incomplete_heads_wait_for_more() {
+        let full = "GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
+        for cut in 0..full.len() {
+            assert_eq!(head(&full[..cut]).unwrap(), None, "{:?}", &full[..cut]);
+        }
+        assert!(head(full).unwrap().is_some());
+        // Completion is only possible where an empty line arrived.
+        let b = full.as_bytes();
+        assert!(!may_be_complete(&b[..b.len() - 1], 0));
+        assert!(may_be_complete(b, b.len() - 1));
+        assert!(may_be_complete(b"GET / HTTP/1.1\n\n", 15));
+        assert!(!may_be_complete(b"GET / HTTP/1.1\r\nA: b\r\n", 10));
     }
 
     #[test]
@@ -459,6 +339,7 @@ mod tests {
             "GET / HTTP/1.1\r\n: x\r\n\r\n",
             "GET / HTTP/1.1\r\nA: x\ry\r\n\r\n",
             "GET / HTTP/1.1\r\nA: x\u{1}y\r\n\r\n",
+            "GET / HTTP/1.1\r\nA: x\r\r\n\r\n",
         ] {
             assert!(matches!(head(bad), Err(HeadError::Malformed(_))), "{bad:?}");
         }
@@ -468,6 +349,8 @@ mod tests {
     fn head_size_limit() {
         let big = format!("GET / HTTP/1.1\r\nA: {}\r\n\r\n", "x".repeat(2000));
         assert!(matches!(head(&big), Err(HeadError::TooLarge)));
+        // Too large even before its end arrived.
+        assert!(matches!(head(&big[..1500]), Err(HeadError::TooLarge)));
         let exact = format!("GET / HTTP/1.1\r\nA: {}\r\n\r\n", "x".repeat(1024 - 23));
         assert_eq!(exact.len(), 1024);
         assert!(head(&exact).unwrap().is_some());
@@ -495,8 +378,18 @@ mod tests {
             Framing::None
         );
         assert_eq!(
-            framing(&req(&[("content-length", "7"), ("Content-Length", "7")])).unwrap(),
+            framing(&req(&[("Content-Length", "7")])).unwrap(),
             Framing::Length(7)
+        );
+        assert_eq!(
+            framing(&req(&[("content-length", "7"), ("Content-Length", "7")]))
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            framing(&req(&[("Content-Length", "7, 7")])).unwrap_err().0,
+            400
         );
         assert_eq!(
             framing(&req(&[("Transfer-Encoding", "Chunked")])).unwrap(),
@@ -535,52 +428,5 @@ mod tests {
                 .0,
             501
         );
-    }
-
-    fn dechunk(s: &[u8]) -> io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        ChunkedReader::new(io::Cursor::new(s.to_vec())).read_to_end(&mut out)?;
-        Ok(out)
-    }
-
-    #[test]
-    fn chunked_decoding() {
-        assert_eq!(
-            dechunk(b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\nNEXT").unwrap(),
-            b"hello, world"
-        );
-        assert_eq!(
-            dechunk(b"A\r\n0123456789\r\n0\r\n\r\n").unwrap(),
-            b"0123456789"
-        );
-        assert_eq!(dechunk(b"0\r\n\r\n").unwrap(), b"");
-        assert!(dechunk(b"5\r\nhel").is_err());
-        assert!(dechunk(b"5\r\nhelloX\r\n0\r\n\r\n").is_err());
-        assert!(dechunk(b"zz\r\n").is_err());
-        assert!(dechunk(b"+5\r\nhello\r\n0\r\n\r\n").is_err());
-        assert!(dechunk(b"ffffffffffffffffff\r\n").is_err());
-        assert!(dechunk(b"5\r\nhello\r\n").is_err());
-        // Reading stops after the last chunk: the rest stays in the stream.
-        let mut cur = io::Cursor::new(b"1\r\na\r\n0\r\n\r\nrest".to_vec());
-        let mut out = Vec::new();
-        ChunkedReader::new(&mut cur).read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"a");
-        let mut rest = String::new();
-        cur.read_to_string(&mut rest).unwrap();
-        assert_eq!(rest, "rest");
-    }
-
-    #[test]
-    fn chunked_round_trip() {
-        let mut w = ChunkedWriter::new(Vec::new());
-        w.write_all(b"hello").unwrap();
-        w.write_all(b"").unwrap();
-        w.write_all(&[b'x'; 300]).unwrap();
-        let bytes = w.finish().unwrap();
-        assert!(bytes.starts_with(b"5\r\nhello\r\n12c\r\n"));
-        assert!(bytes.ends_with(b"\r\n0\r\n\r\n"));
-        let mut want = b"hello".to_vec();
-        want.extend([b'x'; 300]);
-        assert_eq!(dechunk(&bytes).unwrap(), want);
     }
 }

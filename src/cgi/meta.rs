@@ -36,16 +36,27 @@ const NOT_PASSED: &[&str] = &[
     "proxy",
 ];
 
-/// Percent-decodes a path; None for a malformed escape or a NUL byte.
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Percent-decodes a path: every `%` is followed by exactly two hex digits
+/// (`%+2`, `%2` and `%2g` are refused, unlike `u8::from_str_radix`, which
+/// takes a sign); None for a malformed escape or a NUL byte.
 pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hi = hex_digit(*b.get(i + 1)?)?;
+            let lo = hex_digit(*b.get(i + 2)?)?;
+            out.push(hi << 4 | lo);
             i += 3;
         } else {
             out.push(b[i]);
@@ -397,5 +408,10 @@ mod tests {
         assert_eq!(percent_decode("%e2%82%ac").unwrap(), "€".as_bytes());
         assert_eq!(percent_decode("%"), None);
         assert_eq!(percent_decode("%g0"), None);
+        assert_eq!(percent_decode("/a%+2"), None);
+        assert_eq!(percent_decode("/a%-2x"), None);
+        assert_eq!(percent_decode("/a%2"), None);
+        assert_eq!(percent_decode("/a% 2"), None);
+        assert_eq!(percent_decode("%41%7a%7A").unwrap(), b"Azz");
     }
 }

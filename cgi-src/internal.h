@@ -1,0 +1,43 @@
+/* internal.h - what the C files of common.h's module share among
+ * themselves (not for services): time, logging, status texts, the watchdog
+ * and the event loop's entry points.
+ *
+ *   http.c    request parsing, URL/form decoding
+ *   buf.c     output buffers, JSON escaping
+ *   notify.c  sd_notify, the watchdog, the test delay
+ *   loop.c    connections and the poll loop, signals
+ *   common.c  worker identity, responses, logging, listening socket, startup
+ */
+#ifndef CGIPOOL_INTERNAL_H
+#define CGIPOOL_INTERNAL_H
+
+#include "common.h"
+
+#include <stddef.h>
+
+static inline size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
+
+/* common.c */
+long long now_ms(void);
+double now_s(void);
+void log_request(const struct request *r, int status, double secs);
+const char *http_reason(int status);
+const char *error_text(int status);
+unsigned long test_delay_ms(void);
+
+/* notify.c */
+void notify_init(void);
+void watchdog_init(void);
+void watchdog_tick(void);
+/* When the next WATCHDOG=1 is due (now_ms() clock), or 0 if off. */
+long long watchdog_next(void);
+/* Sleeps ms, in slices so the watchdog keeps ticking. */
+void test_delay(unsigned long ms);
+
+/* loop.c */
+void setup_signals(void);
+/* Serves until SIGTERM or max_requests (0 = no limit); returns the exit
+ * status. */
+int run_loop(int lfd, const struct service *svc, unsigned long max_requests);
+
+#endif

@@ -1,0 +1,404 @@
+/* loop.c - the worker's event loop: one poll() over the listening socket
+ * and up to 64 keep-alive connections, requests parsed as their bytes
+ * arrive (a head has 5 s, then 408; idle connections 10 s), served one at a
+ * time, responses sent with a 5 s bound; SIGTERM/SIGINT (blocked outside
+ * ppoll) drain what was already received, then the loop ends. */
+#include "internal.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ */
+/* Connections and the event loop.                                     */
+
+#define MAX_CONNS 64
+#define IDLE_TIMEOUT_MS 10000
+#define READ_TIMEOUT_MS 5000
+#define WRITE_TIMEOUT_MS 5000
+#define MAX_REQS_PER_CONN 1000
+#define INITIAL_BUF 4096
+#define BODY_CAP (256u * 1024u)
+
+struct conn {
+    int fd;
+    char *buf;
+    size_t len, cap;
+    unsigned nreq;
+    int eof;
+    int ready;    /* buffered bytes may hold a complete request */
+    long long idle_since, req_since;
+};
+
+static struct conn g_conns[MAX_CONNS];
+static int g_nconns;
+static volatile sig_atomic_t g_stop;
+static unsigned long g_max_requests, g_served;
+static const struct service *g_svc;
+static char g_body_mem[BODY_CAP];
+static char g_out_mem[BODY_CAP + 1024];
+
+/* SIGTERM/SIGINT are blocked outside ppoll(); see if one is waiting. */
+static int stop_pending(void)
+{
+    sigset_t set;
+    if (g_stop)
+        return 1;
+    if (sigpending(&set) < 0)
+        return 0;
+    return sigismember(&set, SIGTERM) == 1 || sigismember(&set, SIGINT) == 1;
+}
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+static void conn_close(struct conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    free(c->buf);
+    c->fd = -1;
+    c->buf = NULL;
+    c->len = c->cap = 0;
+}
+
+static int send_all(int fd, const char *p, size_t n)
+{
+    long long deadline = now_ms() + WRITE_TIMEOUT_MS;
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w > 0) {
+            p += w;
+            n -= (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+            return -1;
+        long long left = deadline - now_ms();
+        struct pollfd pfd = {fd, POLLOUT, 0};
+        if (left <= 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR))
+            return -1;
+    }
+    return 0;
+}
+
+/* Serialize and send; returns 0 if the connection may be kept. */
+static int send_response(struct conn *c, const struct request *req,
+                         struct response *res, int keep)
+{
+    if (res->body.overflow)
+        json_error(res, 500, "response too large");
+    struct sbuf out = {g_out_mem, 0, sizeof g_out_mem, 0};
+    sb_printf(&out, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+              "Content-Length: %zu\r\nX-Cgipool-Worker: %s\r\n",
+              res->status, http_reason(res->status), res->body.len, worker_name());
+    if (req->request_id.n)
+        sb_printf(&out, "X-Request-ID: %.*s\r\n", (int)req->request_id.n,
+                  req->request_id.p);
+    if (res->allow)
+        sb_printf(&out, "Allow: %s\r\n", res->allow);
+    sb_printf(&out, "Connection: %s\r\n\r\n", keep ? "keep-alive" : "close");
+    if (!slice_eq(req->method, "HEAD"))
+        sb_put(&out, res->body.p, res->body.len);
+    if (out.overflow)
+        return -1;
+    return send_all(c->fd, out.p, out.len) == 0 && keep ? 0 : -1;
+}
+
+static void init_response(struct response *res)
+{
+    res->status = 500;
+    res->allow = NULL;
+    res->body = (struct sbuf){g_body_mem, 0, sizeof g_body_mem, 0};
+}
+
+/* Test-only knob, off unless set: /healthz answers 503 while the file
+ * $CGIPOOL_TEST_HEALTH_DIR/<worker> exists (probe tests of cgipool watch). */
+static int test_unhealthy(void)
+{
+    const char *dir = getenv("CGIPOOL_TEST_HEALTH_DIR");
+    if (!dir || !*dir)
+        return 0;
+    char path[256];
+    int n = snprintf(path, sizeof path, "%s/%s", dir, worker_name());
+    return n > 0 && (size_t)n < sizeof path && access(path, F_OK) == 0;
+}
+
+static void dispatch(const struct request *req, struct response *res)
+{
+    if (test_delay_ms())
+        test_delay(test_delay_ms());
+    if (!path_matches(req, "/healthz")) {
+        g_svc->handle(req, res);
+    } else if (!method_is(req, "GET")) {
+        json_error(res, 405, "method not allowed");
+        res->allow = "GET, HEAD";
+    } else if (test_unhealthy()) {
+        json_error(res, 503, "unhealthy (test knob)");
+    } else {
+        json_begin(res, 200);
+        sb_puts(&res->body, ",\"status\":\"ok\"}\n");
+    }
+}
+
+/* Serve one complete request; returns 0 to keep the connection. */
+static int serve(struct conn *c, const struct request *req)
+{
+    double t0 = now_s();
+    struct response res;
+    init_response(&res);
+    dispatch(req, &res);
+    g_served++;
+    c->nreq++;
+    int keep = req->keep_alive && !c->eof && !stop_pending() &&
+               c->nreq < MAX_REQS_PER_CONN &&
+               (g_max_requests == 0 || g_served < g_max_requests);
+    int rc = send_response(c, req, &res, keep);
+    log_request(req, res.status, now_s() - t0);
+    return rc;
+}
+
+static void reject(struct conn *c, int status)
+{
+    struct request req;
+    memset(&req, 0, sizeof req);
+    struct response res;
+    init_response(&res);
+    json_error(&res, status, error_text(status));
+    send_response(c, &req, &res, 0);
+    log_request(&req, status, 0.0);
+}
+
+static void consume(struct conn *c, size_t n)
+{
+    memmove(c->buf, c->buf + n, c->len - n);
+    c->len -= n;
+    c->ready = c->len > 0;
+    c->idle_since = c->req_since = now_ms();
+    if (c->len == 0 && c->cap > INITIAL_BUF) {
+        free(c->buf);
+        c->buf = NULL;
+        c->cap = 0;
+    }
+}
+
+/* Try to parse and serve one buffered request.  Returns 1 if a request
+ * was served and the connection stays, 0 if more input is needed, -1 if
+ * the connection must be closed. */
+static int try_request(struct conn *c)
+{
+    c->ready = 0;
+    if (c->len == 0)
+        return c->eof ? -1 : 0;
+    int hdr_done = memmem(c->buf, min_sz(c->len, HTTP_MAX_LINE + HTTP_MAX_HEADERS),
+                          "\r\n\r\n", 4) != NULL;
+    if (!hdr_done && c->len < HTTP_MAX_LINE && !c->eof)
+        return 0;
+    struct request req;
+    long n = http_parse(c->buf, c->len, &req);
+    if (n < 0) {
+        reject(c, (int)-n);
+        return -1;
+    }
+    if (n == 0) {
+        if (c->eof && c->len > 0)
+            reject(c, 400);
+        return c->eof ? -1 : 0;
+    }
+    int rc = serve(c, &req);
+    consume(c, (size_t)n);
+    return rc == 0 ? 1 : -1;
+}
+
+static int grow(struct conn *c)
+{
+    if (c->len < c->cap)
+        return 0;
+    if (c->cap >= HTTP_MAX_REQUEST)
+        return -1;
+    size_t ncap = c->cap ? c->cap * 2 : INITIAL_BUF;
+    if (ncap > HTTP_MAX_REQUEST)
+        ncap = HTTP_MAX_REQUEST;
+    char *nb = realloc(c->buf, ncap);
+    if (!nb)
+        return -1;
+    c->buf = nb;
+    c->cap = ncap;
+    return 0;
+}
+
+/* Read what is available.  Returns -1 on a hard error. */
+static int read_some(struct conn *c)
+{
+    if (grow(c))
+        return -1;
+    ssize_t r;
+    do {
+        r = recv(c->fd, c->buf + c->len, c->cap - c->len, 0);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+    if (r == 0) {
+        c->eof = 1;
+        return 0;
+    }
+    if (c->len == 0)
+        c->req_since = now_ms();
+    c->len += (size_t)r;
+    return 0;
+}
+
+/* Handle readiness on one connection; returns -1 to close it. */
+static int conn_event(struct conn *c, short revents)
+{
+    if (revents & (POLLIN | POLLHUP | POLLERR)) {
+        if (read_some(c))
+            return -1;
+    }
+    int rc = try_request(c);
+    return rc < 0 ? -1 : 0;
+}
+
+static void accept_one(int lfd)
+{
+    if (g_nconns >= MAX_CONNS)
+        return;
+    int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+            errno != ECONNABORTED)
+            fprintf(stderr, "%s: accept: %s\n", worker_name(), strerror(errno));
+        return;
+    }
+    struct conn *c = &g_conns[g_nconns++];
+    memset(c, 0, sizeof *c);
+    c->fd = fd;
+    c->idle_since = c->req_since = now_ms();
+}
+
+static void compact(void)
+{
+    int j = 0;
+    for (int i = 0; i < g_nconns; i++)
+        if (g_conns[i].fd >= 0)
+            g_conns[j++] = g_conns[i];
+    g_nconns = j;
+}
+
+static int conn_expired(struct conn *c, long long now)
+{
+    if (c->len > 0 && now - c->req_since >= READ_TIMEOUT_MS) {
+        reject(c, 408);
+        return 1;
+    }
+    return c->len == 0 && now - c->idle_since >= IDLE_TIMEOUT_MS;
+}
+
+static void expire(void)
+{
+    long long now = now_ms();
+    for (int i = 0; i < g_nconns; i++)
+        if (conn_expired(&g_conns[i], now))
+            conn_close(&g_conns[i]);
+    compact();
+}
+
+static int poll_timeout(void)
+{
+    long long now = now_ms(), next = now + 1000;
+    for (int i = 0; i < g_nconns; i++) {
+        const struct conn *c = &g_conns[i];
+        long long d = c->len ? c->req_since + READ_TIMEOUT_MS
+                             : c->idle_since + IDLE_TIMEOUT_MS;
+        if (c->ready)
+            d = now;
+        if (d < next)
+            next = d;
+    }
+    long long wd = watchdog_next();
+    if (wd && wd < next)
+        next = wd;
+    return next <= now ? 0 : (int)(next - now);
+}
+
+static int done(void)
+{
+    return g_stop || (g_max_requests && g_served >= g_max_requests);
+}
+
+static void loop_once(int lfd, const sigset_t *unblocked)
+{
+    struct pollfd pfds[MAX_CONNS + 1];
+    int n = g_nconns;
+    for (int i = 0; i < n; i++)
+        pfds[i] = (struct pollfd){g_conns[i].fd, POLLIN, 0};
+    pfds[n] = (struct pollfd){lfd, g_nconns < MAX_CONNS ? POLLIN : 0, 0};
+    int ms = poll_timeout();
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    if (ppoll(pfds, (nfds_t)n + 1, &ts, unblocked) < 0 && errno != EINTR) {
+        perror("ppoll");
+        g_stop = 1;
+        return;
+    }
+    watchdog_tick();
+    for (int i = 0; i < n && !done(); i++)
+        if ((pfds[i].revents || g_conns[i].ready) &&
+            conn_event(&g_conns[i], pfds[i].revents))
+            conn_close(&g_conns[i]);
+    compact();
+    if (pfds[n].revents & POLLIN && !done())
+        accept_one(lfd);
+    expire();
+}
+
+/* After SIGTERM / max requests: serve requests already received, close. */
+static void drain(void)
+{
+    for (int i = 0; i < g_nconns; i++) {
+        struct conn *c = &g_conns[i];
+        if (read_some(c) == 0)
+            try_request(c);
+        conn_close(c);
+    }
+    g_nconns = 0;
+}
+
+int run_loop(int lfd, const struct service *svc, unsigned long max_requests)
+{
+    g_svc = svc;
+    g_max_requests = max_requests;
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    while (!done())
+        loop_once(lfd, &old);
+    notify("STOPPING=1\nSTATUS=draining");
+    drain();
+    fprintf(stderr, "%s: exiting after %lu requests\n", worker_name(), g_served);
+    return 0;
+}
+
+
+void setup_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+}

@@ -1,0 +1,375 @@
+//! One request's run: the program's output turned into the response
+//! (header block, then the body streamed with Content-Length, chunked, or
+//! to the end of the connection for HTTP/1.0), its stdin fed from its own
+//! thread, the deadline, and the cleanup after it (every descendant killed
+//! and reaped).
+//!
+//! The deadline holds on both sides: [`ProgramOutput`] kills the program
+//! when it passes while the gateway waits for output, and every write to
+//! the client fails once it passes ([`super::sock`]), so a client that
+//! stops reading is cut at the deadline too.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::chunked::ChunkedWriter;
+use super::conns::Conn;
+use super::output::ProgramOutput;
+use super::serve::{feed, simple, Body, Outcome};
+use super::signals::stopping;
+use super::sock::{In, Sock, IO_BUF};
+use super::{http, reap, response, Gateway};
+
+/// One running program.
+pub(super) struct Run<'a> {
+    pub gw: &'a Gateway,
+    pub rid: &'a str,
+    pub req: &'a http::Request,
+    /// The response may leave the connection open.
+    pub keep_alive: bool,
+    /// The request's one deadline (set on the connection too).
+    pub deadline: Instant,
+}
+
+/// How the response to the client ended.
+enum Sent {
+    /// Complete.
+    Done,
+    /// Cut short (the connection must close without a proper end).
+    Aborted(String),
+}
+
+/// How long, after the response, the connection waits for the body feeder
+/// to finish reading the request body (nginx has sent it all by then).
+const FEED_GRACE: Duration = Duration::from_secs(1);
+
+impl Run<'_> {
+    pub fn run(&self, child: &mut Child, body: Body, conn: &mut Conn) -> Outcome {
+        let deadline = self.deadline;
+        // The body goes to stdin from its own thread, so a program that
+        // writes before it has read everything cannot deadlock the gateway.
+        // A body read from the connection comes back with its reader.
+        let (fed_tx, fed_rx) = mpsc::channel::<Option<In>>();
+        let feeding = match (child.stdin.take(), body) {
+            (Some(sin), Body::Socket(n)) => conn.reader.take().and_then(|reader| {
+                thread::Builder::new()
+                    .name("cgi-stdin".into())
+                    .spawn(move || {
+                        let mut body = reader.take(n);
+                        let whole = feed(&mut body, sin) && body.limit() == 0;
+                        let _ = fed_tx.send(whole.then(|| body.into_inner()));
+                    })
+                    .ok()
+            }),
+            (Some(sin), Body::File(f)) => thread::Builder::new()
+                .name("cgi-stdin".into())
+                .spawn(move || {
+                    feed(f, sin);
+                })
+                .ok(),
+            _ => None,
+        };
+        let mut output =
+            ProgramOutput::new(child.stdout.take(), child.stderr.take(), self.rid, deadline);
+        let mut outcome = Outcome::new(0);
+        let sent = self.respond(&mut output, &mut conn.out, &mut outcome);
+        if let Sent::Aborted(why) = &sent {
+            outcome.note.push(format!("aborted: {why}"));
+            outcome.complete = false;
+            reap::kill_descendants();
+        }
+        let _ = conn.out.flush();
+
+        // A response cut short by the timeout ends the connection; one sent
+        // in full before it does not (nginx may already reuse it), even if
+        // the program then runs into the timeout.
+        if output.timed_out() {
+            outcome.complete = false;
+        }
+        let status = output.wait_exit(child).ok();
+        if output.timed_out() {
+            outcome.note.push("timeout".to_string());
+        }
+        if let Some(st) = status {
+            outcome.note.push(describe_exit(st));
+        }
+        // The common case: the program left nothing behind, no scan needed.
+        if !reap::no_children_left() {
+            let leftover = reap::descendants().len();
+            if leftover > 0 {
+                outcome.note.push(format!("killed={leftover}"));
+            }
+            let survivors = reap::kill_and_reap_all(Duration::from_secs(10));
+            if !survivors.is_empty() {
+                outcome.note.push(format!("UNKILLABLE={survivors:?}"));
+            }
+        }
+        output.finish_stderr(Duration::from_secs(1));
+        // A body from the connection: the reader comes back once the body
+        // was read to its end; otherwise the connection is closed (which
+        // also ends a feeder still waiting for nginx).
+        if feeding.is_some() && conn.reader.is_none() {
+            conn.reader = fed_rx.recv_timeout(FEED_GRACE).ok().flatten();
+        }
+        outcome
+    }
+
+    /// The gateway's own answer instead of the program's (whose output is
+    /// dropped); the connection closes after it.
+    fn instead(&self, out: &mut impl Write, o: &mut Outcome, status: u16, msg: &str) -> Sent {
+        o.status = status;
+        o.bytes = simple(out, &self.gw.worker, status, msg).unwrap_or(0);
+        Sent::Done
+    }
+
+    /// Reads the program's output and sends the response.
+    fn respond(
+        &self,
+        stdout: &mut ProgramOutput<'_>,
+        out: &mut BufWriter<Sock>,
+        o: &mut Outcome,
+    ) -> Sent {
+        let worker = &self.gw.worker;
+        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        let mut chunk = vec![0u8; IO_BUF];
+        if self.gw.nph {
+            // Non-parsed headers: the program speaks HTTP itself.
+            o.status = 200;
+            loop {
+                match stdout.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if let Err(e) = out.write_all(&chunk[..n]) {
+                            return Sent::Aborted(format!("client: {e}"));
+                        }
+                        o.bytes += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Sent::Aborted(format!("stdout: {e}")),
+                }
+            }
+            if stdout.timed_out() {
+                if o.bytes == 0 {
+                    return self.instead(out, o, 504, "the CGI program timed out");
+                }
+                return Sent::Aborted("timeout".into());
+            }
+            return Sent::Done;
+        }
+
+        // The header block.
+        let head_end = loop {
+            if let Some(e) = response::header_end(&buf) {
+                break Ok(e);
+            }
+            if buf.len() > self.gw.max_header {
+                break Err(format!(
+                    "header block larger than {} bytes",
+                    self.gw.max_header
+                ));
+            }
+            match stdout.read(&mut chunk) {
+                Ok(0) if buf.is_empty() => break Err("no output at all".to_string()),
+                Ok(0) => {
+                    break Err(
+                        "output ended before the blank line ending the header block".to_string()
+                    )
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(format!("reading its output: {e}")),
+            }
+        };
+        if stdout.timed_out() && head_end.is_err() {
+            return self.instead(out, o, 504, "the CGI program did not answer in time");
+        }
+        let parsed = head_end.and_then(|e| {
+            let block = &buf[..e];
+            response::parse(block).map(|h| (h, e))
+        });
+        let (head, body_start) = match parsed {
+            Ok(x) => x,
+            Err(why) => {
+                reap::kill_descendants();
+                eprintln!(
+                    "{} 502: the CGI program's response has no valid header block: {why}",
+                    self.rid
+                );
+                return self.instead(
+                    out,
+                    o,
+                    502,
+                    &format!("the CGI program sent an invalid response ({why})"),
+                );
+            }
+        };
+        if let response::Kind::LocalRedirect(path) = &head.kind {
+            reap::kill_descendants();
+            eprintln!(
+                "{} 502: local redirect to {path:?} refused: cgipool does not re-run requests; send `Status: 302` with the Location for a client redirect",
+                self.rid
+            );
+            return self.instead(
+                out,
+                o,
+                502,
+                "the CGI program asked for a local redirect, which cgipool does not support",
+            );
+        }
+
+        o.status = head.status;
+        let body_allowed = self.req.method != "HEAD" && !response::bodiless(head.status);
+        let mut h = format!("HTTP/1.1 {} {}\r\n", head.status, head.reason);
+        for (k, v) in &head.headers {
+            h.push_str(k);
+            h.push_str(": ");
+            h.push_str(v);
+            h.push_str("\r\n");
+        }
+        // A body of unknown length: chunked to HTTP/1.1; HTTP/1.0 knows no
+        // chunked coding (RFC 9112 §6.1), so there the end of the
+        // connection ends the body.
+        let unknown_length = body_allowed && head.content_length.is_none();
+        let chunked = unknown_length && self.req.version != "HTTP/1.0";
+        o.close = unknown_length && !chunked;
+        if let Some(n) = head.content_length {
+            if body_allowed || self.req.method == "HEAD" {
+                h.push_str(&format!("Content-Length: {n}\r\n"));
+            }
+        } else if chunked {
+            h.push_str("Transfer-Encoding: chunked\r\n");
+        }
+        h.push_str("X-Cgipool-Worker: ");
+        h.push_str(worker);
+        // A gateway being stopped tells nginx not to reuse the connection.
+        h.push_str(if self.keep_alive && !o.close && !stopping() {
+            "\r\n\r\n"
+        } else {
+            "\r\nConnection: close\r\n\r\n"
+        });
+        if let Err(e) = out.write_all(h.as_bytes()) {
+            return Sent::Aborted(format!("client: {e}"));
+        }
+        // Framed by Content-Length, chunked or the connection's end: unless
+        // cut short, the response ends where the client expects it.
+        o.complete = true;
+        let first = buf.split_off(body_start);
+        drop(buf);
+
+        if !body_allowed {
+            // Drain (and drop) whatever the program still writes.
+            let _ = out.flush();
+            let _ = io::copy(stdout, &mut io::sink());
+            return check_timeout(stdout);
+        }
+        if chunked {
+            let mut w = ChunkedWriter::new(&mut *out);
+            let r = pump(&first, stdout, &mut chunk, &mut w, None, o);
+            if let Err(e) = r {
+                return Sent::Aborted(e);
+            }
+            if let Sent::Aborted(why) = check_timeout(stdout) {
+                return Sent::Aborted(why);
+            }
+            if let Err(e) = w.finish() {
+                return Sent::Aborted(format!("client: {e}"));
+            }
+            return Sent::Done;
+        }
+        if o.close {
+            // Delimited by closing the connection: all the program writes.
+            if let Err(e) = pump(&first, stdout, &mut chunk, out, None, o) {
+                return Sent::Aborted(e);
+            }
+            return check_timeout(stdout);
+        }
+        let want = head.content_length.unwrap_or(0);
+        if let Err(e) = pump(&first, stdout, &mut chunk, out, Some(want), o) {
+            return Sent::Aborted(e);
+        }
+        if o.bytes < want {
+            return Sent::Aborted(match check_timeout(stdout) {
+                Sent::Aborted(why) => why,
+                Sent::Done => format!(
+                    "output ended after {} of {want} bytes (Content-Length)",
+                    o.bytes
+                ),
+            });
+        }
+        // The response is complete: nginx gets it now, not when the program
+        // closes its stdout.
+        if let Err(e) = out.flush() {
+            return Sent::Aborted(format!("client: {e}"));
+        }
+        let extra = io::copy(stdout, &mut io::sink()).unwrap_or(0);
+        if extra > 0 {
+            eprintln!(
+                "{} the CGI program wrote {extra} bytes more than its Content-Length; dropped",
+                self.rid
+            );
+        }
+        Sent::Done
+    }
+}
+
+fn check_timeout(output: &ProgramOutput<'_>) -> Sent {
+    if output.timed_out() {
+        Sent::Aborted("timeout".into())
+    } else {
+        Sent::Done
+    }
+}
+
+/// Copies `first` and then the program's output to `w`, at most `limit`
+/// bytes in total; counts into `o.bytes`. Errors name the side that failed.
+fn pump(
+    first: &[u8],
+    stdout: &mut impl Read,
+    chunk: &mut [u8],
+    w: &mut impl Write,
+    limit: Option<u64>,
+    o: &mut Outcome,
+) -> std::result::Result<(), String> {
+    let room = |o: &Outcome, n: usize| -> usize {
+        match limit {
+            Some(l) => usize::try_from(l.saturating_sub(o.bytes))
+                .unwrap_or(usize::MAX)
+                .min(n),
+            None => n,
+        }
+    };
+    let n = room(o, first.len());
+    if n > 0 {
+        w.write_all(&first[..n])
+            .map_err(|e| format!("client: {e}"))?;
+        o.bytes += n as u64;
+    }
+    loop {
+        if limit.is_some_and(|l| o.bytes >= l) {
+            return Ok(());
+        }
+        let want = room(o, chunk.len());
+        match stdout.read(&mut chunk[..want]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                w.write_all(&chunk[..n])
+                    .map_err(|e| format!("client: {e}"))?;
+                o.bytes += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("stdout: {e}")),
+        }
+    }
+}
+
+fn describe_exit(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit={c}"),
+        (None, Some(s)) => format!("signal={s}"),
+        _ => "exit=?".to_string(),
+    }
+}

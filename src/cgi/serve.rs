@@ -1,0 +1,259 @@
+//! One request, from its complete head to the start of its program: the
+//! request's deadline, the body framing and limit (a chunked body decoded
+//! into a bounded spool file), the meta-variables, the program's process;
+//! and the gateway's own short answers (refusals, 413, 504, ...).
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::chunked::ChunkedReader;
+use super::conns::Conn;
+use super::run::Run;
+use super::sock::{Sock, IO_BUF};
+use super::{http, meta, Gateway};
+
+/// A request id fit for a log line.
+fn log_id(s: Option<&str>) -> String {
+    match s {
+        Some(s) if !s.is_empty() => s
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect(),
+        _ => "-".to_string(),
+    }
+}
+
+/// What happened to one request, for its log line.
+pub(super) struct Outcome {
+    pub status: u16,
+    pub bytes: u64,
+    pub note: Vec<String>,
+    /// The program's own response was sent completely, so the connection
+    /// can carry the next request (if the request allows it).
+    pub complete: bool,
+    /// The response was delimited by closing the connection (HTTP/1.0
+    /// without a Content-Length).
+    pub close: bool,
+}
+
+impl Outcome {
+    pub fn new(status: u16) -> Self {
+        Outcome {
+            status,
+            bytes: 0,
+            note: Vec::new(),
+            complete: false,
+            close: false,
+        }
+    }
+}
+
+/// Writes a small complete response from the gateway itself; the
+/// connection is closed after it.
+pub(super) fn simple(
+    out: &mut impl Write,
+    worker: &str,
+    status: u16,
+    msg: &str,
+) -> io::Result<u64> {
+    let body = format!("{status} {}: {msg}\n", http::reason(status));
+    write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nX-Cgipool-Worker: {worker}\r\nConnection: close\r\n\r\n{body}",
+        http::reason(status),
+        body.len()
+    )?;
+    out.flush()?;
+    Ok(body.len() as u64)
+}
+
+/// The request body, as the program's stdin will get it.
+pub(super) enum Body {
+    Empty,
+    /// Content-Length bytes, still on the connection.
+    Socket(u64),
+    /// A chunked body, already decoded into a temporary file.
+    File(File),
+}
+
+/// Feeds `body` to the program's stdin, then EOF. If the program stops
+/// reading, the rest is read and dropped so nginx can finish sending.
+/// True when the body was read to its end.
+pub(super) fn feed(mut body: impl Read, sin: ChildStdin) -> bool {
+    let mut sin = Some(sin);
+    let mut buf = vec![0u8; IO_BUF];
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        };
+        if let Some(s) = sin.as_mut() {
+            if s.write_all(&buf[..n]).is_err() {
+                sin = None;
+            }
+        }
+    }
+}
+
+/// How long the gateway's own answer to a refused head may take to send.
+const REFUSE_SEND: Duration = Duration::from_secs(1);
+
+impl Gateway {
+    /// Answers a head the accept loop refused (400, 408, 431); the
+    /// connection is closed after it.
+    pub(super) fn refuse_head(&self, conn: &mut Conn, status: u16, why: &str) {
+        conn.set_deadline(Instant::now() + REFUSE_SEND);
+        let _ = simple(&mut conn.out, &self.worker, status, why);
+        eprintln!("- conn={}#{}: {why}: {status}", conn.id, conn.served + 1);
+    }
+
+    /// Serves one request from `conn`, whose head is `req`; true when the
+    /// connection can carry the next one. The request's one deadline starts
+    /// now and covers every read and write on the connection.
+    pub(super) fn serve(&self, conn: &mut Conn, req: &http::Request) -> bool {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        conn.set_deadline(deadline);
+        let rid = log_id(req.header("X-Request-ID"));
+        let keep_alive = http::keep_alive(req);
+        let outcome = self.handle(req, &rid, keep_alive, deadline, conn);
+        let flushed = conn.out.flush().is_ok();
+        let mut line = format!(
+            "{rid} {} {} {} {}B {}ms conn={}#{}",
+            req.method,
+            req.target,
+            outcome.status,
+            outcome.bytes,
+            started.elapsed().as_millis(),
+            conn.id,
+            conn.served + 1
+        );
+        for n in &outcome.note {
+            line.push(' ');
+            line.push_str(n);
+        }
+        eprintln!("{line}");
+        keep_alive && outcome.complete && !outcome.close && flushed && conn.reader.is_some()
+    }
+
+    /// Everything after the head: body, program, response.
+    fn handle(
+        &self,
+        req: &http::Request,
+        rid: &str,
+        keep_alive: bool,
+        deadline: Instant,
+        conn: &mut Conn,
+    ) -> Outcome {
+        let refuse = |out: &mut BufWriter<Sock>, status: u16, msg: &str| {
+            let mut o = Outcome::new(status);
+            o.bytes = simple(out, &self.worker, status, msg).unwrap_or(0);
+            o.note.push(format!("({msg})"));
+            o
+        };
+        let framing = match http::framing(req) {
+            Ok(f) => f,
+            Err((status, msg)) => return refuse(&mut conn.out, status, msg),
+        };
+        let too_big = |n: u64| n > self.body_limit;
+        let (body, length) = match framing {
+            http::Framing::None => (Body::Empty, None),
+            http::Framing::Length(n) if too_big(n) => {
+                return refuse(
+                    &mut conn.out,
+                    413,
+                    "request body larger than the pool's body_limit",
+                )
+            }
+            http::Framing::Length(0) => (Body::Empty, Some(0)),
+            http::Framing::Length(n) => (Body::Socket(n), Some(n)),
+            http::Framing::Chunked => match self.spool_chunked(conn) {
+                Ok(Some((f, n))) => (Body::File(f), Some(n)),
+                Ok(None) => {
+                    return refuse(
+                        &mut conn.out,
+                        413,
+                        "request body larger than the pool's body_limit",
+                    )
+                }
+                Err(e) => return refuse(&mut conn.out, 400, &format!("bad chunked body: {e}")),
+            },
+        };
+        let program = self.program.to_string_lossy();
+        let cx = meta::Context {
+            route: &self.route,
+            document_root: &self.document_root,
+            program: &program,
+        };
+        let vars = match meta::variables(req, &cx, length) {
+            Ok(v) => v,
+            Err((status, msg)) => return refuse(&mut conn.out, status, msg),
+        };
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(vars)
+            .stdin(match body {
+                Body::Empty => Stdio::null(),
+                _ => Stdio::piped(),
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{rid} cannot start {program}: {e}");
+                return refuse(&mut conn.out, 502, "the CGI program could not be started");
+            }
+        };
+        Run {
+            gw: self,
+            rid,
+            req,
+            keep_alive,
+            deadline,
+        }
+        .run(&mut child, body, conn)
+    }
+
+    /// Decodes a chunked body into an anonymous temporary file (in $TMPDIR,
+    /// the worker's private /tmp), never more than the body limit. Ok(None):
+    /// larger than the limit (413; the rest stays unread and the connection
+    /// is closed).
+    fn spool_chunked(&self, conn: &mut Conn) -> io::Result<Option<(File, u64)>> {
+        let reader = conn
+            .reader
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no reader"))?;
+        let mut f = tempfile::tempfile()?;
+        let mut dec = ChunkedReader::new(reader);
+        let n = io::copy(&mut (&mut dec).take(self.body_limit + 1), &mut f)?;
+        if n > self.body_limit {
+            conn.reader = None;
+            return Ok(None);
+        }
+        f.rewind()?;
+        Ok(Some((f, n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ids() {
+        assert_eq!(log_id(None), "-");
+        assert_eq!(log_id(Some("")), "-");
+        assert_eq!(log_id(Some("abc 1\n")), "abc?1?");
+        assert_eq!(log_id(Some(&"x".repeat(100))).len(), 64);
+    }
+}
