@@ -242,9 +242,20 @@ const POOL_KEYS: &[&str] = &[
     "health_timeout",
     "unhealthy_after",
 ];
-/// Where `cargo install --path . --root /usr/local` puts cgipool; the
-/// default `gateway` of CGI pools.
-pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
+/// The running cgipool binary (the default `gateway` of CGI pools, and
+/// what watch's unit runs), if its path can be written into a unit as is.
+fn own_binary() -> Result<(), String> {
+    binary_problem(&crate::paths::cgipool_binary())
+}
+
+fn binary_problem(p: &Path) -> Result<(), String> {
+    abs_path_problem(&p.display().to_string()).map_err(|m| {
+        format!(
+            "cgipool runs from {}, which cannot go into a unit file ({m}); install it elsewhere",
+            p.display()
+        )
+    })
+}
 
 pub const MAX_POOL_NAME: usize = 32;
 /// Environment variables the units set for every worker.
@@ -764,6 +775,16 @@ fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -> Option<Co
 
     let nginx = parse_nginx(cx, nginx.as_ref());
     let watch_enabled = parse_watch(cx, watch.as_ref());
+    if watch_enabled == Some(true) {
+        if let Err(msg) = own_binary() {
+            let span = watch.as_ref().and_then(|w| w.span());
+            cx.err(
+                span,
+                "watch",
+                format!("{msg}, or set `[watch] enabled = false`"),
+            );
+        }
+    }
 
     // Validate [defaults] on its own so its errors show even without pools.
     let mut default_env = Vec::new();
@@ -1337,6 +1358,15 @@ fn parse_pool(
             format!("min ({min}) must not be greater than max ({max})"),
         );
     }
+    if f.protocol == Some(Protocol::Cgi) && f.gateway.is_none() {
+        if let Err(msg) = own_binary() {
+            cx.err(
+                here_or(psrc),
+                &format!("{}.gateway", psrc.key),
+                format!("{msg}, or set `gateway`"),
+            );
+        }
+    }
     if f.protocol == Some(Protocol::Cgi) && (f.notify == Some(true) || f.watchdog_sec.is_some()) {
         cx.err(
             here_or(psrc),
@@ -1370,7 +1400,7 @@ fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         protocol: f.protocol.unwrap_or(Protocol::Http),
-        gateway: f.gateway.unwrap_or_else(|| PathBuf::from(DEFAULT_GATEWAY)),
+        gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
         working_directory: f.working_directory,
         request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
         body_limit: f.body_limit.unwrap_or_else(|| "1m".to_string()),
@@ -1509,7 +1539,7 @@ mod tests {
                 read_only_paths: vec![],
                 private_network: true,
                 protocol: Protocol::Http,
-                gateway: PathBuf::from(DEFAULT_GATEWAY),
+                gateway: crate::paths::cgipool_binary(),
                 working_directory: None,
                 request_timeout: "60s".into(),
                 body_limit: "1m".into(),
@@ -1951,10 +1981,20 @@ health_path = "health"
     }
 
     #[test]
+    fn own_binary_must_fit_in_a_unit() {
+        assert_eq!(binary_problem(Path::new("/usr/bin/cgipool")), Ok(()));
+        let e = binary_problem(Path::new("/home/a b/cgipool")).unwrap_err();
+        assert!(
+            e.contains("/home/a b/cgipool") && e.contains("whitespace"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn cgi_pools() {
         let c = ok(&pool_with("protocol = \"cgi\""));
         assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
-        assert_eq!(c.pools["p"].gateway, Path::new(DEFAULT_GATEWAY));
+        assert_eq!(c.pools["p"].gateway, crate::paths::cgipool_binary());
         for bad in ["notify = true", "watchdog_sec = \"5s\""] {
             let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
             assert_eq!(e.len(), 1, "{bad}: {e:?}");

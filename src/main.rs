@@ -8,6 +8,7 @@ mod escape;
 mod files;
 mod lock;
 mod nginx;
+mod paths;
 mod plan;
 mod render;
 mod status;

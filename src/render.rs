@@ -173,7 +173,7 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
         let watch = WatchTemplate {
             config: cfg.source.display().to_string(),
             nginx_unit: &cfg.nginx.unit,
-            binary: crate::config::DEFAULT_GATEWAY,
+            binary: &crate::paths::cgipool_binary().display().to_string(),
             runtime: unit_dir == Path::new("/run/systemd/system"),
         };
         entries.insert(
@@ -507,7 +507,7 @@ min = 1
         assert_eq!(
             line(&git, "ExecStart="),
             [
-                r#"ExecStart=/usr/local/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
+                r#"ExecStart=/usr/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
             ]
         );
         // Same sandbox as any pool, with the configured relaxations.
@@ -863,7 +863,7 @@ min = 1
             if let Entry::File(s) = e {
                 // Instances of the templates, as systemd would load them;
                 // the watch unit runs a cgipool that is not installed here.
-                let s = &s.replace(crate::config::DEFAULT_GATEWAY, "/bin/true");
+                let s = &s.replace(crate::paths::PACKAGED_BINARY, "/bin/true");
                 let name = p.display().to_string();
                 let inst = name.replace("@.", "@1.");
                 fs::write(d.join(&inst), s).unwrap();
