@@ -2,6 +2,7 @@
 //!
 //! config → validated model → desired state → plan → executor → observed state.
 mod apply;
+mod assets;
 mod cgi;
 mod config;
 mod escape;
@@ -25,7 +26,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     name = "cgipool",
-    version,
+    version = assets::VERSION,
     about = "CGI-style process pools as systemd units behind nginx"
 )]
 struct Cli {
@@ -99,6 +100,9 @@ enum Command {
     /// Serve a classic CGI program (RFC 3875) on the worker's socket, one
     /// fresh process per request (what `protocol = "cgi"` workers run).
     CgiGateway(cgi::Args),
+    /// Write man pages and shell completions into OUT (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { out: PathBuf },
 }
 
 /// Exit status 2: bad usage or a bad config; nothing was touched.
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CgiGateway(args) => cgi::run(args),
+        Command::GenerateAssets { out } => assets::generate(&out),
         Command::Watch {
             config,
             runtime: rt,
