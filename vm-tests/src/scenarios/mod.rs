@@ -2,6 +2,7 @@
 mod cgi;
 pub mod common;
 mod core;
+mod deb;
 mod edge;
 mod harness;
 mod machine_tier;
@@ -17,5 +18,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(machine_tier::scenarios());
     v.extend(cgi::scenarios());
     v.extend(watch::scenarios());
+    v.extend(deb::scenarios());
     v
 }
