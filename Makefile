@@ -54,13 +54,14 @@ payload: build
 	cp -r vm-tests/fixtures $(PAYLOAD)/fixtures
 
 # The Debian package (cargo-deb, installed into ~/.cargo/bin if missing):
-# target/debian/cgipool_<version>_amd64.deb. Release build; the C workers
+# target/cgipool_<version>_amd64.deb. Release build; the C workers
 # with Debian's hardening flags in their own build directory; man pages,
 # completions and the example config (pointing at /usr/lib/cgipool) in
 # target/deb-assets.
 CARGO_DEB_VERSION := 3.8.0
 DEB_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
-DEB := target/debian/cgipool_$(DEB_VERSION)_amd64.deb
+# Not under target/debian: cargo-deb empties that directory on every run.
+DEB := target/cgipool_$(DEB_VERSION)_amd64.deb
 DEB_ASSETS := target/deb-assets
 DEB_CFLAGS := -O2 -fstack-protector-strong -Wformat -Werror=format-security \
               -D_FORTIFY_SOURCE=2 -fPIE -pie -Wl,-z,relro -Wl,-z,now -s
