@@ -13,7 +13,8 @@ FUZZ_LONG_SECONDS ?= 300
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 
-.PHONY: all build deps test test-all cargo-test workers-test gateway-fuzz fuzz image payload vm-test demo demo-run bench bench-smoke clean lint
+.PHONY: all build deps test test-all cargo-test workers-test gateway-fuzz fuzz image payload vm-test demo demo-run bench bench-smoke clean lint \
+        cargo-deb deb-assets deb deb-lint deb-payload
 
 all: build
 
@@ -64,7 +65,48 @@ payload: build
 	cp -r examples nginx units $(PAYLOAD)/
 	cp -r vm-tests/fixtures $(PAYLOAD)/fixtures
 
-vm-test: payload image
+# The Debian package (cargo-deb, installed into ~/.cargo/bin if missing):
+# target/cgipool_<version>_amd64.deb. Release build; the C workers
+# with Debian's hardening flags in their own build directory; man pages,
+# completions and the example config (pointing at /usr/lib/cgipool) in
+# target/deb-assets.
+CARGO_DEB_VERSION := 3.8.0
+DEB_VERSION ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
+# Not under target/debian: cargo-deb empties that directory on every run.
+DEB := target/cgipool_$(DEB_VERSION)_amd64.deb
+DEB_ASSETS := target/deb-assets
+DEB_CFLAGS := -O2 -fstack-protector-strong -Wformat -Werror=format-security \
+              -D_FORTIFY_SOURCE=2 -fPIE -pie -Wl,-z,relro -Wl,-z,now -s
+
+cargo-deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb --version $(CARGO_DEB_VERSION)
+
+deb-assets:
+	$(CARGO) build --release -p cgipool
+	CFLAGS='$(DEB_CFLAGS)' $(MAKE) -C cgi-src BUILD=build/deb
+	rm -rf $(DEB_ASSETS) && target/release/cgipool generate-assets $(DEB_ASSETS)
+	gzip -9n $(DEB_ASSETS)/man/*
+	gzip -9nc debian/changelog > $(DEB_ASSETS)/changelog.gz
+	sed 's#/usr/local/lib/cgipool/#/usr/lib/cgipool/#g' examples/demo.toml > $(DEB_ASSETS)/cgipool.toml
+	! grep -q /usr/local $(DEB_ASSETS)/cgipool.toml
+
+deb: cargo-deb deb-assets
+	$(CARGO) deb -p cgipool --no-build --deb-version $(DEB_VERSION) --output $(DEB)
+	@ls -l $(DEB)
+
+# lintian's errors fail; its warnings are printed.
+deb-lint: deb
+	lintian --fail-on error --info $(DEB)
+
+# Two packages for the upgrade scenario, from the same build: the version and
+# a higher one.
+deb-payload: payload deb
+	mkdir -p $(PAYLOAD)/debs
+	cp $(DEB) $(PAYLOAD)/debs/
+	$(CARGO) deb -p cgipool --no-build --deb-version $(DEB_VERSION)+upgrade1 \
+	  --output $(PAYLOAD)/debs/cgipool_$(DEB_VERSION)+upgrade1_amd64.deb
+
+vm-test: payload deb-payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  $(CARGO) run -q -p vm-tests -- --test-threads=1 $(VM_TESTS_ARGS)
 
@@ -95,7 +137,7 @@ test:
 	  echo "make test: all tiers passed in $$(( $$(date +%s) - start ))s"; \
 	else echo "make test: FAILED after $$(( $$(date +%s) - start ))s"; exit 1; fi
 
-test-all: deps lint cargo-test workers-test gateway-fuzz vm-test bench-smoke
+test-all: deps lint cargo-test workers-test gateway-fuzz deb-lint vm-test bench-smoke
 
 clean:
 	$(CARGO) clean

@@ -2,12 +2,14 @@
 //!
 //! config → validated model → desired state → plan → executor → observed state.
 mod apply;
+mod assets;
 mod cgi;
 mod config;
 mod escape;
 mod exec;
 mod files;
 mod nginx;
+mod paths;
 mod plan;
 mod render;
 mod state;
@@ -26,7 +28,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     name = "cgipool",
-    version,
+    version = assets::VERSION,
     about = "CGI-style process pools as systemd units behind nginx"
 )]
 struct Cli {
@@ -98,6 +100,9 @@ enum Command {
     /// Serve a classic CGI program (RFC 3875) on the worker's socket, one
     /// fresh process per request (what `protocol = "cgi"` workers run).
     CgiGateway(cgi::Args),
+    /// Write man pages and shell completions into OUT (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { out: PathBuf },
 }
 
 /// Exit status 2: bad usage or a bad config; nothing was touched.
@@ -143,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::CgiGateway(args) => cgi::run(args),
+        Command::GenerateAssets { out } => assets::generate(&out),
         Command::Watch => {
             let opts = watch::Options {
                 tick: Duration::from_millis(500),

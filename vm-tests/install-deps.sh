@@ -5,7 +5,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(debootstrap systemd-container qemu-system-x86 qemu-utils e2fsprogs
       gcc make clang llvm libclang-rt-14-dev curl python3 ca-certificates
-      nginx-light)  # nginx -t in the rendering unit tests
+      nginx-light   # nginx -t in the rendering unit tests
+      dpkg-dev lintian)  # make deb (dpkg-shlibdeps), make deb-lint
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -89,9 +89,5 @@ pub struct Pool {
     pub unhealthy_after: u32,
 }
 
-/// Where `cargo install --path . --root /usr/local` puts cgipool; the
-/// default `gateway` of CGI pools.
-pub const DEFAULT_GATEWAY: &str = "/usr/local/bin/cgipool";
-
 pub const MAX_POOL_NAME: usize = 32;
 pub const MAX_WORKERS: u32 = 512;

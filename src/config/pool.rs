@@ -12,7 +12,7 @@ use super::diag::{
     entries, get_bool, get_str, get_str_list, get_u32, type_err, unknown_key, Cx, Src,
 };
 use super::duration::{format_nginx_usec, format_systemd_usec};
-use super::model::{Pool, Protocol, DEFAULT_GATEWAY, MAX_WORKERS};
+use super::model::{Pool, Protocol, MAX_WORKERS};
 use super::values::{
     check_abs_path, env_key_ok, get_abs_path, get_abs_path_list, get_duration, health_path_problem,
     memory_ok, nginx_size_ok, percent, positive, rate_ok, route_problem, user_name_ok,
@@ -405,6 +405,15 @@ pub(super) fn parse_pool(
             format!("min ({min}) must not be greater than max ({max})"),
         );
     }
+    if f.protocol == Some(Protocol::Cgi) && f.gateway.is_none() {
+        if let Err(msg) = super::values::own_binary() {
+            cx.err(
+                here_or(psrc),
+                &format!("{}.gateway", psrc.key),
+                format!("{msg}, or set `gateway`"),
+            );
+        }
+    }
     if f.protocol == Some(Protocol::Cgi) && (f.notify == Some(true) || f.watchdog_sec.is_some()) {
         cx.err(
             here_or(psrc),
@@ -438,7 +447,7 @@ pub(super) fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         protocol: f.protocol.unwrap_or(Protocol::Http),
-        gateway: f.gateway.unwrap_or_else(|| PathBuf::from(DEFAULT_GATEWAY)),
+        gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
         working_directory: f.working_directory,
         request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
         body_limit: f.body_limit.unwrap_or_else(|| "1m".to_string()),
@@ -470,7 +479,6 @@ mod tests {
     use super::*;
     use crate::config::tests::{errs, ok, one_err, pool_with};
     use pretty_assertions::assert_eq;
-    use std::path::Path;
 
     /// The README's config reference cannot drift from the code.
     #[test]
@@ -536,7 +544,7 @@ mod tests {
     fn cgi_pools() {
         let c = ok(&pool_with("protocol = \"cgi\""));
         assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
-        assert_eq!(c.pools["p"].gateway, Path::new(DEFAULT_GATEWAY));
+        assert_eq!(c.pools["p"].gateway, crate::paths::cgipool_binary());
         for bad in ["notify = true", "watchdog_sec = \"5s\""] {
             let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
             assert_eq!(e.len(), 1, "{bad}: {e:?}");

@@ -38,6 +38,16 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
 
     let nginx = parse_nginx(cx, nginx.as_ref());
     let watch_enabled = parse_watch(cx, watch.as_ref());
+    if watch_enabled == Some(true) {
+        if let Err(msg) = super::values::own_binary() {
+            let span = watch.as_ref().and_then(|w| w.span());
+            cx.err(
+                span,
+                "watch",
+                format!("{msg}, or set `[watch] enabled = false`"),
+            );
+        }
+    }
 
     // Validate [defaults] on its own so its errors show even without pools.
     let mut default_env = Vec::new();

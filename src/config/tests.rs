@@ -77,7 +77,7 @@ fn demo_parses_with_defaults() {
             read_only_paths: vec![],
             private_network: true,
             protocol: Protocol::Http,
-            gateway: PathBuf::from(DEFAULT_GATEWAY),
+            gateway: crate::paths::cgipool_binary(),
             working_directory: None,
             request_timeout: "60s".into(),
             body_limit: "1m".into(),

@@ -28,6 +28,21 @@ pub(super) fn check_abs_path(
 }
 
 /// Paths are written unquoted into unit and nginx files: keep them plain.
+/// The running cgipool binary (the default `gateway` of CGI pools, and
+/// what watch's unit runs), if its path can be written into a unit as is.
+pub(super) fn own_binary() -> Result<(), String> {
+    binary_problem(&crate::paths::cgipool_binary())
+}
+
+fn binary_problem(p: &std::path::Path) -> Result<(), String> {
+    abs_path_problem(&p.display().to_string()).map_err(|m| {
+        format!(
+            "cgipool runs from {}, which cannot go into a unit file ({m}); install it elsewhere",
+            p.display()
+        )
+    })
+}
+
 fn abs_path_problem(s: &str) -> Result<(), String> {
     if !s.starts_with('/') {
         return Err(format!("must be an absolute path, got {s:?}"));
@@ -204,8 +219,22 @@ pub(super) fn route_problem(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::binary_problem;
     use crate::config::tests::{errs, ok, one_err, pool_with};
     use pretty_assertions::assert_eq;
+
+    #[test]
+    fn own_binary_must_fit_in_a_unit() {
+        assert_eq!(
+            binary_problem(std::path::Path::new("/usr/bin/cgipool")),
+            Ok(())
+        );
+        let e = binary_problem(std::path::Path::new("/home/a b/cgipool")).unwrap_err();
+        assert!(
+            e.contains("/home/a b/cgipool") && e.contains("whitespace"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn exec_and_paths() {

@@ -100,7 +100,7 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
     if cfg.watch_enabled {
         let watch = WatchTemplate {
             nginx_unit: &cfg.nginx.unit,
-            binary: crate::config::DEFAULT_GATEWAY,
+            binary: &crate::paths::cgipool_binary().display().to_string(),
         };
         entries.insert(
             PathBuf::from(WATCH_UNIT),
@@ -144,7 +144,7 @@ mod tests {
         assert_eq!(
             line(&git, "ExecStart="),
             [
-                r#"ExecStart=/usr/local/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
+                r#"ExecStart=/usr/bin/cgipool cgi-gateway --route "/git" --timeout "90s" --body-limit "100m" -- "/usr/lib/git-core/git-http-backend""#
             ]
         );
         // Same sandbox as any pool, with the configured relaxations.
@@ -347,7 +347,7 @@ mod tests {
             if let Entry::File(s) = e {
                 // Instances of the templates, as systemd would load them;
                 // the watch unit runs a cgipool that is not installed here.
-                let s = &s.replace(crate::config::DEFAULT_GATEWAY, "/bin/true");
+                let s = &s.replace(crate::paths::PACKAGED_BINARY, "/bin/true");
                 let name = p.display().to_string();
                 let inst = name.replace("@.", "@1.");
                 fs::write(d.join(&inst), s).unwrap();

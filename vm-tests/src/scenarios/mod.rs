@@ -3,6 +3,7 @@ mod cgi;
 pub mod common;
 mod control;
 mod core;
+mod deb;
 pub mod edge;
 mod harness;
 mod machine_tier;
@@ -19,5 +20,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(cgi::scenarios());
     v.extend(watch::scenarios());
     v.extend(control::scenarios());
+    v.extend(deb::scenarios());
     v
 }
