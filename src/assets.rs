@@ -324,8 +324,12 @@ fn config_page(source: &str) -> Result<String> {
             "the config `cgipool apply` reads by default",
         ),
         (
-            "/var/lib/cgipool/applied.toml",
-            "the config as last applied (what `cgipool watch` acts on)",
+            "/var/lib/cgipool/intent.json",
+            "the recorded intent: the config as last applied and every pool's count (what apply, scale and watch converge to)",
+        ),
+        (
+            "/var/lib/cgipool/decisions.jsonl",
+            "every change of a pool's count, by apply, scale or watch",
         ),
         (
             "/etc/systemd/system/cgipool*",
