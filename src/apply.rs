@@ -25,16 +25,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The desired state of `cfg` at `counts` in `unit_dir`. Pure.
 pub fn desired(cfg: &Config, counts: &BTreeMap<String, u32>, unit_dir: &Path) -> Desired {
-    let routed = cfg.clone();
     Desired {
         units: render::units(cfg, unit_dir, counts),
         instances: plan::numbered(counts),
-        routes: Some(Routes::new(move |w: &Workers| {
-            render::nginx(&routed, &as_lists(w))
-        })),
+        routes: Some(routes(cfg.clone())),
         exclude: BTreeSet::new(),
         leave_failed: false,
     }
+}
+
+/// How nginx routes a set of workers of `cfg`.
+fn routes(cfg: Config) -> Routes {
+    Routes::new(move |w: &Workers| render::nginx(&cfg, &as_lists(w)))
 }
 
 fn as_lists(w: &Workers) -> BTreeMap<String, Vec<u32>> {
@@ -277,15 +279,10 @@ pub async fn down(
     let mut empty = cfg.clone();
     empty.pools.clear();
     empty.watch_enabled = false;
-    let routed = empty.clone();
+    // Not even cgipool.target: every unit file of ours goes.
     let d = Desired {
         units: render::UnitTree::default(),
-        instances: Workers::new(),
-        routes: Some(Routes::new(move |w: &Workers| {
-            render::nginx(&routed, &as_lists(w))
-        })),
-        exclude: BTreeSet::new(),
-        leave_failed: false,
+        ..desired(&empty, &BTreeMap::new(), &unit_dir)
     };
     let mut host = real_host(&cfg, &unit_dir, &paths, opts).await?;
     finish(exec::converge(&mut host, &d, stop).await?)
