@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -135,10 +136,17 @@ fn restore(backup: &Backup) -> Result<()> {
 
 /// Runs `nginx -t`; the error carries nginx's own message.
 pub fn test_config() -> Result<()> {
+    // Its own process group: a Ctrl-C meant for cgipool (the terminal
+    // signals the whole foreground group) must not kill the check and read
+    // as a rejection; cgipool itself stops at its next step.
     let out = Command::new("nginx")
         .args(["-t", "-q"])
+        .process_group(0)
         .output()
         .context("running nginx -t")?;
+    if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
+        bail!("nginx -t was killed by signal {sig}");
+    }
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
         bail!("nginx -t rejected the configuration:\n{}", msg.trim_end());

@@ -72,8 +72,26 @@ fn refuse_foreign(desired: &Desired, foreign: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Converges the host to `desired`; prints what it does.
+/// Converges the host to `desired`; prints what it does. A step that
+/// fails once a signal came (a child it ran got the signal too) reports the
+/// interruption, with the step's error as the reason.
 pub async fn converge(
+    host: &mut impl Host,
+    desired: &Desired,
+    stop: &Interrupt,
+) -> Result<Outcome> {
+    match converge_steps(host, desired, stop).await {
+        Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_none() => {
+            match stop.check(&format!("a step, which then failed: {e:#}")) {
+                Err(interrupted) => Err(interrupted),
+                Ok(()) => Err(e),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn converge_steps(
     host: &mut impl Host,
     desired: &Desired,
     stop: &Interrupt,
