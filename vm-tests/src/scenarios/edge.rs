@@ -257,8 +257,12 @@ pub struct Load {
 
 impl Load {
     pub fn start(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        // A response that waits for a restarting worker is late, not lost:
+        // wrk's own 2 s timeout would count it as a socket error on a slow
+        // guest, so it follows the machine too.
+        let timeout = m.scaled(Duration::from_secs(10)).as_secs().max(10);
         m.succeed(&format!(
-            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s -H 'Connection: close' '{url}'"
+            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s --timeout {timeout}s -H 'Connection: close' '{url}'"
         ))?;
         m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?;
         Ok(Load {
