@@ -183,7 +183,7 @@ fn watch_never_reverts(m: &mut Machine) -> Result<()> {
     write_config(m, &c)?;
     let acted = |m: &mut Machine| -> Result<u32> {
         let n = m.succeed(
-            "journalctl -b -o cat -u cgipool-watch.service | grep -c 'routes follow health' || true",
+            "journalctl -b -o cat -u cgipool-watch.service | grep -c 'converging to intent' || true",
         )?;
         Ok(n.trim().parse().unwrap_or(0))
     };
@@ -198,7 +198,7 @@ fn watch_never_reverts(m: &mut Machine) -> Result<()> {
         )?;
         // watch takes it out and puts it back (routes follow health).
         m.wait_until_succeeds(
-            &format!("test $(journalctl -b -o cat -u cgipool-watch.service | grep -c 'routes follow health') -gt {seen}"),
+            &format!("test $(journalctl -b -o cat -u cgipool-watch.service | grep -c 'converging to intent') -gt {seen}"),
             "watch to act on the killed worker",
             Duration::from_secs(20),
         )?;
