@@ -192,6 +192,7 @@ mod tests {
             line(&svc, "Environment="),
             [
                 "Environment=CGIPOOL_POOL=search CGIPOOL_WORKER=search@%i",
+                "Environment=CGIPOOL_ACCESS_LOG=0",
                 r#"Environment="LANG=C.UTF-8""#,
                 r#"Environment="SHARED=pool wins""#,
                 r#"Environment="WEIRD=a %% $HOME \" \\ ; b""#,
