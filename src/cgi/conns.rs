@@ -8,8 +8,9 @@
 //!   head has `--head-timeout` from its first byte, then it gets 408.
 //! - **A new connection is taken only when the gateway is free**: no
 //!   request running and none ready on a connection it already owns. Then
-//!   it accepts one connection per look and reads what it sent (nginx sends
-//!   its request right after connecting); while any request is ready or
+//!   it accepts and reads what each connection sent (nginx sends its
+//!   request right after connecting) until one holds a complete head:
+//!   waiting for a head is being free. While any request is ready or
 //!   running it accepts nothing, so a connection waits in the kernel's
 //!   queue, where any free worker sharing the socket can take it, never
 //!   behind another request in this gateway. Several gateways may share one
@@ -38,6 +39,9 @@ use super::sock::{self, Got, In, Sock, IO_BUF};
 
 /// Most connections waiting for a request (idle or with part of a head).
 pub const MAX_WAITING: usize = 64;
+/// Most connections taken in one look (each without a complete head yet;
+/// the first with one ends the look).
+pub const ACCEPT_PER_LOOK: usize = 16;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection from nginx: the reading side (the request head, a body)
@@ -253,7 +257,7 @@ impl Conns {
         // A head that completed on an owned connection comes first: accept
         // only if the gateway is still free after reading them.
         if ready.get(n + 1) == Some(&true) && self.ready.is_empty() {
-            self.accept_one();
+            self.accept_while_free();
         }
         self.expire();
     }
@@ -330,12 +334,18 @@ impl Conns {
         }
     }
 
-    /// Accepts one pending connection, if another process sharing the
-    /// socket did not take it first, and reads what it already sent; a
-    /// connection without a complete head yet waits like an idle one (the
-    /// gateway stays free and may accept the next one on the next look).
-    fn accept_one(&mut self) {
-        loop {
+    /// Accepts pending connections while the gateway stays free: each one
+    /// is read at once, and the first that holds a complete head (or one to
+    /// refuse) ends the look; one without a complete head yet waits like an
+    /// idle one, and the gateway may take the next. At most
+    /// [`ACCEPT_PER_LOOK`] per look; an accept that another process sharing
+    /// the socket won (EAGAIN) ends it silently.
+    fn accept_while_free(&mut self) {
+        for _ in 0..ACCEPT_PER_LOOK {
+            // SIGTERM may have come since this look began.
+            if !self.ready.is_empty() || super::signals::stopping() {
+                return;
+            }
             match self.listener.accept() {
                 Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
                     Ok(c) => {
@@ -348,18 +358,17 @@ impl Conns {
                     }
                     Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
                 },
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Another worker on the same socket was first, or the
                 // client gave up: nothing to say.
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.raw_os_error() == Some(Errno::ECONNABORTED as i32) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.raw_os_error() == Some(Errno::ECONNABORTED as i32) => {}
                 Err(e) => {
                     eprintln!("cgi-gateway: accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
+                    return;
                 }
             }
-            return;
         }
     }
 
