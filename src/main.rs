@@ -41,7 +41,8 @@ struct Target {
     /// Write units to /run/systemd/system (gone after reboot) instead of /etc/systemd/system.
     #[arg(long)]
     runtime: bool,
-    /// Seconds to wait for systemd jobs and the nginx reload.
+    /// Seconds to wait for the lock, for the nginx reload, and for systemd
+    /// jobs to make progress (a wait fails when no job finished for that long).
     #[arg(long, default_value_t = 90)]
     timeout: u64,
 }
@@ -66,7 +67,8 @@ enum Command {
         /// The config file, only to say whether it has edits not applied yet.
         #[arg(long, default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Seconds to wait for systemd jobs and the nginx reload.
+        /// Seconds to wait for the lock, for the nginx reload, and for systemd
+        /// jobs to make progress (a wait fails when no job finished for that long).
         #[arg(long, default_value_t = 90)]
         timeout: u64,
     },
