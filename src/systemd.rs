@@ -83,8 +83,11 @@ const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// parallel on the machine's cores, and a `Type=exec` start must be done
 /// within the worker's start timeout (90 s by default). With 128 at once,
 /// some of 1,000 workers on 2 busy cores ran out of it; a window of 32 keeps
-/// every start short and the cores just as busy.
-const MAX_PENDING_JOBS: usize = 32;
+/// every start short and the cores just as busy. Stop jobs fork nothing:
+/// they take half of what the bus allows (256 of 512 match rules, leaving
+/// room for other clients' jobs).
+const MAX_PENDING_STARTS: usize = 32;
+const MAX_PENDING_STOPS: usize = 256;
 
 pub struct Systemd {
     conn: zbus::Connection,
@@ -204,8 +207,8 @@ impl Systemd {
         Ok(())
     }
 
-    /// Queues the jobs in order, at most MAX_PENDING_JOBS unfinished at a
-    /// time (the bus pipelines the calls), and waits until each one is
+    /// Queues the jobs in order, at most MAX_PENDING_STARTS (or, for stop
+    /// jobs only, MAX_PENDING_STOPS) unfinished at a time (the bus pipelines the calls), and waits until each one is
     /// removed; returns the ones that did not end `done`, or None when
     /// nothing moved for `stall`.
     async fn queue_and_wait(
@@ -226,9 +229,14 @@ impl Systemd {
                 }
             }
         };
+        let window = if jobs.iter().all(|j| j.kind == JobKind::Stop) {
+            MAX_PENDING_STOPS
+        } else {
+            MAX_PENDING_STARTS
+        };
         let mut next = 0;
         while next < jobs.len() || !pending.is_empty() {
-            let room = MAX_PENDING_JOBS.saturating_sub(pending.len());
+            let room = window.saturating_sub(pending.len());
             if next < jobs.len() && room > 0 {
                 let batch = &jobs[next..jobs.len().min(next + room)];
                 next += batch.len();
@@ -274,13 +282,45 @@ impl Systemd {
     }
 
     /// PIDs of every process in a unit's control group.
+    ///
+    /// GetUnitProcesses fails with EIO while a process of the group is
+    /// exiting (systemd 252 reads every process's command line; seen right
+    /// after an nginx reload, systemd#22089): then the group's own
+    /// `cgroup.procs` answers.
     pub async fn unit_pids(&self, unit: &str) -> Result<Vec<u32>> {
-        let procs = self
+        match self.manager.get_unit_processes(unit.to_string()).await {
+            Ok(procs) => Ok(procs.into_iter().map(|(_, pid, _)| pid).collect()),
+            Err(e) => self
+                .cgroup_pids(unit)
+                .await
+                .with_context(|| format!("GetUnitProcesses({unit}) failed ({e}); then")),
+        }
+    }
+
+    /// PIDs in a unit's control group, read from the cgroup file system.
+    async fn cgroup_pids(&self, unit: &str) -> Result<Vec<u32>> {
+        let path = self
             .manager
-            .get_unit_processes(unit.to_string())
+            .get_unit(unit.to_string())
             .await
-            .with_context(|| format!("GetUnitProcesses({unit})"))?;
-        Ok(procs.into_iter().map(|(_, pid, _)| pid).collect())
+            .with_context(|| format!("GetUnit({unit})"))?;
+        let props = PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let cg = props
+            .get(
+                InterfaceName::from_static_str("org.freedesktop.systemd1.Service")?,
+                "ControlGroup",
+            )
+            .await
+            .with_context(|| format!("reading ControlGroup of {unit}"))?;
+        let cg: String = String::try_from(cg).context("ControlGroup is not a string")?;
+        let file = format!("/sys/fs/cgroup{cg}/cgroup.procs");
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
     /// Fresh (uncached) Unit and Service properties of each unit, fetched

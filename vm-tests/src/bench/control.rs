@@ -26,12 +26,59 @@ pub(super) fn control_plane(m: &mut Machine, mode: Mode) -> Result<Vec<Value>> {
 
 const POOL: &str = "cp";
 
-/// The socket and service units of workers `range` of the pool, for bash's
-/// brace expansion.
-fn units(range: std::ops::RangeInclusive<u32>) -> String {
+/// The control-plane pools at N workers: `cp`, and past 500 workers (a
+/// pool has at most 512) `cp2`, `cp3`, … of 500 each. watch is off: the
+/// baselines stop and start the pools' units behind the intent's back, and a
+/// converge of watch would cancel their jobs (seen: "Job for
+/// cgipool-cp@30.service canceled").
+fn cp_config(n: u32) -> String {
+    let mut cfg = String::from("[watch]\nenabled = false\n\n");
+    for (i, (pool, k)) in split(n).into_iter().enumerate() {
+        if i == 0 {
+            cfg.push_str(&pool_config(&pool, "/api/cp", k, k));
+        } else {
+            cfg.push_str(&format!(
+                "\n[pool.{pool}]\nexec = \"{WORKER}\"\nroute = \"/api/{pool}\"\nmin = {k}\nmax = {k}\n"
+            ));
+        }
+    }
+    cfg
+}
+
+/// N workers as (pool, count) of at most 500 each.
+fn split(n: u32) -> Vec<(String, u32)> {
+    (0..n.div_ceil(500))
+        .map(|i| {
+            let name = if i == 0 {
+                POOL.to_string()
+            } else {
+                format!("{POOL}{}", i + 1)
+            };
+            (name, (n - i * 500).min(500))
+        })
+        .collect()
+}
+
+/// The socket and service units of workers `range` of the first pool, for
+/// bash's brace expansion.
+fn units_range(range: std::ops::RangeInclusive<u32>) -> String {
     let (a, b) = (range.start(), range.end());
     format!("cgipool-{POOL}@{{{a}..{b}}}.socket cgipool-{POOL}@{{{a}..{b}}}.service")
 }
+
+/// Every socket and service unit of N workers (over the pools of `split`).
+fn units(n: u32) -> String {
+    split(n)
+        .iter()
+        .map(|(pool, k)| {
+            format!("cgipool-{pool}@{{1..{k}}}.socket cgipool-{pool}@{{1..{k}}}.service")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The glob that matches the units of every control-plane pool.
+const POOLS_GLOB: &str = "cp*";
 
 /// Brace expansion needs bash.
 fn bash(s: String) -> String {
@@ -63,7 +110,7 @@ fn quick(m: &mut Machine, mode: Mode, n: u32, r: &mut Value) -> Result<()> {
     for _ in 0..mode.quick_reps {
         show.push(timed(
             m,
-            &bash(format!("systemctl show {} >/dev/null", units(1..=n))),
+            &bash(format!("systemctl show {} >/dev/null", units(n))),
         )?);
     }
     r["show_batched"] = json!(show);
@@ -76,7 +123,7 @@ fn quick(m: &mut Machine, mode: Mode, n: u32, r: &mut Value) -> Result<()> {
 fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
     let n = mode.workers;
     let mut r = json!({ "round": rep, "workers": n });
-    write_config(m, &pool_config(POOL, "/api/cp", n, n))?;
+    write_config(m, &cp_config(n))?;
     // A failing apply is a finding, not broken machinery: it is reported
     // (FAIL) and the baselines are still measured.
     let up = measure(m, &apply_cmd())?;
@@ -88,7 +135,7 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
         quick(m, mode, n, &mut nochange)?;
         r["apply_nochange"] = nochange["apply_nochange"].take();
     }
-    write_config(m, &pool_config(POOL, "/api/cp", 1, 1))?;
+    write_config(m, &cp_config(1))?;
     // Failing applies are findings here too (reported, not fatal).
     let down = measure(m, &apply_cmd())?;
     let down_ok = down["rc"].as_i64() == Some(0);
@@ -109,17 +156,17 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
     m.succeed(&format!(
         "systemctl stop cgipool-{POOL}@1.service cgipool-{POOL}@1.socket"
     ))?;
-    r["start_batched"] = timed(m, &bash(format!("systemctl start {}", units(1..=n))))?;
+    r["start_batched"] = timed(m, &bash(format!("systemctl start {}", units(n))))?;
     wait_active(m, POOL, n)?;
     let mut show = Vec::new();
     for _ in 0..mode.quick_reps {
         show.push(timed(
             m,
-            &bash(format!("systemctl show {} >/dev/null", units(1..=n))),
+            &bash(format!("systemctl show {} >/dev/null", units(n))),
         )?);
     }
     r["show_batched"] = json!(show);
-    r["stop_batched"] = timed(m, &bash(format!("systemctl stop {}", units(2..=n))))?;
+    r["stop_batched"] = timed(m, &bash(format!("systemctl stop {}", units_range(2..=n))))?;
     m.succeed(&format!("systemctl stop 'cgipool-{POOL}@*'"))?;
     r["start_loop"] = timed(
         m,
@@ -149,36 +196,36 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
 /// round goes on from a clean state.
 fn size_round(m: &mut Machine, mode: Mode, n: u32) -> Result<Value> {
     let mut r = json!({ "round": 1, "workers": n });
-    write_config(m, &pool_config(POOL, "/api/cp", n, n))?;
+    write_config(m, &cp_config(n))?;
     let up = measure(m, &apply_cmd())?;
     let up_ok = up["rc"].as_i64() == Some(0);
     r["apply_up"] = up;
     if up_ok {
-        wait_active_within(m, POOL, n, jobs_limit(n))?;
+        wait_active_within(m, POOLS_GLOB, n, jobs_limit(n))?;
         quick(m, mode, n, &mut r)?;
     } else {
         stop_all_after_failure(m)?;
     }
     // The baselines, on the unit files apply wrote.
-    let stop = measure(m, &bash(format!("systemctl stop {}", units(1..=n))))?;
+    let stop = measure(m, &bash(format!("systemctl stop {}", units(n))))?;
     let stop_ok = stop["rc"].as_i64() == Some(0);
     r["stop_all_batched"] = stop;
     if !stop_ok {
         stop_all_after_failure(m)?;
     }
-    let start = measure(m, &bash(format!("systemctl start {}", units(1..=n))))?;
+    let start = measure(m, &bash(format!("systemctl start {}", units(n))))?;
     let start_ok = start["rc"].as_i64() == Some(0);
     r["start_batched"] = start;
     if start_ok {
-        wait_active_within(m, POOL, n, jobs_limit(n))?;
+        wait_active_within(m, POOLS_GLOB, n, jobs_limit(n))?;
     }
     // N → 0: everything cgipool made goes, as an operator takes it down.
     r["down"] = measure(m, &format!("exec cgipool down {CONFIG}"))?;
     m.wait_until_succeeds(
         &format!(
-            "test -z \"$(systemctl list-units --no-legend --plain --state=active,activating,deactivating 'cgipool-{POOL}@*')\""
+            "test -z \"$(systemctl list-units --no-legend --plain --state=active,activating,deactivating 'cgipool-{POOLS_GLOB}@*')\""
         ),
-        &format!("every unit of {POOL} to be gone after down"),
+        &format!("every unit of {POOLS_GLOB} to be gone after down"),
         jobs_limit(n),
     )?;
     eprintln!(
@@ -205,9 +252,9 @@ fn jobs_limit(n: u32) -> Duration {
 fn stop_all_after_failure(m: &mut Machine) -> Result<()> {
     m.wait_until_succeeds(
         &format!(
-            "systemctl stop 'cgipool-{POOL}@*' && test -z \"$(systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'cgipool-{POOL}@*')\""
+            "systemctl stop 'cgipool-{POOLS_GLOB}@*' && test -z \"$(systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'cgipool-{POOLS_GLOB}@*')\""
         ),
-        &format!("every unit of {POOL} to stop after the failure"),
+        &format!("every unit of {POOLS_GLOB} to stop after the failure"),
         Duration::from_secs(120),
     )?;
     Ok(())

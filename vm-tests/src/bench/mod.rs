@@ -72,7 +72,7 @@ impl Mode {
                 reps: 1,
                 workers: 10,
                 cp_reps: 1,
-                more_sizes: &[20],
+                more_sizes: &[10, 20],
                 quick_reps: 2,
                 recover_secs: 2,
                 step_secs: 8,
@@ -84,7 +84,7 @@ impl Mode {
                 reps: 2,
                 workers: 100,
                 cp_reps: 2,
-                more_sizes: &[200, 500, 1000],
+                more_sizes: &[100, 200, 500, 1000],
                 quick_reps: 5,
                 recover_secs: 10,
                 step_secs: 20,
@@ -146,10 +146,34 @@ pub fn run(env: &Env, smoke: bool) -> Result<()> {
     Ok(())
 }
 
+/// Writes bench/results/latest.{md,json} again from the raw figures in
+/// latest.json, with today's summary code (after a change of a goal or a
+/// row, without measuring again).
+pub fn rerender() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("vm-tests has no parent directory")?;
+    let out_dir = root.join("bench/results");
+    let json_path = out_dir.join("latest.json");
+    let text = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let j: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", json_path.display()))?;
+    let (report, mode) = from_json(&j)?;
+    let took = std::time::Duration::from_secs_f64(j["took_secs"].as_f64().unwrap_or(0.0));
+    let (md, json) = render(&report, mode, took);
+    std::fs::write(out_dir.join("latest.md"), &md)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")?;
+    eprintln!("bench: rendered {} again", json_path.display());
+    Ok(())
+}
+
 /// Everything one run measured.
 struct Report {
     machine: Value,
     runs: Vec<Run>,
+    /// mixed.py's records, per queue mode and round.
+    mixed: Value,
     control: Vec<Value>,
     recovery: Value,
     scaling: Value,
@@ -172,6 +196,7 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     m.write_text(&format!("{GUEST_DIR}/measure.py"), MEASURE_PY)?;
     m.write_text(&format!("{GUEST_DIR}/recover.py"), RECOVER_PY)?;
     m.write_text(&format!("{GUEST_DIR}/scale.py"), SCALE_PY)?;
+    m.write_text(&format!("{GUEST_DIR}/mixed.py"), MIXED_PY)?;
     let mut machine = machine_info(m)?;
     // The control plane first, on a quiet machine with no pool yet ("from
     // nothing"); it leaves no pool behind. The machine is thrown away after
@@ -192,6 +217,14 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
         m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
     }
     m.succeed("systemctl stop bench-fcgiwrap.service")?;
+    eprintln!(
+        "bench: mixed load (1 request in 20 takes 50 ms), shared queue vs a socket per worker"
+    );
+    let mixed = if mixed_load_on() {
+        mixed(m, mode)?
+    } else {
+        Value::Null
+    };
     let mut watch_rss = vec![watch_memory(m, "after the data path")?];
     machine["data_path_cpu_secs"] = json!({
         "wall_secs": wall,
@@ -211,6 +244,7 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     Ok(Report {
         machine,
         runs,
+        mixed,
         control,
         recovery,
         scaling,

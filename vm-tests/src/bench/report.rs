@@ -3,6 +3,7 @@ use super::setup::*;
 use super::stats::*;
 use super::summary::*;
 use super::*;
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -291,6 +292,7 @@ Pool `{STEP_POOL}` (the search worker with CGIPOOL_TEST_DELAY_MS=20, min {STEP_M
             "rps": r.rps(), "errors": r.errors(), "wrk": r.wrk,
         })).collect::<Vec<_>>(),
         "data_path_not_measured": TARGETS.iter().filter_map(|t| t.na.map(|na| json!({"target": t.key, "why": na}))).collect::<Vec<_>>(),
+        "mixed_load": rep.mixed,
         "control_plane": rep.control,
         "recovery": rep.recovery,
         "scaling": rep.scaling,
@@ -298,6 +300,48 @@ Pool `{STEP_POOL}` (the search worker with CGIPOOL_TEST_DELAY_MS=20, min {STEP_M
         "took_secs": took.as_secs_f64(),
     });
     (md, json)
+}
+
+/// A report back from its JSON (the raw figures; the summary is computed
+/// again), with the mode it ran in.
+pub(super) fn from_json(j: &Value) -> Result<(Report, Mode)> {
+    let runs = j["data_path"]
+        .as_array()
+        .context("no data_path")?
+        .iter()
+        .map(|r| {
+            Ok(Run {
+                target: TARGETS
+                    .iter()
+                    .find(|t| t.key == r["target"])
+                    .map(|t| t.key)
+                    .with_context(|| format!("unknown target {}", r["target"]))?,
+                conns: r["connections"].as_u64().context("connections")? as u32,
+                rep: r["round"].as_u64().context("round")? as u32,
+                wrk: r["wrk"].clone(),
+            })
+        })
+        .collect::<Result<Vec<Run>>>()?;
+    let rep = Report {
+        machine: j["machine"].clone(),
+        runs,
+        mixed: j["mixed_load"].clone(),
+        control: j["control_plane"]
+            .as_array()
+            .context("no control_plane")?
+            .clone(),
+        recovery: j["recovery"].clone(),
+        scaling: j["scaling"].clone(),
+        watch_rss: j["watch_memory"]
+            .as_array()
+            .context("no watch_memory")?
+            .clone(),
+    };
+    let mut mode = Mode::defaults(j["mode"] == "smoke");
+    mode.workers = j["settings"]["control_plane_workers"]
+        .as_u64()
+        .context("no settings.control_plane_workers")? as u32;
+    Ok((rep, mode))
 }
 
 #[cfg(test)]
@@ -310,33 +354,7 @@ mod tests {
     pub(super) fn summary_recomputes_from_the_committed_raw_figures() {
         let text = include_str!("../../../bench/results/latest.json");
         let j: Value = serde_json::from_str(text).expect("latest.json");
-        let runs = j["data_path"]
-            .as_array()
-            .expect("data_path")
-            .iter()
-            .map(|r| Run {
-                target: TARGETS
-                    .iter()
-                    .find(|t| t.key == r["target"])
-                    .map(|t| t.key)
-                    .expect("a known target"),
-                conns: r["connections"].as_u64().expect("connections") as u32,
-                rep: r["round"].as_u64().expect("round") as u32,
-                wrk: r["wrk"].clone(),
-            })
-            .collect();
-        let rep = Report {
-            machine: j["machine"].clone(),
-            runs,
-            control: j["control_plane"].as_array().expect("control").clone(),
-            recovery: j["recovery"].clone(),
-            scaling: j["scaling"].clone(),
-            watch_rss: j["watch_memory"].as_array().expect("watch").clone(),
-        };
-        let mut mode = Mode::defaults(j["mode"] == "smoke");
-        mode.workers = j["settings"]["control_plane_workers"]
-            .as_u64()
-            .expect("workers") as u32;
+        let (rep, mode) = from_json(&j).expect("latest.json holds a report");
         let (_, again) = render(&rep, mode, Duration::ZERO);
         assert!(
             same(&again["summary"], &j["summary"]),

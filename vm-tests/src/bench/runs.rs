@@ -247,3 +247,33 @@ pub(super) fn last_json(o: &crate::agent::Output, helper: &str) -> Result<Value>
             )
         })
 }
+
+/// The mixed load (1 request in 20 takes 50 ms, 16 connections) on the pool
+/// of each queue mode, interleaved, `reps` rounds of `secs` seconds.
+pub(super) fn mixed(m: &mut Machine, mode: Mode) -> Result<Value> {
+    let mut runs = Vec::new();
+    for rep in 1..=mode.reps {
+        for (pool, route, queue) in MIXED_POOLS {
+            let url = format!("http://127.0.0.1:80{route}");
+            let o = m.execute(
+                &format!(
+                    "python3 {GUEST_DIR}/mixed.py {} 16 {} 20",
+                    shell_quote(&url),
+                    mode.secs
+                ),
+                Duration::from_secs(u64::from(mode.secs) + 60),
+            )?;
+            let mut v = last_json(&o, "mixed.py")?;
+            ensure!(o.rc == 0, "mixed.py failed: {v}\n{}", o.stderr);
+            eprintln!(
+                "  {pool:<5} ({queue}) round {rep}: fast p99 {} ms ({} requests), slow p99 {} ms, errors {}",
+                v["fast"]["p99_ms"], v["fast"]["count"], v["slow"]["p99_ms"], v["errors"]
+            );
+            v["pool"] = json!(pool);
+            v["queue"] = json!(queue);
+            v["round"] = json!(rep);
+            runs.push(v);
+        }
+    }
+    Ok(json!(runs))
+}

@@ -11,6 +11,7 @@ pub(super) const REPORT_LUA: &str = include_str!("../../../bench/guest/report.lu
 pub(super) const MEASURE_PY: &str = include_str!("../../../bench/guest/measure.py");
 pub(super) const RECOVER_PY: &str = include_str!("../../../bench/guest/recover.py");
 pub(super) const SCALE_PY: &str = include_str!("../../../bench/guest/scale.py");
+pub(super) const MIXED_PY: &str = include_str!("../../../bench/guest/mixed.py");
 
 /// Where the guest-side helpers live (/run: no unit's PrivateTmp hides it).
 pub(super) const GUEST_DIR: &str = "/run/bench";
@@ -166,6 +167,34 @@ pub(super) fn cgi_pool_section() -> String {
     )
 }
 
+/// The mixed load's program: a shell CGI script that takes 50 ms when asked
+/// for `?slow` and answers at once otherwise; the same behind both queue
+/// modes.
+pub(super) const MIXED_CGI: &str = "/run/bench/mixed.cgi";
+pub(super) const MIXED_CGI_TEXT: &str = "#!/bin/sh\n[ \"$QUERY_STRING\" = slow ] && sleep 0.05\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' \"$QUERY_STRING\"\n";
+/// The two pools of the mixed load: (pool, route, queue mode).
+pub(super) const MIXED_POOLS: [(&str, &str, &str); 2] =
+    [("mixs", "/mixs", "shared"), ("mixp", "/mixp", "per-worker")];
+
+/// Whether the mixed load runs (`CGIPOOL_BENCH_MIXED=0` leaves it out).
+pub(super) fn mixed_load_on() -> bool {
+    std::env::var("CGIPOOL_BENCH_MIXED").map_or(true, |v| v != "0")
+}
+
+/// Both mixed-load pools: 4 gateways each, one sharing a queue, one with a
+/// socket per worker.
+pub(super) fn mixed_pool_sections() -> String {
+    MIXED_POOLS
+        .iter()
+        .map(|(pool, route, queue)| {
+            format!(
+                "\n[pool.{pool}]\nexec = \"{MIXED_CGI}\"\nroute = \"{route}\"\nprotocol = \"cgi\"\n\
+                 queue = \"{queue}\"\nmin = {POOL_SIZE}\nmax = {POOL_SIZE}\n"
+            )
+        })
+        .collect()
+}
+
 /// The pool the scaling step loads: the search worker made slow (20 ms per
 /// request), 2..6 workers, short windows (as the watch_autoscale_load_step
 /// scenario has it).
@@ -189,9 +218,18 @@ pub(super) fn step_pool_config() -> String {
 pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
     // The pool exactly as `apply` writes it: 4 workers of the C search worker;
     // and a `protocol = "cgi"` pool of 4 running the trivial CGI program.
+    m.write_text(MIXED_CGI, MIXED_CGI_TEXT)?;
+    m.succeed(&format!("chmod 0755 {MIXED_CGI}"))?;
+    let mixed = if mixed_load_on() {
+        mixed_pool_sections()
+    } else {
+        String::new()
+    };
     write_config(
         m,
-        &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE) + &cgi_pool_section()),
+        &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE)
+            + &cgi_pool_section()
+            + &mixed),
     )?;
     apply(m)?;
     // fcgiwrap as Debian ships it, but our own instance with `-c` = the pool
@@ -223,6 +261,13 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
             &format!("{} to answer 200", t.key),
             Duration::from_secs(15),
         )?;
+    }
+    for (pool, route, _) in MIXED_POOLS.iter().filter(|_| mixed_load_on()) {
+        let out = m.succeed(&format!("curl -s -i 'http://127.0.0.1:80{route}?fast'"))?;
+        ensure!(
+            out.starts_with("HTTP/1.1 200") && out.contains(&format!("X-Cgipool-Worker: {pool}@")),
+            "the mixed-load pool {pool} does not answer on {route}:\n{out}"
+        );
     }
     for port in TCP_PORTS {
         m.succeed(&format!(
