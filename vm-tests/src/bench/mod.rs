@@ -216,7 +216,7 @@ fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
     for i in 1..=TCP_PORTS.len() {
         m.succeed(&format!("systemctl stop bench-tcp-{i}.service"))?;
     }
-    m.succeed("systemctl stop bench-fcgiwrap.service")?;
+    m.succeed("systemctl stop bench-fcgiwrap.service bench-php-fpm.service")?;
     eprintln!(
         "bench: mixed load (1 request in 20 takes 50 ms), shared queue vs a socket per worker"
     );

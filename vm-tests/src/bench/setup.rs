@@ -73,9 +73,50 @@ pub(super) const TARGETS: &[Target] = &[
         url: "http://127.0.0.1:80/cgi",
         na: None,
     },
+    Target {
+        key: "php_fpm",
+        label: "nginx → php-fpm (Debian's, `pm = static`, 4 children) → one-line PHP script",
+        url: "http://127.0.0.1:8080/fpm/hello.php",
+        na: None,
+    },
+    Target {
+        key: "pool_php",
+        label: "nginx → cgipool `protocol = \"fastcgi\"` (4 php-cgi workers) → the same script",
+        url: "http://127.0.0.1:80/php/hello.php",
+        na: None,
+    },
 ];
 
 pub(super) const CONNS: [u32; 2] = [16, 64];
+
+/// The PHP comparison: one script, behind our own php-fpm instance and
+/// behind a FastCGI pool of php-cgi workers.
+pub(super) const PHP_ROOT: &str = "/run/bench/php";
+pub(super) const PHP_SCRIPT: &str = "<?php echo \"hello\\n\";\n";
+pub(super) const FPM_SOCKET: &str = "/run/bench-fpm/fpm.sock";
+/// php-fpm as Debian ships it, our own instance: `pm = static` with as many
+/// children as the pool has workers, on a unix socket, as nginx's user.
+pub(super) const FPM_CONF: &str = "[global]
+error_log = syslog
+daemonize = no
+
+[bench]
+user = www-data
+group = www-data
+listen = /run/bench-fpm/fpm.sock
+listen.owner = www-data
+listen.group = www-data
+pm = static
+pm.max_children = 4
+";
+
+/// The FastCGI pool of php-cgi workers next to the others.
+pub(super) fn php_pool_section() -> String {
+    format!(
+        "\n[pool.php]\nexec = \"/usr/bin/php-cgi\"\nroute = \"/php\"\nprotocol = \"fastcgi\"\n\
+         document_root = \"{PHP_ROOT}\"\nmin = {POOL_SIZE}\nmax = {POOL_SIZE}\n"
+    )
+}
 
 /// The nginx side of the baselines, in the same nginx as the pool: the
 /// ceiling and the proof of concept's layout (round robin over TCP, HTTP/1.0
@@ -122,6 +163,13 @@ server {
     # fcgiwrap as nginx users run CGI programs: FastCGI to fcgiwrap, which
     # forks the program per request (no keep-alive to fcgiwrap, nginx's
     # default).
+    # php-fpm as nginx + PHP-FPM setups run it (no keep-alive to php-fpm).
+    location = /fpm/hello.php {
+        include fastcgi_params;
+        fastcgi_param SCRIPT_FILENAME /run/bench/php/hello.php;
+        fastcgi_pass unix:/run/bench-fpm/fpm.sock;
+        add_header X-Request-ID $request_id always;
+    }
     location = /fcgi {
         include fastcgi_params;
         fastcgi_param SCRIPT_FILENAME /usr/local/lib/cgipool/hello_cgi;
@@ -220,6 +268,9 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
     // and a `protocol = "cgi"` pool of 4 running the trivial CGI program.
     m.write_text(MIXED_CGI, MIXED_CGI_TEXT)?;
     m.succeed(&format!("chmod 0755 {MIXED_CGI}"))?;
+    m.succeed(&format!("mkdir -p {PHP_ROOT} && chmod 0755 {PHP_ROOT}"))?;
+    m.write_text(&format!("{PHP_ROOT}/hello.php"), PHP_SCRIPT)?;
+    m.succeed(&format!("chmod 0644 {PHP_ROOT}/hello.php"))?;
     let mixed = if mixed_load_on() {
         mixed_pool_sections()
     } else {
@@ -229,6 +280,7 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
         m,
         &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE)
             + &cgi_pool_section()
+            + &php_pool_section()
             + &mixed),
     )?;
     apply(m)?;
@@ -238,6 +290,16 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
         "systemd-run --quiet --unit=bench-fcgiwrap -p User=www-data -p Group=www-data \
          -p RuntimeDirectory=bench-fcgiwrap /usr/sbin/fcgiwrap -c {POOL_SIZE} -s unix:{FCGIWRAP_SOCKET}"
     ))?;
+    m.write_text(&format!("{GUEST_DIR}/php-fpm.conf"), FPM_CONF)?;
+    m.succeed(&format!(
+        "systemd-run --quiet --unit=bench-php-fpm -p RuntimeDirectory=bench-fpm \
+         $(ls /usr/sbin/php-fpm* | head -n1) -F -y {GUEST_DIR}/php-fpm.conf"
+    ))?;
+    m.wait_until_succeeds(
+        &format!("test -S {FPM_SOCKET}"),
+        "php-fpm's socket",
+        Duration::from_secs(10),
+    )?;
     m.wait_until_succeeds(
         &format!("test -S {FCGIWRAP_SOCKET}"),
         "fcgiwrap's socket",
@@ -282,6 +344,15 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
         "the pool route is not answered by a cgipool worker:\n{hdr}"
     );
     // Both CGI paths run the same program and answer the same body.
+    // Both PHP paths run the same script.
+    for key in ["php_fpm", "pool_php"] {
+        let url = TARGETS.iter().find(|t| t.key == key).map_or("", |t| t.url);
+        let out = m.succeed(&format!("curl -s -i {}", shell_quote(url)))?;
+        ensure!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nhello\n"),
+            "{key} ({url}) does not answer the PHP script's body:\n{out}"
+        );
+    }
     for key in ["fcgiwrap", "pool_cgi"] {
         let url = TARGETS.iter().find(|t| t.key == key).map_or("", |t| t.url);
         let out = m.succeed(&format!("curl -s -i {}", shell_quote(url)))?;
@@ -315,6 +386,8 @@ pub(super) const CPU_UNITS: &[(&str, &str)] = &[
         "system-cgipool\\x2dcgi.slice",
     ),
     ("fcgiwrap (+ programs)", "bench-fcgiwrap.service"),
+    ("php-fpm", "bench-php-fpm.service"),
+    ("php pool (php-cgi)", "system-cgipool\\x2dphp.slice"),
     ("cgipool watch", "cgipool-watch.service"),
 ];
 

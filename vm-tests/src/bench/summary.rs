@@ -487,6 +487,37 @@ pub(super) fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
             true,
         ));
     }
+    for conns in CONNS {
+        let (php, fpm) = (
+            aggregate(&rep.runs, "pool_php", conns),
+            aggregate(&rep.runs, "php_fpm", conns),
+        );
+        let (Some(c), Some(f)) = (php, fpm) else {
+            continue;
+        };
+        v.push(Row::vs(
+            dp,
+            format!("cgipool-php req/s, {conns} conns, vs php-fpm (static, 4)"),
+            (c.rps, rps(&c)),
+            (f.rps, rps(&f)),
+            Some(("≥ 1.0", c.rps / f.rps >= 1.0)),
+        ));
+        let ms = |x: f64| format!("{x:.2} ms");
+        v.push(Row::vs(
+            dp,
+            format!("cgipool-php p99, {conns} conns, vs php-fpm (static, 4)"),
+            (c.p99_ms, ms(c.p99_ms)),
+            (f.p99_ms, ms(f.p99_ms)),
+            Some(("≤ 1.2", c.p99_ms / f.p99_ms <= 1.2)),
+        ));
+        v.push(Row::failures(
+            dp,
+            format!("cgipool-php errors, {conns} conns (all rounds)"),
+            c.errors,
+            Some((f.errors, format!("{} (php-fpm)", f.errors))),
+            true,
+        ));
+    }
     v.extend(mixed_rows(rep));
     v.extend(control_rows(rep, mode));
     let rss = rep
