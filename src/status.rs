@@ -158,7 +158,7 @@ pub fn table(pools: &[PoolStatus]) -> String {
         if let Some(d) = &p.last_decision {
             let ago = now_unix().saturating_sub(d.at_unix);
             let _ = writeln!(
-            out,
+                out,
                 "  {} scaled {} -> {} {ago}s ago: {}",
                 d.by, d.from, d.to, d.reason
             );
@@ -171,7 +171,7 @@ pub fn table(pools: &[PoolStatus]) -> String {
         for w in &p.workers {
             let s = &w.service;
             let _ = writeln!(
-            out,
+                out,
                 "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  {}",
                 w.worker,
                 format!("{}/{}", s.active_state, s.sub_state),
