@@ -283,10 +283,10 @@ impl Systemd {
 
     /// PIDs of every process in a unit's control group.
     ///
-    /// GetUnitProcesses fails with EIO while a process of the group is
-    /// exiting (systemd 252 reads every process's command line; seen right
-    /// after an nginx reload, systemd#22089): then the group's own
-    /// `cgroup.procs` answers.
+    /// GetUnitProcesses fails with EIO when systemd cannot read one of the
+    /// group's processes (seen in the test harness while a second container's
+    /// processes shared the cgroup tree; systemd#22089 is another case):
+    /// then the group's own `cgroup.procs` answers.
     pub async fn unit_pids(&self, unit: &str) -> Result<Vec<u32>> {
         match self.manager.get_unit_processes(unit.to_string()).await {
             Ok(procs) => Ok(procs.into_iter().map(|(_, pid, _)| pid).collect()),
