@@ -614,4 +614,27 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn max_requests_and_protocols() {
+        assert_eq!(
+            ok(&pool_with("max_requests = 1000")).pools["p"].max_requests,
+            Some(1000)
+        );
+        assert_eq!(ok(&pool_with("")).pools["p"].max_requests, None);
+        let e = one_err("max_requests = 999");
+        assert!(
+            e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 1000, got 999")
+                && e.contains("20 starts within 10 s"),
+            "{e}"
+        );
+        assert!(one_err("max_requests = \"5\"").contains("expected an integer"));
+        assert!(one_err("environment = { CGIPOOL_MAX_REQUESTS = \"5\" }").contains("reserved"));
+        assert!(one_err("protocol = \"scgi\"")
+            .contains("expected \"http\", \"cgi\" or \"fastcgi\", got \"scgi\""));
+        let c = ok(&pool_with("protocol = \"fastcgi\""));
+        assert_eq!(c.pools["p"].protocol, Protocol::FastCgi);
+        assert!(c.pools["p"].fastcgi.is_some());
+        assert!(ok(&pool_with("")).pools["p"].fastcgi.is_none());
+    }
 }

@@ -133,13 +133,17 @@ impl Reader {
         let r = &mut self.response;
         r.pending.extend_from_slice(bytes);
         let mut used = 0;
-        while let Some(rec) = parse_record(&r.pending[used..])? {
+        // Stop at the first answer: what follows it does not matter.
+        while r.status.is_none() && r.ended.is_none() {
+            let Some(rec) = parse_record(&r.pending[used..])? else {
+                break;
+            };
             used += rec.len;
             if rec.request_id != REQUEST_ID {
                 continue;
             }
             match rec.kind {
-                STDOUT if r.status.is_none() => {
+                STDOUT => {
                     let room = self.limit.saturating_sub(r.head.len());
                     let take = rec.content.len().min(room);
                     r.head.extend_from_slice(&rec.content[..take]);
@@ -157,9 +161,12 @@ impl Reader {
                 _ => {}
             }
         }
-        r.pending.drain(..used);
+        if r.status.is_some() || r.ended.is_some() {
+            r.pending.clear();
+        } else {
+            r.pending.drain(..used);
+        }
         // What is left is part of one record, which is at most MAX_RECORD.
-        debug_assert!(r.pending.len() < MAX_RECORD);
         if r.pending.len() >= MAX_RECORD {
             return Err("a FastCGI record longer than the protocol allows".into());
         }
