@@ -220,7 +220,7 @@ mod tests {
         assert_eq!(
             line(&php, "ExecStart="),
             [
-                r#"ExecStart=/usr/bin/php-cgi8.2 -d cgi.fix_pathinfo=0 -d session.save_path=/var/lib/cgipool-php/sessions -d session.gc_probability=1 -d upload_tmp_dir=/run/cgipool-php/%i -d max_execution_time=2 -d post_max_size=16M -d upload_max_filesize=16M "-d" "memory_limit=64M""#
+                r#"ExecStart=/usr/bin/php-cgi8.2 -d error_log=syslog -d syslog.ident=cgipool-php -d pcre.jit=0 -d cgi.fix_pathinfo=0 -d session.save_path=/var/lib/cgipool-php/sessions -d session.gc_probability=1 -d upload_tmp_dir=/run/cgipool-php/%i -d max_execution_time=2 -d post_max_size=16M -d upload_max_filesize=16M "-d" "memory_limit=64M""#
             ]
         );
         assert_eq!(

@@ -204,7 +204,7 @@ fn php_scripts(m: &mut Machine) -> Result<()> {
     // PCRE in the sandbox: matches, and nothing complains.
     let (code, _, body) = request(m, "http://127.0.0.1/php/pcre.php")?;
     ensure!(
-        code == 200 && body.starts_with("match=1 error=No error"),
+        code == 200 && body.starts_with("match=1 id=12345 error=No error jit=0"),
         "pcre.php answered {code}: {body}"
     );
     let journal = m.succeed("journalctl -q -o cat -t cgipool-php")?;
@@ -285,7 +285,14 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
     write_config(m, &config("1"))?;
     apply_and_route(m, "http://127.0.0.1/php/hello.php")?;
     assert_pool_running(m, "php", 2)?;
-    let mut load = Load::start(m, 8, 20, "http://127.0.0.1:80/php/hello.php")?;
+    let mut load = Load::start(m, 8, 30, "http://127.0.0.1:80/php/hello.php")?;
+    // The pauses space the changes out over the load; nothing waits on them.
+    std::thread::sleep(Duration::from_secs(2));
+    load.step(
+        m,
+        "kill -9 php@1",
+        "kill -9 $(systemctl show -P MainPID cgipool-php@1.service)",
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     load.step(m, "scale 2 -> 4", "cgipool scale php 4")?;
     std::thread::sleep(Duration::from_secs(2));
@@ -296,23 +303,14 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
         "rolling restart (environment changed)",
         &format!("cgipool apply {CONFIG}"),
     )?;
-    std::thread::sleep(Duration::from_secs(3));
-    load.step(
-        m,
-        "kill -9 php@1",
-        "kill -9 $(systemctl show -P MainPID cgipool-php@1.service)",
-    )?;
     let report = load.finish(m, "php zero-failure load", 2_000)?;
-    // php@2 was neither killed nor restarted after the roll: its automatic
-    // restarts are recycles after max_requests.
-    let recycles: u64 = m
-        .unit_property("cgipool-php@2.service", "NRestarts")?
-        .trim()
-        .parse()
-        .context("NRestarts")?;
+    // php@2 was never killed: systemd's automatic restarts of it (a roll
+    // is a restart job, not one of these) are recycles after max_requests.
+    let journal = m.journal("cgipool-php@2.service")?;
+    let recycles = journal.matches("Scheduled restart job").count();
     ensure!(
         recycles >= 1,
-        "php@2 never recycled after max_requests = 1000 ({} requests in all)",
+        "php@2 never recycled after max_requests = 1000 ({} requests in all):\n{journal}",
         report.requests
     );
     ensure!(
