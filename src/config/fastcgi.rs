@@ -12,7 +12,13 @@ use super::model::{FastCgi, ListenFd, Protocol};
 use super::values::check_abs_path;
 
 /// The keys only `protocol = "fastcgi"` pools take.
-pub(super) const FASTCGI_KEYS: &[&str] = &["listen_fd", "keep_conn", "document_root", "index"];
+pub(super) const FASTCGI_KEYS: &[&str] = &[
+    "listen_fd",
+    "keep_conn",
+    "document_root",
+    "index",
+    "pcre_jit",
+];
 
 /// The user Debian's nginx runs as (`user www-data;` in nginx.conf): the
 /// document root must be readable by it.
@@ -32,6 +38,7 @@ pub(super) struct FastCgiFields {
     keep_conn: Option<At<bool>>,
     document_root: Option<At<PathBuf>>,
     index: Option<At<String>>,
+    pcre_jit: Option<At<bool>>,
     /// `document_root` was written (even if invalid: one error is enough).
     document_root_given: bool,
 }
@@ -49,6 +56,7 @@ impl FastCgiFields {
             .or_else(|| at(&self.keep_conn, "keep_conn"))
             .or_else(|| at(&self.document_root, "document_root"))
             .or_else(|| at(&self.index, "index"))
+            .or_else(|| at(&self.pcre_jit, "pcre_jit"))
     }
 }
 
@@ -73,6 +81,11 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut FastCgiFields, src: &Src<'_>)
         "keep_conn" => {
             if let Some(b) = get_bool(cx, src) {
                 f.keep_conn = Some((b, sp, key));
+            }
+        }
+        "pcre_jit" => {
+            if let Some(b) = get_bool(cx, src) {
+                f.pcre_jit = Some((b, sp, key));
             }
         }
         "document_root" => {
@@ -178,6 +191,9 @@ pub(super) fn finish(
             );
         }
     }
+    if let (false, Some((_, span, key))) = (php, &f.pcre_jit) {
+        cx.err(span.clone(), key, "`pcre_jit` is only for php-cgi pools");
+    }
     if let Some((true, span, key)) = &notify {
         if listen_fd == ListenFd::Stdin || php {
             cx.err(
@@ -198,6 +214,7 @@ pub(super) fn finish(
             .index
             .map_or_else(|| "index.php".to_string(), |(s, _, _)| s),
         php,
+        pcre_jit: f.pcre_jit.is_some_and(|(v, _, _)| v),
     })
 }
 
@@ -392,6 +409,13 @@ mod tests {
         assert_eq!(e, ["t.toml:1:1: pool.php.document_root: php-cgi pools need `document_root` (the directory of the .php scripts nginx passes to them)"]);
         let e = errs(&php_pool(&format!("{root}\nindex = \"../x\"")));
         assert!(e[0].contains("invalid index"), "{e:?}");
+        let c = ok(&php_pool(&format!("{root}\npcre_jit = true")));
+        assert!(c.pools["php"].fastcgi.clone().unwrap().pcre_jit);
+        let e = errs("[pool.app]\nprotocol = \"fastcgi\"\nexec = \"/usr/bin/app\"\nroute = \"/app\"\npcre_jit = true\n");
+        assert!(
+            e[0].contains("pool.app.pcre_jit: `pcre_jit` is only for php-cgi pools"),
+            "{e:?}"
+        );
         let e = errs("[pool.app]\nprotocol = \"fastcgi\"\nexec = \"/usr/bin/app\"\nroute = \"/app\"\nindex = \"a.php\"\n");
         assert!(
             e[0].contains("t.toml:5:9: pool.app.index: `index` needs `document_root`"),

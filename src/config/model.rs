@@ -63,6 +63,9 @@ pub struct FastCgi {
     /// `exec` is php-cgi: PHP_FCGI_CHILDREN=0, a shared dynamic user,
     /// session and upload directories, ini settings from the pool.
     pub php: bool,
+    /// php-cgi only: PCRE's JIT on, which needs `MemoryDenyWriteExecute=no`
+    /// (off by default: `pcre.jit=0` keeps the sandbox whole).
+    pub pcre_jit: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

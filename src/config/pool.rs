@@ -70,6 +70,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "keep_conn",
     "document_root",
     "index",
+    "pcre_jit",
 ];
 /// Environment variables the units set for every worker.
 const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER", "CGIPOOL_MAX_REQUESTS"];
@@ -78,7 +79,7 @@ const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER", "CGIPOOL_MAX_R
 /// systemd fails a worker after 20 starts within 10 s (StartLimitBurst in
 /// pool.service), so a worker recycling after N requests may serve at most
 /// 2·N requests per second.
-pub(super) const MIN_MAX_REQUESTS: u32 = 1000;
+pub(super) const MIN_MAX_REQUESTS: u32 = 5000;
 
 /// Reject keys that are not pool keys. Returns true when the key is one.
 pub(super) fn check_pool_key(cx: &mut Cx<'_>, src: &Src<'_>, what: &str) -> bool {
@@ -618,13 +619,13 @@ mod tests {
     #[test]
     fn max_requests_and_protocols() {
         assert_eq!(
-            ok(&pool_with("max_requests = 1000")).pools["p"].max_requests,
-            Some(1000)
+            ok(&pool_with("max_requests = 5000")).pools["p"].max_requests,
+            Some(5000)
         );
         assert_eq!(ok(&pool_with("")).pools["p"].max_requests, None);
-        let e = one_err("max_requests = 999");
+        let e = one_err("max_requests = 4999");
         assert!(
-            e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 1000, got 999")
+            e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 5000, got 4999")
                 && e.contains("20 starts within 10 s"),
             "{e}"
         );

@@ -180,7 +180,7 @@ protocol = "fastcgi"
 exec = "/usr/local/bin/app"
 route = "/app"
 keep_conn = true
-max_requests = 1000
+max_requests = 7000
 "#;
 
     pub(super) fn cfg(name: &str, text: &str) -> Config {

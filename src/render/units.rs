@@ -33,6 +33,8 @@ struct ServiceTemplate<'a> {
     php: Option<PhpView>,
     /// `listen_fd = "stdin"`: `StandardInput=socket`.
     stdin: bool,
+    /// False only for php-cgi pools with `pcre_jit = true`.
+    memory_deny_write_execute: bool,
 }
 
 /// The php-cgi settings the pool's keys give (see templates/pool.service).
@@ -45,18 +47,19 @@ struct PhpView {
     /// `body_limit` for post_max_size and upload_max_filesize (none for
     /// nginx's "0", no limit: php's default then applies to uploads).
     body_limit: Option<String>,
+    /// `pcre_jit = true`: no `pcre.jit=0`, and MemoryDenyWriteExecute=no.
+    pcre_jit: bool,
 }
 
 impl PhpView {
     fn new(pool: &Pool) -> Option<PhpView> {
-        if !pool.fastcgi.as_ref().is_some_and(|f| f.php) {
-            return None;
-        }
+        let f = pool.fastcgi.as_ref().filter(|f| f.php)?;
         let usec = crate::config::duration_usec(&pool.request_timeout).unwrap_or(60_000_000);
         Some(PhpView {
             max_requests: pool.max_requests.unwrap_or(0),
             max_execution_time: usec.div_ceil(1_000_000).max(1),
             body_limit: (pool.body_limit != "0").then(|| pool.body_limit.to_uppercase()),
+            pcre_jit: f.pcre_jit,
         })
     }
 }
@@ -96,6 +99,7 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
                         .fastcgi
                         .as_ref()
                         .is_some_and(|f| f.listen_fd == ListenFd::Stdin),
+                    memory_deny_write_execute: !pool.fastcgi.as_ref().is_some_and(|f| f.pcre_jit),
                 }
                 .render(),
             )),
@@ -248,7 +252,7 @@ mod tests {
         assert_eq!(line(&app, "ExecStart="), ["ExecStart=/usr/local/bin/app"]);
         assert!(app
             .lines()
-            .any(|l| l == "Environment=CGIPOOL_MAX_REQUESTS=1000"));
+            .any(|l| l == "Environment=CGIPOOL_MAX_REQUESTS=7000"));
         for absent in ["StandardInput", "PHP_FCGI", "\nUser=", "StateDirectory"] {
             assert!(!app.contains(absent), "app has {absent}\n{app}");
         }
@@ -263,6 +267,19 @@ mod tests {
         assert_eq!(line(&php, "User="), ["User=www-data"]);
         assert!(!php.contains("DynamicUser"));
         assert!(php.contains("PHP_FCGI_MAX_REQUESTS=0\n"));
+        // pcre_jit: the one relaxation, and PHP's JIT on.
+        let jit = FASTCGI.replace("max_requests = 5000", "pcre_jit = true");
+        let tree = units(
+            &cfg("x.toml", &jit),
+            Path::new("/etc/systemd/system"),
+            &BTreeMap::new(),
+        );
+        let php = unit_file(&tree, "cgipool-php@.service");
+        assert_eq!(
+            line(&php, "MemoryDenyWriteExecute="),
+            ["MemoryDenyWriteExecute=no"]
+        );
+        assert!(!line(&php, "ExecStart=")[0].contains("pcre.jit"), "{php}");
     }
 
     #[test]
