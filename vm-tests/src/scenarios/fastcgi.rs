@@ -4,7 +4,7 @@
 //! archive (DokuWiki), and zero failed requests while a PHP pool scales,
 //! rolls, recycles by max_requests and loses a worker to kill -9.
 use super::common::{apply, assert_pool_running, header, install, request, write_config, CONFIG};
-use super::edge::Load;
+use super::edge::{parse_wrk, Load};
 use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{ensure, Context, Result};
@@ -327,6 +327,43 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
     println!(
         "fastcgi: {} requests, php@2 recycled {recycles} times",
         report.requests
+    );
+
+    // Keep-alive clients (no nginx reload in this phase, see edge::Load):
+    // a worker killed mid-request and the recycles cost no request either.
+    let timeout = m.scaled(Duration::from_secs(10)).as_secs().max(10);
+    m.succeed(&format!(
+        "systemd-run --quiet --collect --unit=vmtest-wrk-ka -p StandardOutput=truncate:/tmp/wrk-ka.out \
+         wrk -t2 -c8 -d12s --timeout {timeout}s http://127.0.0.1:80/php/hello.php"
+    ))?;
+    m.wait_until_succeeds(
+        "pgrep -x wrk",
+        "wrk (keep-alive) to start",
+        Duration::from_secs(5),
+    )?;
+    for n in [1, 2] {
+        std::thread::sleep(Duration::from_secs(3));
+        m.succeed(&format!(
+            "kill -9 $(systemctl show -P MainPID cgipool-php@{n}.service)"
+        ))?;
+    }
+    let out = m.wait_until_succeeds(
+        "grep -q 'requests in' /tmp/wrk-ka.out && cat /tmp/wrk-ka.out",
+        "wrk (keep-alive) to finish",
+        Duration::from_secs(45),
+    )?;
+    let ka = parse_wrk(&out)?;
+    ensure!(
+        ka.non_2xx == 0 && ka.socket_errors == 0 && ka.requests >= 1_000,
+        "keep-alive clients: {} non-2xx and {} socket errors in {} requests:\n{}",
+        ka.non_2xx,
+        ka.socket_errors,
+        ka.requests,
+        ka.text
+    );
+    println!(
+        "fastcgi: keep-alive clients: {} requests, two workers killed, none failed",
+        ka.requests
     );
     Ok(())
 }
