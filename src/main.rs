@@ -41,7 +41,8 @@ struct Target {
     /// Write units to /run/systemd/system (gone after reboot) instead of /etc/systemd/system.
     #[arg(long)]
     runtime: bool,
-    /// Seconds to wait for systemd jobs and the nginx reload.
+    /// Seconds to wait for the lock, for the nginx reload, and for systemd
+    /// jobs to make progress (a wait fails when no job finished for that long).
     #[arg(long, default_value_t = 90)]
     timeout: u64,
 }
@@ -66,7 +67,8 @@ enum Command {
         /// The config file, only to say whether it has edits not applied yet.
         #[arg(long, default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Seconds to wait for systemd jobs and the nginx reload.
+        /// Seconds to wait for the lock, for the nginx reload, and for systemd
+        /// jobs to make progress (a wait fails when no job finished for that long).
         #[arg(long, default_value_t = 90)]
         timeout: u64,
     },
@@ -77,6 +79,12 @@ enum Command {
         json: bool,
         #[arg(long)]
         runtime: bool,
+        /// Show the table again every --interval seconds, in place (like top), until Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between two tables of --watch.
+        #[arg(long, default_value_t = 1.0, requires = "watch")]
+        interval: f64,
     },
     /// Stop and remove everything cgipool made on this host (the config is
     /// needed only if nothing was recorded).
@@ -203,22 +211,43 @@ fn run(cli: Cli) -> Result<()> {
             pool,
             json,
             runtime: rt,
+            watch,
+            interval,
         } => {
-            let pools = runtime()?.block_on(status::collect(&unit_dir(rt), pool.as_deref()))?;
-            if let Some(p) = &pool {
-                if pools.is_empty() {
-                    return Err(Usage(format!("no pool named {p:?} on this host")).into());
+            let rt_ = runtime()?;
+            let read = || -> Result<Vec<status::PoolStatus>> {
+                let pools = rt_.block_on(status::collect(&unit_dir(rt), pool.as_deref()))?;
+                if let Some(p) = &pool {
+                    if pools.is_empty() {
+                        return Err(Usage(format!("no pool named {p:?} on this host")).into());
+                    }
                 }
-            }
+                Ok(pools)
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &serde_json::json!({ "intent": status::intent_summary(), "pools": pools })
+                        &serde_json::json!({ "intent": status::intent_summary(), "pools": read()? })
                     )?
                 );
+            } else if watch {
+                // Like top: the table again every interval, in place on a
+                // terminal (one table after another when piped), until Ctrl-C.
+                let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+                let every = Duration::from_secs_f64(interval.max(0.2));
+                loop {
+                    let table = status::table(&read()?);
+                    if tty {
+                        print!("\x1b[H\x1b[2J{table}");
+                    } else {
+                        println!("{table}");
+                    }
+                    std::io::Write::flush(&mut std::io::stdout())?;
+                    std::thread::sleep(every);
+                }
             } else {
-                status::print_table(&pools);
+                print!("{}", status::table(&read()?));
             }
             Ok(())
         }

@@ -132,9 +132,13 @@ pub fn intent_summary() -> Option<serde_json::Value> {
     }))
 }
 
-pub fn print_table(pools: &[PoolStatus]) {
+/// The table `cgipool status` prints.
+pub fn table(pools: &[PoolStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     if let Some(i) = intent_summary() {
-        println!(
+        let _ = writeln!(
+            out,
             "intent {} from {} (recorded by {}, units in {})",
             i["serial"],
             i["config"].as_str().unwrap_or("?"),
@@ -143,27 +147,31 @@ pub fn print_table(pools: &[PoolStatus]) {
         );
     }
     if pools.is_empty() {
-        println!("no cgipool pools on this host");
+        let _ = writeln!(out, "no cgipool pools on this host");
     }
     for p in pools {
-        println!(
+        let _ = writeln!(
+            out,
             "pool {}: {} healthy of {} wanted",
             p.pool, p.healthy, p.wanted
         );
         if let Some(d) = &p.last_decision {
             let ago = now_unix().saturating_sub(d.at_unix);
-            println!(
+            let _ = writeln!(
+                out,
                 "  {} scaled {} -> {} {ago}s ago: {}",
                 d.by, d.from, d.to, d.reason
             );
         }
-        println!(
+        let _ = writeln!(
+            out,
             "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  SINCE",
             "WORKER", "STATE", "RESTARTS", "PID", "MEMORY", "CPU"
         );
         for w in &p.workers {
             let s = &w.service;
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  {}",
                 w.worker,
                 format!("{}/{}", s.active_state, s.sub_state),
@@ -177,4 +185,5 @@ pub fn print_table(pools: &[PoolStatus]) {
             );
         }
     }
+    out
 }

@@ -78,8 +78,16 @@ const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// Jobs queued and not yet finished at most. systemd adds a D-Bus match rule
 /// for every job a client is waiting on, and dbus-daemon refuses PID 1 more
 /// than 512 (max_match_rules_per_connection): past that systemd loses the
-/// bus (seen with 800 start jobs queued at once).
-const MAX_PENDING_JOBS: usize = 128;
+/// bus (seen with 800 start jobs queued at once). And every job in the window
+/// runs at once: systemd forks each worker, whose sandbox is set up in
+/// parallel on the machine's cores, and a `Type=exec` start must be done
+/// within the worker's start timeout (90 s by default). With 128 at once,
+/// some of 1,000 workers on 2 busy cores ran out of it; a window of 32 keeps
+/// every start short and the cores just as busy. Stop jobs fork nothing:
+/// they take half of what the bus allows (256 of 512 match rules, leaving
+/// room for other clients' jobs).
+const MAX_PENDING_STARTS: usize = 32;
+const MAX_PENDING_STOPS: usize = 256;
 
 pub struct Systemd {
     conn: zbus::Connection,
@@ -139,9 +147,12 @@ impl Systemd {
     }
 
     /// Queues `jobs` (mode "replace") and waits for every one of them to be
-    /// removed, within `deadline`. Any result but `done` is an error naming
-    /// the unit. The JobRemoved stream is opened before the first job is queued.
-    pub async fn run_jobs(&self, jobs: &[Job], deadline: Duration) -> Result<()> {
+    /// removed. `stall` bounds the progress, not the whole run: the wait
+    /// fails when no job was queued or finished for that long (1,000 workers
+    /// take longer than any fixed limit for one, and each job has systemd's
+    /// own timeout). Any result but `done` is an error naming the unit. The
+    /// JobRemoved stream is opened before the first job is queued.
+    pub async fn run_jobs(&self, jobs: &[Job], stall: Duration) -> Result<()> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -167,23 +178,28 @@ impl Systemd {
             }
         });
         let mut pending: HashMap<String, Job> = HashMap::new();
-        let outcome =
-            tokio::time::timeout(deadline, self.queue_and_wait(jobs, &mut pending, &mut rx)).await;
+        let outcome = self
+            .queue_and_wait(jobs, &mut pending, &mut rx, stall)
+            .await;
         drain.abort();
         let failures = match outcome {
-            Ok(r) => r?,
-            Err(_) => {
+            Ok(Some(failures)) => failures,
+            Ok(None) => {
                 let mut left: Vec<String> = pending
                     .values()
                     .map(|j| format!("{} {}", j.kind, j.unit))
                     .collect();
                 left.sort();
+                let shown = left.len().min(20);
                 bail!(
-                    "timed out after {}s waiting for systemd jobs: {}",
-                    deadline.as_secs(),
-                    left.join(", ")
+                    "timed out: no systemd job finished for {}s; {} still running: {}{}",
+                    stall.as_secs(),
+                    left.len(),
+                    left[..shown].join(", "),
+                    if left.len() > shown { ", …" } else { "" }
                 );
             }
+            Err(e) => return Err(e),
         };
         if !failures.is_empty() {
             bail!("systemd jobs failed: {}", failures.join("; "));
@@ -191,15 +207,17 @@ impl Systemd {
         Ok(())
     }
 
-    /// Queues the jobs in order, at most MAX_PENDING_JOBS unfinished at a
-    /// time (the bus pipelines the calls), and waits until each one is
-    /// removed; returns the ones that did not end `done`.
+    /// Queues the jobs in order, at most MAX_PENDING_STARTS (or, for stop
+    /// jobs only, MAX_PENDING_STOPS) unfinished at a time (the bus pipelines the calls), and waits until each one is
+    /// removed; returns the ones that did not end `done`, or None when
+    /// nothing moved for `stall`.
     async fn queue_and_wait(
         &self,
         jobs: &[Job],
         pending: &mut HashMap<String, Job>,
         removed: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-    ) -> Result<Vec<String>> {
+        stall: Duration,
+    ) -> Result<Option<Vec<String>>> {
         let mut failures = Vec::new();
         let mut finished = |pending: &mut HashMap<String, Job>, path: String, result: String| {
             if let Some(job) = pending.remove(&path) {
@@ -211,29 +229,35 @@ impl Systemd {
                 }
             }
         };
+        let window = if jobs.iter().all(|j| j.kind == JobKind::Stop) {
+            MAX_PENDING_STOPS
+        } else {
+            MAX_PENDING_STARTS
+        };
         let mut next = 0;
         while next < jobs.len() || !pending.is_empty() {
-            let room = MAX_PENDING_JOBS.saturating_sub(pending.len());
+            let room = window.saturating_sub(pending.len());
             if next < jobs.len() && room > 0 {
                 let batch = &jobs[next..jobs.len().min(next + room)];
                 next += batch.len();
                 // At most 64 calls in flight: the bus refuses more than 128
                 // pending replies per connection.
-                let queued: Vec<(&Job, zbus::Result<zbus::OwnedObjectPath>)> =
-                    futures_util::stream::iter(batch)
-                        .map(|job| async move {
-                            let (name, mode) = (job.unit.clone(), "replace".to_string());
-                            let path = match job.kind {
-                                JobKind::Start => self.manager.start_unit(name, mode).await,
-                                JobKind::Stop => self.manager.stop_unit(name, mode).await,
-                                JobKind::Restart => self.manager.restart_unit(name, mode).await,
-                                JobKind::Reload => self.manager.reload_unit(name, mode).await,
-                            };
-                            (job, path)
-                        })
-                        .buffer_unordered(MAX_CALLS_IN_FLIGHT)
-                        .collect()
-                        .await;
+                let queueing = futures_util::stream::iter(batch)
+                    .map(|job| async move {
+                        let (name, mode) = (job.unit.clone(), "replace".to_string());
+                        let path = match job.kind {
+                            JobKind::Start => self.manager.start_unit(name, mode).await,
+                            JobKind::Stop => self.manager.stop_unit(name, mode).await,
+                            JobKind::Restart => self.manager.restart_unit(name, mode).await,
+                            JobKind::Reload => self.manager.reload_unit(name, mode).await,
+                        };
+                        (job, path)
+                    })
+                    .buffer_unordered(MAX_CALLS_IN_FLIGHT)
+                    .collect::<Vec<(&Job, zbus::Result<zbus::OwnedObjectPath>)>>();
+                let Ok(queued) = tokio::time::timeout(stall, queueing).await else {
+                    return Ok(None);
+                };
                 for (job, path) in queued {
                     let path =
                         path.with_context(|| format!("queuing {} of {}", job.kind, job.unit))?;
@@ -245,23 +269,58 @@ impl Systemd {
                 }
                 continue;
             }
-            let Some((path, result)) = removed.recv().await else {
+            let Ok(signal) = tokio::time::timeout(stall, removed.recv()).await else {
+                return Ok(None);
+            };
+            let Some((path, result)) = signal else {
                 bail!("the JobRemoved stream ended");
             };
             finished(pending, path, result);
         }
         failures.sort();
-        Ok(failures)
+        Ok(Some(failures))
     }
 
     /// PIDs of every process in a unit's control group.
+    ///
+    /// GetUnitProcesses fails with EIO when systemd cannot read one of the
+    /// group's processes (seen in the test harness while a second container's
+    /// processes shared the cgroup tree; systemd#22089 is another case):
+    /// then the group's own `cgroup.procs` answers.
     pub async fn unit_pids(&self, unit: &str) -> Result<Vec<u32>> {
-        let procs = self
+        match self.manager.get_unit_processes(unit.to_string()).await {
+            Ok(procs) => Ok(procs.into_iter().map(|(_, pid, _)| pid).collect()),
+            Err(e) => self
+                .cgroup_pids(unit)
+                .await
+                .with_context(|| format!("GetUnitProcesses({unit}) failed ({e}); then")),
+        }
+    }
+
+    /// PIDs in a unit's control group, read from the cgroup file system.
+    async fn cgroup_pids(&self, unit: &str) -> Result<Vec<u32>> {
+        let path = self
             .manager
-            .get_unit_processes(unit.to_string())
+            .get_unit(unit.to_string())
             .await
-            .with_context(|| format!("GetUnitProcesses({unit})"))?;
-        Ok(procs.into_iter().map(|(_, pid, _)| pid).collect())
+            .with_context(|| format!("GetUnit({unit})"))?;
+        let props = PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let cg = props
+            .get(
+                InterfaceName::from_static_str("org.freedesktop.systemd1.Service")?,
+                "ControlGroup",
+            )
+            .await
+            .with_context(|| format!("reading ControlGroup of {unit}"))?;
+        let cg: String = String::try_from(cg).context("ControlGroup is not a string")?;
+        let file = format!("/sys/fs/cgroup{cg}/cgroup.procs");
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
     /// Fresh (uncached) Unit and Service properties of each unit, fetched

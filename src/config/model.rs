@@ -37,6 +37,35 @@ pub struct Nginx {
 pub enum Protocol {
     Http,
     Cgi,
+    FastCgi,
+}
+
+/// How a FastCGI worker gets its listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenFd {
+    /// fd 3 with `LISTEN_FDS=1` (sd_listen_fds), as for every other pool.
+    Systemd,
+    /// fd 0 (`StandardInput=socket`): php-cgi and programs built on libfcgi.
+    Stdin,
+}
+
+/// What a `protocol = "fastcgi"` pool adds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastCgi {
+    pub listen_fd: ListenFd,
+    /// nginx `fastcgi_keep_conn on`: only for workers that multiplex
+    /// connections (never php-cgi).
+    pub keep_conn: bool,
+    /// PHP-style routing: nginx serves the static files under the route
+    /// from here and passes `*.php` to the pool.
+    pub document_root: Option<PathBuf>,
+    pub index: String,
+    /// `exec` is php-cgi: PHP_FCGI_CHILDREN=0, a shared dynamic user,
+    /// session and upload directories, ini settings from the pool.
+    pub php: bool,
+    /// php-cgi only: PCRE's JIT on, which needs `MemoryDenyWriteExecute=no`
+    /// (off by default: `pcre.jit=0` keeps the sandbox whole).
+    pub pcre_jit: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +119,11 @@ pub struct Pool {
     pub health_timeout: String,
     /// Failed probes in a row before a worker is taken out and restarted.
     pub unhealthy_after: u32,
+    /// Requests a worker serves before it exits and systemd starts a fresh
+    /// one (`CGIPOOL_MAX_REQUESTS`, and `PHP_FCGI_MAX_REQUESTS` for php-cgi).
+    pub max_requests: Option<u32>,
+    /// Some iff `protocol = "fastcgi"`.
+    pub fastcgi: Option<FastCgi>,
 }
 
 pub const MAX_POOL_NAME: usize = 32;

@@ -12,6 +12,7 @@ use super::diag::{
     entries, get_bool, get_str, get_str_list, get_u32, type_err, unknown_key, Cx, Src,
 };
 use super::duration::{format_nginx_usec, format_systemd_usec};
+use super::fastcgi::{self, FastCgiFields};
 use super::model::{Pool, Protocol, MAX_WORKERS};
 use super::values::{
     check_abs_path, env_key_ok, get_abs_path, get_abs_path_list, get_duration, health_path_problem,
@@ -64,9 +65,27 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "health_interval",
     "health_timeout",
     "unhealthy_after",
+    "max_requests",
+    // protocol = "fastcgi" (config::fastcgi)
+    "listen_fd",
+    "keep_conn",
+    "document_root",
+    "index",
+    "pcre_jit",
 ];
 /// Environment variables the units set for every worker.
-const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER", "CGIPOOL_ACCESS_LOG"];
+const RESERVED_ENV: &[&str] = &[
+    "CGIPOOL_POOL",
+    "CGIPOOL_WORKER",
+    "CGIPOOL_MAX_REQUESTS",
+    "CGIPOOL_ACCESS_LOG",
+];
+
+/// Fewest requests `max_requests` allows: every recycle is a start, and
+/// systemd fails a worker after 20 starts within 10 s (StartLimitBurst in
+/// pool.service), so a worker recycling after N requests may serve at most
+/// 2·N requests per second.
+pub(super) const MIN_MAX_REQUESTS: u32 = 5000;
 
 /// Reject keys that are not pool keys. Returns true when the key is one.
 pub(super) fn check_pool_key(cx: &mut Cx<'_>, src: &Src<'_>, what: &str) -> bool {
@@ -151,6 +170,10 @@ pub(super) struct PoolFields {
     rate_limit: Option<String>,
     burst: Option<u32>,
     max_connections: Option<u32>,
+    max_requests: Option<u32>,
+    gateway_at: Option<(Option<Range<usize>>, String)>,
+    notify_at: Option<(bool, Option<Range<usize>>, String)>,
+    fastcgi: FastCgiFields,
 }
 
 /// Parse one known pool key (not environment) into `f`.
@@ -185,7 +208,10 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         }
         "min" => f.min = get_u32(cx, src, 1, MAX_WORKERS).map(|v| (v, sp, key.to_string())),
         "max" => f.max = get_u32(cx, src, 1, MAX_WORKERS),
-        "notify" => f.notify = get_bool(cx, src),
+        "notify" => {
+            f.notify = get_bool(cx, src);
+            f.notify_at = f.notify.map(|b| (b, sp, key.to_string()));
+        }
         "watchdog_sec" => f.watchdog_sec = get_duration(cx, src, false).map(format_systemd_usec),
         "restart_sec" => f.restart_sec = get_duration(cx, src, true).map(format_systemd_usec),
         "scale_up_after" => {
@@ -287,15 +313,23 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
                 let p = match s.as_str() {
                     "http" => Some(Protocol::Http),
                     "cgi" => Some(Protocol::Cgi),
+                    "fastcgi" => Some(Protocol::FastCgi),
                     _ => None,
                 };
                 match p {
                     Some(_) => f.protocol = p,
-                    None => cx.err(sp, key, format!("expected \"http\" or \"cgi\", got {s:?}")),
+                    None => cx.err(
+                        sp,
+                        key,
+                        format!("expected \"http\", \"cgi\" or \"fastcgi\", got {s:?}"),
+                    ),
                 }
             }
         }
-        "gateway" => f.gateway = get_abs_path(cx, src),
+        "gateway" => {
+            f.gateway = get_abs_path(cx, src);
+            f.gateway_at = Some((sp, key.to_string()));
+        }
         "working_directory" => f.working_directory = get_abs_path(cx, src),
         "body_limit" => {
             if let Some(s) = get_str(cx, src) {
@@ -340,6 +374,18 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
             f.health_timeout = get_duration(cx, src, false).map(format_systemd_usec)
         }
         "unhealthy_after" => f.unhealthy_after = get_u32(cx, src, 1, 1000),
+        "max_requests" => match src.item.as_integer() {
+            Some(i) if i >= i64::from(MIN_MAX_REQUESTS) && i <= i64::from(u32::MAX) => {
+                f.max_requests = u32::try_from(i).ok()
+            }
+            Some(i) => cx.err(
+                sp,
+                key,
+                format!("must be at least {MIN_MAX_REQUESTS}, got {i}: every recycle is a start, and systemd fails a worker after 20 starts within 10 s (a worker may serve at most 2 x max_requests requests per second)"),
+            ),
+            None => type_err(cx, src, "an integer"),
+        },
+        k if fastcgi::FASTCGI_KEYS.contains(&k) => fastcgi::apply_field(cx, &mut f.fastcgi, src),
         _ => {}
     }
 }
@@ -424,6 +470,24 @@ pub(super) fn parse_pool(
             "notify and watchdog_sec are not available for protocol = \"cgi\" (the gateway does not send READY=1 or WATCHDOG=1)",
         );
     }
+    let protocol = f.protocol.unwrap_or(Protocol::Http);
+    if let (Protocol::FastCgi, Some((span, key))) = (protocol, &f.gateway_at) {
+        cx.err(
+            span.clone(),
+            key,
+            "`gateway` is only for protocol = \"cgi\" pools (a FastCGI worker serves its socket itself)",
+        );
+    }
+    let fastcgi = fastcgi::finish(
+        cx,
+        std::mem::take(&mut f.fastcgi),
+        protocol,
+        f.exec.as_deref(),
+        name,
+        f.user.is_none(),
+        f.notify_at.clone(),
+        (here_or(psrc), psrc.key.clone()),
+    );
     if cx.errors != errors_before {
         return None;
     }
@@ -450,7 +514,7 @@ pub(super) fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         access_log: f.access_log.unwrap_or(false),
-        protocol: f.protocol.unwrap_or(Protocol::Http),
+        protocol,
         gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
         working_directory: f.working_directory,
         request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
@@ -464,6 +528,8 @@ pub(super) fn parse_pool(
         health_interval: f.health_interval.unwrap_or_else(|| "5s".to_string()),
         health_timeout: f.health_timeout.unwrap_or_else(|| "2s".to_string()),
         unhealthy_after: f.unhealthy_after.unwrap_or(3),
+        max_requests: f.max_requests,
+        fastcgi,
     })
 }
 
@@ -557,5 +623,28 @@ mod tests {
                 "{e:?}"
             );
         }
+    }
+
+    #[test]
+    fn max_requests_and_protocols() {
+        assert_eq!(
+            ok(&pool_with("max_requests = 5000")).pools["p"].max_requests,
+            Some(5000)
+        );
+        assert_eq!(ok(&pool_with("")).pools["p"].max_requests, None);
+        let e = one_err("max_requests = 4999");
+        assert!(
+            e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 5000, got 4999")
+                && e.contains("20 starts within 10 s"),
+            "{e}"
+        );
+        assert!(one_err("max_requests = \"5\"").contains("expected an integer"));
+        assert!(one_err("environment = { CGIPOOL_MAX_REQUESTS = \"5\" }").contains("reserved"));
+        assert!(one_err("protocol = \"scgi\"")
+            .contains("expected \"http\", \"cgi\" or \"fastcgi\", got \"scgi\""));
+        let c = ok(&pool_with("protocol = \"fastcgi\""));
+        assert_eq!(c.pools["p"].protocol, Protocol::FastCgi);
+        assert!(c.pools["p"].fastcgi.is_some());
+        assert!(ok(&pool_with("")).pools["p"].fastcgi.is_none());
     }
 }

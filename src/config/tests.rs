@@ -91,6 +91,8 @@ fn demo_parses_with_defaults() {
             health_interval: "5s".into(),
             health_timeout: "2s".into(),
             unhealthy_after: 3,
+            max_requests: None,
+            fastcgi: None,
         }
     );
 }

@@ -379,7 +379,10 @@ mod tests {
                 "gateway = \"/usr/local/bin/cgi pool\"",
                 "must not contain whitespace",
             ),
-            ("protocol = \"fastcgi\"", "expected \"http\" or \"cgi\""),
+            (
+                "protocol = \"scgi\"",
+                "expected \"http\", \"cgi\" or \"fastcgi\"",
+            ),
             ("max_connections = 0", "must be between 1 and"),
             ("burst = -1", "must be between 0 and"),
         ] {

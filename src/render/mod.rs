@@ -159,6 +159,30 @@ request_timeout = "1500ms"
 min = 1
 "#;
 
+    /// FastCGI pools: php-cgi with PHP-style routing under a route with a
+    /// dot (a regex literal), and another FastCGI program that multiplexes.
+    /// The document root must exist: /usr is there and readable everywhere.
+    pub(super) const FASTCGI: &str = r#"
+[pool.php]
+protocol = "fastcgi"
+exec = "/usr/bin/php-cgi8.2"
+args = ["-d", "memory_limit=64M"]
+route = "/blog.v2/"
+document_root = "/usr"
+index = "main.php"
+max_requests = 5000
+request_timeout = "1500ms"
+body_limit = "16m"
+rate_limit = "20r/s"
+
+[pool.app]
+protocol = "fastcgi"
+exec = "/usr/local/bin/app"
+route = "/app"
+keep_conn = true
+max_requests = 7000
+"#;
+
     pub(super) fn cfg(name: &str, text: &str) -> Config {
         match config::parse(Path::new(name), text) {
             Ok(c) => c,

@@ -7,7 +7,7 @@ use askama::Template;
 use sha2::{Digest, Sha256};
 
 use super::{finish, header};
-use crate::config::{format_nginx_usec, Config, Pool, Protocol};
+use crate::config::{format_nginx_usec, Config, FastCgi, Pool, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NginxFiles {
@@ -36,6 +36,41 @@ struct LocationView<'a> {
     /// [`CGI_TIMEOUT_MARGIN`] for CGI pools so that the gateway's own 504
     /// (and its cleanup) reaches the client rather than nginx's.
     timeout: String,
+    /// A `protocol = "fastcgi"` pool (templates/fastcgi-location.conf).
+    fastcgi: Option<FastCgiView>,
+}
+
+/// What the FastCGI location needs besides the pool.
+struct FastCgiView {
+    /// The route without a trailing slash ("" for "/").
+    base: String,
+    /// The route with one trailing slash: the location of PHP-style routing.
+    prefix: String,
+    /// `prefix` as a PCRE literal (route characters: `.` is the only one
+    /// special in a regex).
+    prefix_regex: String,
+    /// The document root with one trailing slash (nginx `alias`).
+    document_root: Option<String>,
+    index: String,
+    keep_conn: bool,
+}
+
+impl FastCgiView {
+    fn new(pool: &Pool, f: &FastCgi) -> FastCgiView {
+        let base = pool.route.trim_end_matches('/').to_string();
+        let prefix = format!("{base}/");
+        FastCgiView {
+            prefix_regex: prefix.replace('.', "\\."),
+            base,
+            prefix,
+            document_root: f
+                .document_root
+                .as_ref()
+                .map(|d| format!("{}/", d.display().to_string().trim_end_matches('/'))),
+            index: f.index.clone(),
+            keep_conn: f.keep_conn,
+        }
+    }
 }
 
 /// How much longer nginx waits for a CGI pool than the gateway's timeout.
@@ -99,6 +134,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
                 &pool.request_timeout,
                 if cgi { CGI_TIMEOUT_MARGIN_USEC } else { 0 },
             ),
+            fastcgi: pool.fastcgi.as_ref().map(|f| FastCgiView::new(pool, f)),
         });
     }
     let upstreams = finish(&header, UpstreamsTemplate { upstreams }.render());
@@ -129,7 +165,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::tests::{all_active, cfg, CGI, DEMO, FULL};
+    use crate::render::tests::{all_active, cfg, CGI, DEMO, FASTCGI, FULL};
     use pretty_assertions::assert_eq;
     use std::fs;
 
@@ -179,6 +215,41 @@ mod tests {
         assert_eq!(nginx_time("2h", CGI_TIMEOUT_MARGIN_USEC), "7205s");
     }
 
+    #[test]
+    fn fastcgi_locations() {
+        let c = cfg("x.toml", FASTCGI);
+        let ng = nginx(&c, &all_active(&c));
+        let l = &ng.locations;
+        for want in [
+            "location = /blog.v2 {\n    add_header X-Request-ID $request_id always;\n    return 301 /blog.v2/;\n}",
+            "location ^~ /blog.v2/ {\n    alias /usr/;\n    index main.php;",
+            // The route's dot is a literal in the regex (nginx unescapes \\).
+            "location ~ ^/blog\\\\.v2/.+?\\.php(/|$) {",
+            "fastcgi_split_path_info ^(.+?\\.php)(/.*)$;",
+            "set $cgipool_path_info $fastcgi_path_info;",
+            "try_files $fastcgi_script_name =404;",
+            "fastcgi_pass cgipool_php;",
+            "include /etc/nginx/fastcgi_params;",
+            "fastcgi_param SCRIPT_FILENAME $request_filename;",
+            "fastcgi_param PATH_INFO $cgipool_path_info;",
+            "fastcgi_read_timeout 1500ms;",
+            "client_max_body_size 16m;",
+            "limit_req zone=cgipool_php_req burst=10 nodelay;",
+            "location /app {\n    fastcgi_pass cgipool_app;",
+            "fastcgi_keep_conn on;",
+        ] {
+            assert!(l.contains(want), "locations lack {want:?}:\n{l}");
+        }
+        // keep_conn only where asked for.
+        assert_eq!(l.matches("fastcgi_keep_conn").count(), 1, "{l}");
+        assert!(!l.contains("proxy_pass http://cgipool_"), "{l}");
+        // Inactive: the route answers 503 like any pool.
+        let none = nginx(&c, &BTreeMap::new());
+        assert!(none
+            .locations
+            .contains(r#"return 503 '{"error":"no healthy workers","pool":"php"}\n';"#));
+    }
+
     /// `nginx -t` on the rendered files (skipped with a notice when nginx is
     /// not installed).
     #[test]
@@ -197,6 +268,8 @@ mod tests {
             (DEMO, None),
             (FULL, None),
             (CGI, None),
+            (FASTCGI, None),
+            (FASTCGI, Some(BTreeMap::new())),
             (
                 FULL,
                 Some(BTreeMap::from([("search".to_string(), vec![1, 3])])),

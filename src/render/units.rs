@@ -10,7 +10,7 @@ use super::{
     finish, header, instance_name, service_name, socket_name, target_name, Entry, UnitTree,
     TOP_TARGET, WATCH_UNIT,
 };
-use crate::config::{Config, Pool, Protocol};
+use crate::config::{Config, ListenFd, Pool, Protocol};
 // The template filters (`exec_arg`, `env_quote`) are looked up as `filters::…`.
 use crate::escape::filters;
 
@@ -29,6 +29,39 @@ struct ServiceTemplate<'a> {
     pool: &'a Pool,
     /// `protocol = "cgi"`: ExecStart runs `cgipool cgi-gateway -- exec args`.
     cgi: bool,
+    /// A FastCGI pool whose `exec` is php-cgi.
+    php: Option<PhpView>,
+    /// `listen_fd = "stdin"`: `StandardInput=socket`.
+    stdin: bool,
+    /// False only for php-cgi pools with `pcre_jit = true`.
+    memory_deny_write_execute: bool,
+}
+
+/// The php-cgi settings the pool's keys give (see templates/pool.service).
+struct PhpView {
+    /// `max_requests` (0: php-cgi never recycles, like php-fpm's default).
+    max_requests: u32,
+    /// request_timeout in whole seconds, rounded up: PHP's own limit
+    /// (CPU time on Linux) stops a runaway script in the worker.
+    max_execution_time: u64,
+    /// `body_limit` for post_max_size and upload_max_filesize (none for
+    /// nginx's "0", no limit: php's default then applies to uploads).
+    body_limit: Option<String>,
+    /// `pcre_jit = true`: no `pcre.jit=0`, and MemoryDenyWriteExecute=no.
+    pcre_jit: bool,
+}
+
+impl PhpView {
+    fn new(pool: &Pool) -> Option<PhpView> {
+        let f = pool.fastcgi.as_ref().filter(|f| f.php)?;
+        let usec = crate::config::duration_usec(&pool.request_timeout).unwrap_or(60_000_000);
+        Some(PhpView {
+            max_requests: pool.max_requests.unwrap_or(0),
+            max_execution_time: usec.div_ceil(1_000_000).max(1),
+            body_limit: (pool.body_limit != "0").then(|| pool.body_limit.to_uppercase()),
+            pcre_jit: f.pcre_jit,
+        })
+    }
 }
 
 #[derive(Template)]
@@ -61,6 +94,12 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
                 ServiceTemplate {
                     pool,
                     cgi: pool.protocol == Protocol::Cgi,
+                    php: PhpView::new(pool),
+                    stdin: pool
+                        .fastcgi
+                        .as_ref()
+                        .is_some_and(|f| f.listen_fd == ListenFd::Stdin),
+                    memory_deny_write_execute: !pool.fastcgi.as_ref().is_some_and(|f| f.pcre_jit),
                 }
                 .render(),
             )),
@@ -125,7 +164,7 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::tests::{all_active, cfg, line, unit_file, CGI, DEMO, FULL};
+    use crate::render::tests::{all_active, cfg, line, unit_file, CGI, DEMO, FASTCGI, FULL};
     use crate::render::{is_generated, nginx};
     use pretty_assertions::assert_eq;
     use std::fs;
@@ -175,6 +214,73 @@ mod tests {
         let demo = cfg("x.toml", DEMO);
         let ng = nginx(&demo, &all_active(&demo));
         assert!(!ng.locations.contains("X-Forwarded-Port"));
+    }
+
+    #[test]
+    fn fastcgi_php_units() {
+        let c = cfg("x.toml", FASTCGI);
+        let tree = units(&c, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        let php = unit_file(&tree, "cgipool-php@.service");
+        assert_eq!(
+            line(&php, "ExecStart="),
+            [
+                r#"ExecStart=/usr/bin/php-cgi8.2 -d error_log=syslog -d syslog.ident=cgipool-php -d pcre.jit=0 -d cgi.fix_pathinfo=0 -d session.save_path=/var/lib/cgipool-php/sessions -d session.gc_probability=1 -d upload_tmp_dir=/run/cgipool-php/%i -d max_execution_time=2 -d post_max_size=16M -d upload_max_filesize=16M "-d" "memory_limit=64M""#
+            ]
+        );
+        assert_eq!(
+            line(&php, "Environment="),
+            [
+                "Environment=PHP_FCGI_CHILDREN=0 PHP_FCGI_MAX_REQUESTS=5000",
+                "Environment=CGIPOOL_POOL=php CGIPOOL_WORKER=php@%i",
+                "Environment=CGIPOOL_MAX_REQUESTS=5000",
+                "Environment=CGIPOOL_ACCESS_LOG=0",
+            ]
+        );
+        for want in [
+            "StandardInput=socket",
+            "StandardOutput=journal",
+            "StateDirectory=cgipool-php/sessions",
+            "RuntimeDirectory=cgipool-php/%i",
+            "DynamicUser=yes",
+            "User=cgipool-php",
+            "MemoryDenyWriteExecute=yes",
+            "Type=exec",
+        ] {
+            assert!(php.lines().any(|l| l == want), "php lacks {want}\n{php}");
+        }
+        // Another FastCGI program: LISTEN_FDS as usual, its own dynamic user.
+        let app = unit_file(&tree, "cgipool-app@.service");
+        assert_eq!(line(&app, "ExecStart="), ["ExecStart=/usr/local/bin/app"]);
+        assert!(app
+            .lines()
+            .any(|l| l == "Environment=CGIPOOL_MAX_REQUESTS=7000"));
+        for absent in ["StandardInput", "PHP_FCGI", "\nUser=", "StateDirectory"] {
+            assert!(!app.contains(absent), "app has {absent}\n{app}");
+        }
+        // With `user`, php-cgi runs as that user (no shared dynamic one).
+        let www = FASTCGI.replace("max_requests = 5000", "user = \"www-data\"");
+        let tree = units(
+            &cfg("x.toml", &www),
+            Path::new("/etc/systemd/system"),
+            &BTreeMap::new(),
+        );
+        let php = unit_file(&tree, "cgipool-php@.service");
+        assert_eq!(line(&php, "User="), ["User=www-data"]);
+        assert!(!php.contains("DynamicUser"));
+        assert!(php.contains("PHP_FCGI_MAX_REQUESTS=0\n"));
+        // pcre_jit: the one relaxation, and PHP's JIT on.
+        let jit = FASTCGI.replace("max_requests = 5000", "pcre_jit = true");
+        let tree = units(
+            &cfg("x.toml", &jit),
+            Path::new("/etc/systemd/system"),
+            &BTreeMap::new(),
+        );
+        let php = unit_file(&tree, "cgipool-php@.service");
+        assert_eq!(
+            line(&php, "MemoryDenyWriteExecute="),
+            ["MemoryDenyWriteExecute=no"]
+        );
+        assert!(!line(&php, "ExecStart=")[0].contains("pcre.jit"), "{php}");
     }
 
     #[test]

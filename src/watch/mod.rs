@@ -10,6 +10,7 @@
 //! one the decision was based on. A converge that fails is retried. Its
 //! watchdog is fed by a task of its own, so a long drain inside a converge
 //! does not look like a hang. Serves /pool-status and /metrics.
+mod fcgi;
 mod notify;
 mod probe;
 pub mod scaler;
@@ -417,6 +418,10 @@ impl Watcher {
                     .unwrap_or(Duration::from_secs(5))
             };
             let (interval, timeout) = (dur(&p.health_interval), dur(&p.health_timeout));
+            let fastcgi = p.fastcgi.as_ref().map(|f| probe::FastCgiProbe {
+                route: p.route.trim_end_matches('/').to_string(),
+                document_root: f.document_root.as_ref().map(|d| d.display().to_string()),
+            });
             for &n in ns.iter().chain(self.unhealthy_of(pool).iter()) {
                 let unit = plan::service(pool, n);
                 let state = self.probes.entry(unit.clone()).or_default();
@@ -430,15 +435,17 @@ impl Watcher {
                     path.clone(),
                     timeout,
                     p.unhealthy_after,
+                    fastcgi.clone(),
                 ));
             }
         }
-        let results = futures_util::future::join_all(
-            due.iter()
-                .map(|(_, sock, path, timeout, _)| probe::probe(sock, path, *timeout)),
-        )
+        let results = futures_util::future::join_all(due.iter().map(
+            |(_, sock, path, timeout, _, fastcgi)| {
+                probe::probe(sock, path, *timeout, fastcgi.as_ref())
+            },
+        ))
         .await;
-        for ((unit, _, path, _, limit), result) in due.into_iter().zip(results) {
+        for ((unit, _, path, _, limit, _), result) in due.into_iter().zip(results) {
             let state = self.probes.entry(unit.clone()).or_default();
             match result {
                 Ok(()) => {

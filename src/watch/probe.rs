@@ -1,12 +1,35 @@
 //! The active health probe: `GET health_path` on a worker's own socket,
-//! the same way nginx reaches it. A 2xx answer within the timeout is healthy.
+//! the same way nginx reaches it (HTTP, or a FastCGI request for
+//! `protocol = "fastcgi"` pools). A 2xx answer within the timeout is healthy.
 use std::time::Duration;
+
+use super::fcgi;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+/// How to ask a FastCGI worker for `health_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastCgiProbe {
+    /// The pool's route without a trailing slash (SCRIPT_NAME's prefix).
+    pub route: String,
+    /// The pool's document root: SCRIPT_FILENAME is health_path in it.
+    pub document_root: Option<String>,
+}
+
 /// Probes one worker; Err says why it is unhealthy.
-pub async fn probe(socket: &str, path: &str, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, status(socket, path)).await {
+pub async fn probe(
+    socket: &str,
+    path: &str,
+    timeout: Duration,
+    fastcgi: Option<&FastCgiProbe>,
+) -> Result<(), String> {
+    let answer = async {
+        match fastcgi {
+            Some(f) => fastcgi_status(socket, path, f).await,
+            None => status(socket, path).await,
+        }
+    };
+    match tokio::time::timeout(timeout, answer).await {
         Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
         Ok(Err(e)) => Err(e),
         Ok(Ok(code)) if (200..300).contains(&code) => Ok(()),
@@ -32,6 +55,70 @@ async fn status(socket: &str, path: &str) -> Result<u16, String> {
         head.extend_from_slice(&buf[..n]);
     }
     parse_status(&head).ok_or_else(|| "no HTTP status line".into())
+}
+
+/// Bytes of STDOUT the FastCGI probe reads at most for the header block.
+const FASTCGI_HEAD_LIMIT: usize = 16 * 1024;
+
+/// The status of one FastCGI request for `path` (split like nginx does for
+/// the pool's location: SCRIPT_NAME under the route, SCRIPT_FILENAME in the
+/// document root).
+async fn fastcgi_status(socket: &str, path: &str, f: &FastCgiProbe) -> Result<u16, String> {
+    let mut s = UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (script_path, query) = path.split_once('?').unwrap_or((path, ""));
+    let script_name = format!("{}{script_path}", f.route);
+    let uri = format!("{}{path}", f.route);
+    let filename = match &f.document_root {
+        Some(root) => format!("{}{script_path}", root.trim_end_matches('/')),
+        None => script_name.clone(),
+    };
+    let params = [
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_SOFTWARE", "cgipool-watch"),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("SERVER_NAME", "cgipool-watch"),
+        ("SERVER_ADDR", "127.0.0.1"),
+        ("SERVER_PORT", "80"),
+        ("REMOTE_ADDR", "127.0.0.1"),
+        ("REMOTE_PORT", "0"),
+        ("REQUEST_SCHEME", "http"),
+        ("REQUEST_METHOD", "GET"),
+        ("REQUEST_URI", &uri),
+        ("DOCUMENT_URI", &script_name),
+        ("SCRIPT_NAME", &script_name),
+        ("SCRIPT_FILENAME", &filename),
+        ("DOCUMENT_ROOT", f.document_root.as_deref().unwrap_or("")),
+        ("QUERY_STRING", query),
+        ("CONTENT_LENGTH", ""),
+        ("CONTENT_TYPE", ""),
+        ("REDIRECT_STATUS", "200"),
+        ("HTTP_HOST", "cgipool-watch"),
+        ("HTTP_USER_AGENT", "cgipool-watch"),
+    ];
+    s.write_all(&fcgi::encode_request(&params))
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut reader = fcgi::Reader::new(FASTCGI_HEAD_LIMIT);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed before a FastCGI answer".into());
+        }
+        if reader.feed(&buf[..n])? {
+            break;
+        }
+    }
+    let r = &reader.response;
+    match (r.status, r.ended) {
+        (Some(code), _) => Ok(code),
+        (None, Some(status)) => Err(format!(
+            "the request ended without a CGI header block (protocol status {status})"
+        )),
+        (None, None) => Err("no FastCGI answer".into()),
+    }
 }
 
 fn parse_status(head: &[u8]) -> Option<u16> {
@@ -72,16 +159,81 @@ mod tests {
             }
             listener
         });
-        assert_eq!(probe(&p, "/healthz", Duration::from_secs(2)).await, Ok(()));
         assert_eq!(
-            probe(&p, "/healthz", Duration::from_secs(2)).await,
+            probe(&p, "/healthz", Duration::from_secs(2), None).await,
+            Ok(())
+        );
+        assert_eq!(
+            probe(&p, "/healthz", Duration::from_secs(2), None).await,
             Err("answered 503".into())
         );
         let _listener = server.await.unwrap();
         // Nobody accepts any more: the connection waits in the backlog.
-        assert!(probe(&p, "/healthz", Duration::from_millis(200))
+        assert!(probe(&p, "/healthz", Duration::from_millis(200), None)
             .await
             .unwrap_err()
             .contains("no answer"));
+    }
+
+    /// A FastCGI responder on a real socket: it gets the probe's request
+    /// with the script split like nginx's location, and its CGI Status
+    /// decides health.
+    #[tokio::test(flavor = "current_thread")]
+    async fn probes_a_fastcgi_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let p = path.to_string_lossy().into_owned();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for stdout in [
+                &b"Content-Type: text/plain\r\n\r\nok"[..],
+                &b"Status: 500 Internal Server Error\r\n\r\n"[..],
+                &b"garbage"[..],
+            ] {
+                let (mut c, _) = listener.accept().await.unwrap();
+                // Read the request up to its empty STDIN record.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.ends_with(&[1, fcgi::STDIN, 0, 1, 0, 0, 0, 0]) {
+                    let n = c.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    req.extend_from_slice(&buf[..n]);
+                }
+                seen.push(req);
+                let mut out = vec![1, fcgi::STDOUT, 0, 1, 0, stdout.len() as u8, 0, 0];
+                out.extend_from_slice(stdout);
+                if stdout == b"garbage" {
+                    out = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+                }
+                c.write_all(&out).await.unwrap();
+            }
+            seen
+        });
+        let f = FastCgiProbe {
+            route: "/php".into(),
+            document_root: Some("/srv/php/".into()),
+        };
+        let t = Duration::from_secs(2);
+        assert_eq!(probe(&p, "/health.php?x=1", t, Some(&f)).await, Ok(()));
+        assert_eq!(
+            probe(&p, "/health.php", t, Some(&f)).await,
+            Err("answered 500".into())
+        );
+        assert!(probe(&p, "/health.php", t, Some(&f))
+            .await
+            .unwrap_err()
+            .contains("not a FastCGI record"));
+        let seen = server.await.unwrap();
+        let params = String::from_utf8_lossy(&seen[0]);
+        for want in [
+            "SCRIPT_FILENAME/srv/php/health.php",
+            "SCRIPT_NAME/php/health.php",
+            "REQUEST_URI/php/health.php?x=1",
+            "QUERY_STRINGx=1",
+            "REQUEST_METHODGET",
+        ] {
+            assert!(params.contains(want), "{want} not in {params:?}");
+        }
     }
 }

@@ -1,5 +1,8 @@
-//! /pool-status (JSON) and /metrics (Prometheus text) on a unix socket that
-//! the generated nginx locations route to (loopback clients only).
+//! /pool-status (JSON) and /metrics on a unix socket that the generated
+//! nginx locations route to (loopback clients only). /metrics answers
+//! OpenMetrics 1.0 when the client asks for it (`Accept:
+//! application/openmetrics-text`, as Prometheus does), and Prometheus text
+//! 0.0.4 otherwise.
 use super::Snapshot;
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
@@ -35,6 +38,7 @@ pub async fn serve(path: &Path, group: &str, state: Arc<Mutex<Snapshot>>) -> Res
                     _ => return,
                 };
             let request = String::from_utf8_lossy(&buf[..n]);
+            let format = Format::negotiate(&request);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let path = path.split('?').next().unwrap_or(path);
             let snapshot = match state.lock() {
@@ -48,7 +52,7 @@ pub async fn serve(path: &Path, group: &str, state: Arc<Mutex<Snapshot>>) -> Res
                     serde_json::to_string_pretty(&snapshot).unwrap_or_default() + "\n",
                 )
             } else if path.ends_with("/metrics") {
-                ("200 OK", "text/plain; version=0.0.4", metrics(&snapshot))
+                ("200 OK", format.content_type(), metrics(&snapshot, format))
             } else {
                 (
                     "404 Not Found",
@@ -69,11 +73,54 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The Prometheus text exposition of a snapshot.
-pub fn metrics(s: &Snapshot) -> String {
+/// The two text expositions /metrics speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: counters are named with `_total` throughout.
+    Prometheus,
+    /// OpenMetrics 1.0: a counter's family has no `_total` (its samples
+    /// do), and the exposition ends with `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when the request's Accept header names it.
+    pub fn negotiate(request: &str) -> Format {
+        let asks = request.lines().skip(1).any(|line| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("accept")
+                    && value
+                        .to_ascii_lowercase()
+                        .contains("application/openmetrics-text")
+            })
+        });
+        if asks {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The exposition of a snapshot in `format`; every family has HELP and TYPE.
+pub fn metrics(s: &Snapshot, format: Format) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let family_name = match (format, kind) {
+            (Format::OpenMetrics, "counter") => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        let _ = writeln!(
+            out,
+            "# HELP {family_name} {help}\n# TYPE {family_name} {kind}"
+        );
         for (labels, value) in rows {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
@@ -170,5 +217,75 @@ pub fn metrics(s: &Snapshot) -> String {
         "Scaling decisions watch carried out.",
         pool_rows(&|p| p.scale_events.to_string()),
     );
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::{PoolView, WorkerView};
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            generated_at: 1,
+            pools: vec![PoolView {
+                pool: "a\"b".into(),
+                min: 1,
+                max: 4,
+                wanted: 2,
+                healthy: 1,
+                queue_depth: 3,
+                scale_events: 5,
+                last_decision: None,
+                workers: vec![WorkerView {
+                    worker: "a@1".into(),
+                    unit: "cgipool-a@1.service".into(),
+                    active_state: "active".into(),
+                    sub_state: "running".into(),
+                    healthy: true,
+                    n_restarts: Some(2),
+                    memory_bytes: Some(1024),
+                    cpu_nsec: Some(1_500_000_000),
+                    ..WorkerView::default()
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked() {
+        let plain = "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n";
+        let om = "GET /metrics HTTP/1.1\r\naccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n";
+        assert_eq!(Format::negotiate(plain), Format::Prometheus);
+        assert_eq!(Format::negotiate(om), Format::OpenMetrics);
+        // A path that merely mentions it is no Accept header.
+        let path = "GET /metrics?application/openmetrics-text HTTP/1.1\r\n\r\n";
+        assert_eq!(Format::negotiate(path), Format::Prometheus);
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_counters_follow_the_format() {
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let text = metrics(&snapshot(), format);
+            let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+            let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+            assert!(helps >= 9 && helps == types, "{text}");
+            assert!(
+                text.contains("cgipool_worker_restarts_total{pool=\"a\\\"b\",worker=\"a@1\"} 2")
+            );
+            match format {
+                Format::Prometheus => {
+                    assert!(text.contains("# TYPE cgipool_worker_restarts_total counter"));
+                    assert!(!text.contains("# EOF"));
+                }
+                Format::OpenMetrics => {
+                    assert!(text.contains("# TYPE cgipool_worker_restarts counter"));
+                    assert!(text.ends_with("# EOF\n"));
+                }
+            }
+        }
+    }
 }

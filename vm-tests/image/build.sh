@@ -13,7 +13,7 @@ cache=${CGIPOOL_VM_CACHE:-$HOME/.cache/cgipool-vm}
 key() {
     (
         cd "$here"
-        sha256sum build.sh packages.txt
+        sha256sum build.sh packages.txt packages-apt.txt
         # Only what git tracks counts (no empty dirs, modes as git keeps them).
         find files -type f -o -type l | LC_ALL=C sort | while read -r f; do
             if [ -L "$f" ]; then echo "link $f -> $(readlink "$f")"
@@ -51,6 +51,20 @@ debootstrap --variant=minbase --include="$pkgs" bookworm "$work/rootfs" >"$work/
     tail -40 "$work/debootstrap.log" >&2; echo "vm image: debootstrap failed" >&2; exit 1; }
 
 root=$work/rootfs
+# Packages whose dependencies have alternatives go through apt-get, which
+# resolves them against what is installed (debootstrap always takes the first
+# alternative: `php` would pull in Apache).
+apt_pkgs=$(grep -v '^\s*#' "$here/packages-apt.txt" | grep -v '^\s*$' | paste -sd' ' -)
+if [ -n "$apt_pkgs" ]; then
+    echo "vm image: apt-get install $apt_pkgs" >&2
+    mount -t proc proc "$root/proc"
+    { chroot "$root" apt-get update && DEBIAN_FRONTEND=noninteractive chroot "$root" \
+        apt-get install -y --no-install-recommends $apt_pkgs; } >"$work/apt.log" 2>&1 || {
+        tail -40 "$work/apt.log" >&2; echo "vm image: apt-get install failed" >&2; exit 1; }
+    umount "$root/proc"
+fi
+# Debian's php-fpm is there for the benchmark, which starts it itself.
+chroot "$root" systemctl disable php8.2-fpm.service >/dev/null 2>&1 || true
 # Baked-in files (agent, masks, journald, emergency power-off, payload mount).
 cp -a "$here/files/." "$root/"
 mkdir -p "$root/payload" "$root/mnt/agent"   # mount points: payload, agent socket dir
@@ -78,7 +92,7 @@ chmod 0644 "$work/vmlinuz" "$work/initrd.img"
 echo "vm image: packing disk.raw" >&2
 mkfs.ext4 -q -L cgiroot -d "$root" "$work/disk.raw" 2G
 
-rm -f "$work/debootstrap.log"
+rm -f "$work/debootstrap.log" "$work/apt.log"
 echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - start ))s key $k" > "$work/done"
 trap - EXIT
 rm -rf "$out"

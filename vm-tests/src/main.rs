@@ -103,7 +103,11 @@ fn main() -> ExitCode {
     }
     if std::env::args().nth(1).as_deref() == Some("bench") {
         let smoke = std::env::args().skip(2).any(|a| a == "--smoke");
-        let result = Env::from_env().and_then(|env| bench::run(&env, smoke));
+        let result = if std::env::args().skip(2).any(|a| a == "--rerender") {
+            bench::rerender()
+        } else {
+            Env::from_env().and_then(|env| bench::run(&env, smoke))
+        };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -5,6 +5,7 @@ mod control;
 mod core;
 mod deb;
 pub mod edge;
+mod fastcgi;
 mod harness;
 mod machine_tier;
 mod watch;
@@ -21,5 +22,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(watch::scenarios());
     v.extend(control::scenarios());
     v.extend(deb::scenarios());
+    v.extend(fastcgi::scenarios());
     v
 }

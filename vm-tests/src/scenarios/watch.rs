@@ -284,6 +284,33 @@ print("metrics ok:", len(fams), "families")
 '"#,
     )?;
     ensure!(out.contains("metrics ok"), "{out}");
+    // OpenMetrics when asked for it (as Prometheus asks), checked by the
+    // client library's own OpenMetrics parser (it requires `# EOF`, HELP and
+    // TYPE before the samples, and counters' samples named `_total`).
+    let out = m.succeed(
+        r#"curl -sf -D /tmp/om.head -H 'Accept: application/openmetrics-text; version=1.0.0' http://127.0.0.1/metrics | python3 -c '
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+fams = {f.name: f for f in text_string_to_metric_families(sys.stdin.read())}
+assert fams["cgipool_worker_restarts"].type == "counter", fams["cgipool_worker_restarts"]
+assert all(f.documentation for f in fams.values()), [f.name for f in fams.values() if not f.documentation]
+print("openmetrics ok:", len(fams), "families")
+' && grep -qi '^content-type: application/openmetrics-text' /tmp/om.head"#,
+    )?;
+    ensure!(out.contains("openmetrics ok"), "{out}");
+    // `cgipool status --watch` shows the table again and again (piped: one
+    // after another) until it is stopped.
+    let out = m.execute(
+        "timeout -s INT 3 cgipool status --watch --interval 0.5",
+        m.scaled(Duration::from_secs(30)),
+    )?;
+    let tables = out.stdout.matches("pool search:").count();
+    ensure!(
+        tables >= 2,
+        "status --watch showed {tables} tables in 3 s:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
     // A pool added by a later apply is watched without restarting watch.
     let demo = m.succeed(&format!("cat {}", super::common::CONFIG))?;
     write_config(m, &format!("{demo}\n[pool.extra]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/extra\"\nmin = 1\n"))?;
