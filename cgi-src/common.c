@@ -22,6 +22,9 @@
 
 static char g_worker[72] = "worker@dev";
 static unsigned long g_delay_ms;
+static int g_access_log = 1;
+
+int access_log_on(void) { return g_access_log; }
 
 unsigned long test_delay_ms(void) { return g_delay_ms; }
 
@@ -274,7 +277,9 @@ static int parse_ulong(const char *s, unsigned long max, unsigned long *out)
 static int usage(const char *prog)
 {
     fprintf(stderr, "usage: %s [--listen PATH|HOST:PORT] [--max-requests N]\n"
-            "Without --listen the socket comes from systemd (LISTEN_FDS).\n",
+            "Without --listen the socket comes from systemd (LISTEN_FDS).\n"
+            "Environment: CGIPOOL_MAX_REQUESTS=N (the flag wins), "
+            "CGIPOOL_ACCESS_LOG=0|1.\n",
             prog);
     return 2;
 }
@@ -303,11 +308,34 @@ static void init_delay(void)
         fprintf(stderr, "%s: bad CGIPOOL_TEST_DELAY_MS ignored\n", g_worker);
 }
 
+/* The worker contract's environment (README "The worker contract"):
+ * CGIPOOL_ACCESS_LOG=0|1 and CGIPOOL_MAX_REQUESTS=N (0 or empty: none). */
+static int init_contract(unsigned long *max_requests)
+{
+    const char *a = getenv("CGIPOOL_ACCESS_LOG");
+    if (a && strcmp(a, "0") == 0) {
+        g_access_log = 0;
+    } else if (a && strcmp(a, "1") != 0) {
+        fprintf(stderr, "%s: CGIPOOL_ACCESS_LOG=%.20s: expected 0 or 1\n",
+                g_worker, a);
+        return -1;
+    }
+    const char *m = getenv("CGIPOOL_MAX_REQUESTS");
+    if (m && *m && parse_ulong(m, ULONG_MAX / 2, max_requests)) {
+        fprintf(stderr, "%s: CGIPOOL_MAX_REQUESTS=%.20s: expected a number\n",
+                g_worker, m);
+        return -1;
+    }
+    return 0;
+}
+
 int worker_main(int argc, char **argv, const struct service *svc)
 {
     const char *spec = NULL;
     unsigned long max_requests = 0;
     init_worker_name(svc->name);
+    if (init_contract(&max_requests))
+        return 2;
     if (parse_args(argc, argv, &spec, &max_requests))
         return usage(argv[0]);
     setup_signals();

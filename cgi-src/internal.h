@@ -21,6 +21,8 @@ static inline size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 long long now_ms(void);
 double now_s(void);
 void log_request(const struct request *r, int status, double secs);
+/* CGIPOOL_ACCESS_LOG: 1 (or unset) logs every request, 0 only errors. */
+int access_log_on(void);
 const char *http_reason(int status);
 const char *error_text(int status);
 unsigned long test_delay_ms(void);

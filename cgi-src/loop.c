@@ -2,7 +2,15 @@
  * and up to 64 keep-alive connections, requests parsed as their bytes
  * arrive (a head has 5 s, then 408; idle connections 10 s), served one at a
  * time, responses sent with a 5 s bound; SIGTERM/SIGINT (blocked outside
- * ppoll) drain what was already received, then the loop ends. */
+ * ppoll) drain what was already received, then the loop ends.
+ *
+ * A new connection is accepted only when the worker is free: in a round
+ * that served nothing and with no request buffered on a connection it
+ * owns. Then it accepts one and serves its request at once if it is
+ * already there. So several workers can share one listening socket
+ * (systemd's Sockets=): a connection waits in the kernel's queue for any
+ * free worker, never behind a request in a busy one; an accept another
+ * worker won (EAGAIN) is silent, and the next ppoll blocks again. */
 #include "internal.h"
 
 #include <errno.h>
@@ -164,7 +172,8 @@ static int serve(struct conn *c, const struct request *req)
                c->nreq < MAX_REQS_PER_CONN &&
                (g_max_requests == 0 || g_served < g_max_requests);
     int rc = send_response(c, req, &res, keep);
-    log_request(req, res.status, now_s() - t0);
+    if (access_log_on() || res.status >= 500)
+        log_request(req, res.status, now_s() - t0);
     return rc;
 }
 
@@ -269,21 +278,38 @@ static int conn_event(struct conn *c, short revents)
     return rc < 0 ? -1 : 0;
 }
 
-static void accept_one(int lfd)
+/* Accepts one connection (if another worker sharing the socket did not
+ * take it first) and serves its request if it already arrived; returns 1
+ * when the connection was closed again (the caller compacts). */
+static int accept_one(int lfd)
 {
     if (g_nconns >= MAX_CONNS)
-        return;
+        return 0;
     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
             errno != ECONNABORTED)
             fprintf(stderr, "%s: accept: %s\n", worker_name(), strerror(errno));
-        return;
+        return 0;
     }
     struct conn *c = &g_conns[g_nconns++];
     memset(c, 0, sizeof *c);
     c->fd = fd;
     c->idle_since = c->req_since = now_ms();
+    if (conn_event(c, POLLIN)) {
+        conn_close(c);
+        return 1;
+    }
+    return 0;
+}
+
+/* Whether a request may already be buffered on an owned connection. */
+static int any_ready(void)
+{
+    for (int i = 0; i < g_nconns; i++)
+        if (g_conns[i].ready)
+            return 1;
+    return 0;
 }
 
 static void compact(void)
@@ -331,9 +357,12 @@ static int poll_timeout(void)
     return next <= now ? 0 : (int)(next - now);
 }
 
+/* A SIGTERM that came while serving stays pending until the next ppoll,
+ * which does not deliver it when a descriptor is ready at once: ask the
+ * kernel, so a stopping worker never accepts again. */
 static int done(void)
 {
-    return g_stop || (g_max_requests && g_served >= g_max_requests);
+    return stop_pending() || (g_max_requests && g_served >= g_max_requests);
 }
 
 static void loop_once(int lfd, const sigset_t *unblocked)
@@ -351,13 +380,17 @@ static void loop_once(int lfd, const sigset_t *unblocked)
         return;
     }
     watchdog_tick();
+    unsigned long before = g_served;
     for (int i = 0; i < n && !done(); i++)
         if ((pfds[i].revents || g_conns[i].ready) &&
             conn_event(&g_conns[i], pfds[i].revents))
             conn_close(&g_conns[i]);
     compact();
-    if (pfds[n].revents & POLLIN && !done())
-        accept_one(lfd);
+    /* Free only if this round served nothing: what arrived on owned
+     * connections meanwhile comes first (the next ppoll sees it). */
+    if (pfds[n].revents & POLLIN && !done() && g_served == before &&
+        !any_ready() && accept_one(lfd))
+        compact();
     expire();
 }
 

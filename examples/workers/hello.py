@@ -5,9 +5,13 @@ It meets the worker contract (see README.md in this directory):
   * the listening socket is fd 3 (LISTEN_FDS=1, LISTEN_PID=our pid);
   * CGIPOOL_WORKER names the instance, sent back in X-Cgipool-Worker;
   * READY=1 (and WATCHDOG=1 if WATCHDOG_USEC is set) go to $NOTIFY_SOCKET;
-  * SIGTERM: finish the request in flight, then exit 0;
-  * one request at a time, answered with Connection: close;
-  * X-Request-ID is echoed; one log line per request on stderr.
+  * SIGTERM: finish the request in flight, then exit 0 (never accept again);
+  * one request at a time, answered with Connection: close: it accepts a
+    connection only when free, so several instances can share one socket
+    (an accept another instance won is silent);
+  * X-Request-ID is echoed; one log line per request on stderr unless
+    CGIPOOL_ACCESS_LOG=0 (then only errors);
+  * CGIPOOL_MAX_REQUESTS=N: exit 0 after N requests.
 
 Routes: GET /api/hello?name=NAME (any path ending in /api/hello), /healthz.
 """
@@ -26,6 +30,20 @@ READ_TIMEOUT = 5.0
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout",
            431: "Request Header Fields Too Large"}
+
+
+def contract():
+    """CGIPOOL_ACCESS_LOG (0|1, default 1), CGIPOOL_MAX_REQUESTS (0: none)."""
+    access = os.environ.get("CGIPOOL_ACCESS_LOG", "1")
+    limit = os.environ.get("CGIPOOL_MAX_REQUESTS", "") or "0"
+    if access not in ("0", "1"):
+        sys.exit(f"{WORKER}: CGIPOOL_ACCESS_LOG={access!r}: expected 0 or 1")
+    if not limit.isdigit():
+        sys.exit(f"{WORKER}: CGIPOOL_MAX_REQUESTS={limit!r}: expected a number")
+    return access == "1", int(limit)
+
+
+ACCESS_LOG, MAX_REQUESTS = contract()
 
 
 def log(msg):
@@ -125,7 +143,7 @@ def handle(conn):
     start = time.monotonic()
     head = read_head(conn)
     if head is None:
-        return
+        return False
     method, path, rid, status = "-", "-", "", 400
     req = parse(head) if isinstance(head, str) else None
     if isinstance(head, int):
@@ -141,7 +159,9 @@ def handle(conn):
         status, body = route(method, target)
     respond(conn, status, body, rid, method == "HEAD")
     ms = (time.monotonic() - start) * 1000
-    log(f"{method} {path} {status} {ms:.3f}ms rid={rid or '-'}")
+    if ACCESS_LOG or status >= 500 or isinstance(head, int) or req is None:
+        log(f"{method} {path} {status} {ms:.3f}ms rid={rid or '-'}")
+    return True
 
 
 class Stop:
@@ -150,6 +170,9 @@ class Stop:
 
 def main():
     lsock = listen_socket()
+    # Shared with other workers: the accept after select may lose the race.
+    lsock.setblocking(False)
+    served = 0
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd)
     signal.signal(signal.SIGTERM, lambda *_: setattr(Stop, "requested", True))
@@ -157,19 +180,22 @@ def main():
     wd = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     notify("READY=1\nSTATUS=serving")
     log(f"ready (pid {os.getpid()})")
-    while not Stop.requested:
+    while not Stop.requested and not (MAX_REQUESTS and served >= MAX_REQUESTS):
         ready, _, _ = select.select([lsock, rfd], [], [], wd)
         if wd:
             notify("WATCHDOG=1")
         if lsock in ready and not Stop.requested:
-            conn, _ = lsock.accept()
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, ConnectionAbortedError, InterruptedError):
+                continue  # another worker took it
             with conn:
                 try:
-                    handle(conn)
+                    served += handle(conn)
                 except OSError as e:
                     log(f"connection error: {e}")
     notify("STOPPING=1")
-    log("exiting")
+    log(f"exiting after {served} requests")
     return 0
 
 

@@ -6,14 +6,24 @@
 //!   the loop, first come first served in the order their heads completed,
 //!   so a client that sends part of a head and stalls holds nothing: its
 //!   head has `--head-timeout` from its first byte, then it gets 408.
+//! - **A new connection is taken only when the gateway is free**: no
+//!   request running and none ready on a connection it already owns. Then
+//!   it accepts and reads what each connection sent (nginx sends its
+//!   request right after connecting) until one holds a complete head:
+//!   waiting for a head is being free. While any request is ready or
+//!   running it accepts nothing, so a connection waits in the kernel's
+//!   queue, where any free worker sharing the socket can take it, never
+//!   behind another request in this gateway. Several gateways may share one
+//!   listening socket (systemd's `Sockets=`): the listener is non-blocking,
+//!   an accept that another process won (EAGAIN) is silent and the loop
+//!   just polls again.
 //! - Idle keep-alive connections are kept for at most 10 s, at most 64
 //!   waiting connections in all (beyond that the longest idle is closed),
 //!   like the C workers. nginx's upstream `keepalive_timeout` (5 s) stays
 //!   below the idle limit, so nginx does not reuse a connection the gateway
 //!   is about to close.
 //! - The loop runs only between requests: while a program runs the gateway
-//!   accepts nothing, and what nginx sends meanwhile waits in the kernel
-//!   (a worker takes work only when it is free).
+//!   looks at nothing, and what nginx sends meanwhile waits in the kernel.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufWriter};
@@ -29,10 +39,9 @@ use super::sock::{self, Got, In, Sock, IO_BUF};
 
 /// Most connections waiting for a request (idle or with part of a head).
 pub const MAX_WAITING: usize = 64;
-/// New connections taken from the socket's queue per look, and only while
-/// fewer requests than this are ready; the rest stay queued in the kernel
-/// (bounds the gateway's fds and buffers).
-pub const MAX_READY: usize = 16;
+/// Most connections taken in one look (each without a complete head yet;
+/// the first with one ends the look).
+pub const ACCEPT_PER_LOOK: usize = 16;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection from nginx: the reading side (the request head, a body)
@@ -212,7 +221,8 @@ impl Conns {
                 sock::poll_ms(at.saturating_duration_since(Instant::now()))
             })
         };
-        let accept = accept && self.ready.len() < MAX_READY;
+        // Free: nothing ready. (Nothing runs while the loop runs.)
+        let accept = accept && self.ready.is_empty();
         // [wake, waiting..., listener if accepting]
         let mut fds = Vec::with_capacity(self.waiting.len() + 2);
         fds.push(self.wake.as_fd());
@@ -244,8 +254,10 @@ impl Conns {
             }
         }
         self.waiting = still;
-        if ready.get(n + 1) == Some(&true) {
-            self.accept_some();
+        // A head that completed on an owned connection comes first: accept
+        // only if the gateway is still free after reading them.
+        if ready.get(n + 1) == Some(&true) && self.ready.is_empty() {
+            self.accept_while_free();
         }
         self.expire();
     }
@@ -322,11 +334,18 @@ impl Conns {
         }
     }
 
-    /// Accepts pending connections (at most MAX_READY at a time) and reads
-    /// what each already sent (nginx sends its request right after
-    /// connecting); the others wait like idle ones.
-    fn accept_some(&mut self) {
-        for _ in 0..MAX_READY {
+    /// Accepts pending connections while the gateway stays free: each one
+    /// is read at once, and the first that holds a complete head (or one to
+    /// refuse) ends the look; one without a complete head yet waits like an
+    /// idle one, and the gateway may take the next. At most
+    /// [`ACCEPT_PER_LOOK`] per look; an accept that another process sharing
+    /// the socket won (EAGAIN) ends it silently.
+    fn accept_while_free(&mut self) {
+        for _ in 0..ACCEPT_PER_LOOK {
+            // SIGTERM may have come since this look began.
+            if !self.ready.is_empty() || super::signals::stopping() {
+                return;
+            }
             match self.listener.accept() {
                 Ok((s, _)) => match Conn::new(s, self.accepted + 1) {
                     Ok(c) => {
@@ -339,12 +358,15 @@ impl Conns {
                     }
                     Err(e) => eprintln!("cgi-gateway: accepted connection unusable: {e}"),
                 },
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Another worker on the same socket was first, or the
+                // client gave up: nothing to say.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.raw_os_error() == Some(Errno::ECONNABORTED as i32) => {}
                 Err(e) => {
                     eprintln!("cgi-gateway: accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
-                    break;
+                    return;
                 }
             }
         }

@@ -9,7 +9,11 @@
 //!
 //! - the accept loop ([`conns`]) reads request heads as they arrive, with a
 //!   deadline per head (`--head-timeout`, then 408), and hands out only
-//!   complete ones, first come first served;
+//!   complete ones, first come first served; it takes a new connection only
+//!   when the gateway is free, so several gateways can share one socket;
+//! - the worker contract's environment ([`contract`]): one log line per
+//!   request or errors only (`CGIPOOL_ACCESS_LOG`), and an exit 0 after N
+//!   requests (`CGIPOOL_MAX_REQUESTS`);
 //! - one request ([`serve`]): its framing and meta-variables per RFC 3875
 //!   §4.1 ([`meta`]), the body (a chunked one is decoded into a bounded
 //!   temporary file first, so CONTENT_LENGTH is always known; at most
@@ -31,6 +35,7 @@
 
 pub mod chunked;
 pub mod conns;
+pub mod contract;
 pub mod http;
 pub mod meta;
 pub mod output;
@@ -136,6 +141,8 @@ pub struct Gateway {
     body_limit: u64,
     worker: String,
     env: Vec<(OsString, OsString)>,
+    /// One line per request (`CGIPOOL_ACCESS_LOG`); errors always.
+    access_log: bool,
 }
 
 /// The socket systemd passed (fd 3), if it was passed to this process.
@@ -208,6 +215,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(d) => d.clone(),
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
     };
+    let contract = contract::Contract::from_env()?;
     let listener = listener(&args)?;
     reap::become_subreaper().context("prctl(PR_SET_CHILD_SUBREAPER)")?;
     let (wake_r, wake_w) =
@@ -227,20 +235,33 @@ pub fn run(args: Args) -> Result<()> {
             .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
             .collect(),
         program,
+        access_log: contract.access_log,
     };
     eprintln!(
-        "cgi-gateway: {} on route {} (timeout {:?}, head timeout {:?}, body limit {} bytes, one request at a time, keep-alive)",
+        "cgi-gateway: {} on route {} (timeout {:?}, head timeout {:?}, body limit {} bytes, one request at a time, keep-alive, access log {}, max requests {})",
         gw.program.to_string_lossy(),
         gw.route,
         gw.timeout,
         head_timeout,
         gw.body_limit,
+        if gw.access_log { "on" } else { "off" },
+        contract
+            .max_requests
+            .map_or("none".to_string(), |n| n.to_string()),
     );
     let mut conns = Conns::new(listener, wake_r, gw.max_header, head_timeout)
         .context("the listening socket")?;
+    let mut served: u64 = 0;
     while let Some(next) = conns.next() {
         let (keep, conn) = match next {
-            Next::Request(mut conn, req) => (gw.serve(&mut conn, &req), conn),
+            Next::Request(mut conn, req) => {
+                served += 1;
+                if contract.max_requests.is_some_and(|max| served >= max) {
+                    // The last one: answered with `Connection: close`.
+                    signals::stop();
+                }
+                (gw.serve(&mut conn, &req), conn)
+            }
             Next::Refuse(mut conn, status, why) => {
                 gw.refuse_head(&mut conn, status, why);
                 (false, conn)
@@ -252,7 +273,7 @@ pub fn run(args: Args) -> Result<()> {
             conn.close();
         }
     }
-    eprintln!("cgi-gateway: stopping");
+    eprintln!("cgi-gateway: stopping after {served} requests");
     conns.close_all();
     Ok(())
 }

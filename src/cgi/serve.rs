@@ -41,6 +41,13 @@ pub(super) struct Outcome {
 }
 
 impl Outcome {
+    /// Logged even without the access log: a 5xx, or anything noted
+    /// besides a clean exit (a refusal, a timeout, an abort, a non-zero
+    /// exit, processes left behind).
+    pub fn went_wrong(&self) -> bool {
+        self.status >= 500 || self.note.iter().any(|n| n != "exit=0")
+    }
+
     pub fn new(status: u16) -> Self {
         Outcome {
             status,
@@ -138,7 +145,9 @@ impl Gateway {
             line.push(' ');
             line.push_str(n);
         }
-        eprintln!("{line}");
+        if self.access_log || outcome.went_wrong() {
+            eprintln!("{line}");
+        }
         keep_alive && outcome.complete && !outcome.close && flushed && conn.reader.is_some()
     }
 
@@ -255,5 +264,27 @@ mod tests {
         assert_eq!(log_id(Some("")), "-");
         assert_eq!(log_id(Some("abc 1\n")), "abc?1?");
         assert_eq!(log_id(Some(&"x".repeat(100))).len(), 64);
+    }
+
+    #[test]
+    fn what_is_logged_without_the_access_log() {
+        let mut o = Outcome::new(200);
+        o.note.push("exit=0".into());
+        assert!(!o.went_wrong());
+        o.status = 404;
+        assert!(!o.went_wrong(), "the program's own 4xx is not an error");
+        o.status = 502;
+        assert!(o.went_wrong());
+        for note in [
+            "exit=1",
+            "signal=9",
+            "timeout",
+            "killed=2",
+            "(bad chunked body: x)",
+        ] {
+            let mut o = Outcome::new(200);
+            o.note.push(note.into());
+            assert!(o.went_wrong(), "{note}");
+        }
     }
 }

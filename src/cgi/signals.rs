@@ -19,6 +19,14 @@ pub fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// Stops the gateway as SIGTERM does, from its own loop (the worker's
+/// `CGIPOOL_MAX_REQUESTS` was reached): the request being taken is answered
+/// with `Connection: close`, what was already received is served, and
+/// nothing more is accepted.
+pub fn stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
 /// Blocks SIGTERM/SIGINT and starts the thread that sets [`STOP`] and
 /// writes to `wake` when one comes. Call before any other thread starts.
 pub fn handle(wake: OwnedFd) -> Result<()> {

@@ -316,6 +316,10 @@ mod tests {
             "t.toml:4:10: pool.p.notify: expected a boolean (true or false), found integer"
         );
         assert_eq!(
+            one_err("access_log = \"yes\""),
+            "t.toml:4:14: pool.p.access_log: expected a boolean (true or false), found string"
+        );
+        assert_eq!(
             one_err("args = [\"a\", 2]"),
             "t.toml:4:14: pool.p.args[1]: expected a string, found integer"
         );

@@ -92,6 +92,9 @@ pub struct Pool {
     pub read_write_paths: Vec<PathBuf>,
     pub read_only_paths: Vec<PathBuf>,
     pub private_network: bool,
+    /// The workers log one line per request (`CGIPOOL_ACCESS_LOG=1`);
+    /// errors are logged either way.
+    pub access_log: bool,
     pub protocol: Protocol,
     /// The cgipool binary whose `cgi-gateway` subcommand runs a
     /// `protocol = "cgi"` pool's program (unused for "http" pools).

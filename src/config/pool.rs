@@ -50,6 +50,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "read_write_paths",
     "read_only_paths",
     "private_network",
+    "access_log",
     "protocol",
     "gateway",
     "working_directory",
@@ -73,7 +74,12 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "pcre_jit",
 ];
 /// Environment variables the units set for every worker.
-const RESERVED_ENV: &[&str] = &["CGIPOOL_POOL", "CGIPOOL_WORKER", "CGIPOOL_MAX_REQUESTS"];
+const RESERVED_ENV: &[&str] = &[
+    "CGIPOOL_POOL",
+    "CGIPOOL_WORKER",
+    "CGIPOOL_MAX_REQUESTS",
+    "CGIPOOL_ACCESS_LOG",
+];
 
 /// Fewest requests `max_requests` allows: every recycle is a start, and
 /// systemd fails a worker after 20 starts within 10 s (StartLimitBurst in
@@ -115,7 +121,7 @@ pub(super) fn parse_env(cx: &mut Cx<'_>, src: &Src<'_>) -> Option<Vec<(String, S
             cx.err(
                 e.key_span.clone(),
                 &e.key,
-                "CGIPOOL_POOL, CGIPOOL_WORKER and CGIPOOL_MAX_REQUESTS are reserved (cgipool sets them)",
+                format!("{raw_key} is reserved (cgipool sets it)"),
             );
             ok = false;
             continue;
@@ -149,6 +155,7 @@ pub(super) struct PoolFields {
     read_write_paths: Option<Vec<PathBuf>>,
     read_only_paths: Option<Vec<PathBuf>>,
     private_network: Option<bool>,
+    access_log: Option<bool>,
     protocol: Option<Protocol>,
     gateway: Option<PathBuf>,
     working_directory: Option<PathBuf>,
@@ -300,6 +307,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         "read_write_paths" => f.read_write_paths = get_abs_path_list(cx, src),
         "read_only_paths" => f.read_only_paths = get_abs_path_list(cx, src),
         "private_network" => f.private_network = get_bool(cx, src),
+        "access_log" => f.access_log = get_bool(cx, src),
         "protocol" => {
             if let Some(s) = get_str(cx, src) {
                 let p = match s.as_str() {
@@ -505,6 +513,7 @@ pub(super) fn parse_pool(
         read_write_paths: f.read_write_paths.unwrap_or_default(),
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
+        access_log: f.access_log.unwrap_or(false),
         protocol,
         gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
         working_directory: f.working_directory,

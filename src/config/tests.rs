@@ -76,6 +76,7 @@ fn demo_parses_with_defaults() {
             read_write_paths: vec![],
             read_only_paths: vec![],
             private_network: true,
+            access_log: false,
             protocol: Protocol::Http,
             gateway: crate::paths::cgipool_binary(),
             working_directory: None,
@@ -127,6 +128,7 @@ user = "www-x"
 read_write_paths = ["/var/lib/x"]
 read_only_paths = ["/srv"]
 private_network = false
+access_log = true
 protocol = "http"
 gateway = "/opt/cgipool/bin/cgipool"
 working_directory = "/var/lib/x"
@@ -155,6 +157,7 @@ max_connections = 7
     assert_eq!(x.burst, 3);
     assert_eq!(x.max_connections, Some(7));
     assert!(!x.private_network);
+    assert!(x.access_log);
     assert_eq!(x.protocol, Protocol::Http);
     assert_eq!(x.gateway, Path::new("/opt/cgipool/bin/cgipool"));
 }

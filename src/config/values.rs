@@ -274,6 +274,10 @@ mod tests {
     #[test]
     fn environment_keys() {
         assert!(one_err("environment = { CGIPOOL_WORKER = \"1\" }").contains("reserved"));
+        assert_eq!(
+            one_err("environment = { CGIPOOL_ACCESS_LOG = \"1\" }"),
+            "t.toml:4:17: pool.p.environment.CGIPOOL_ACCESS_LOG: CGIPOOL_ACCESS_LOG is reserved (cgipool sets it)"
+        );
         assert!(ok(&pool_with(
             "environment = { CGIPOOL_TEST_DELAY_MS = \"20\" }"
         ))

@@ -233,6 +233,7 @@ mod tests {
                 "Environment=PHP_FCGI_CHILDREN=0 PHP_FCGI_MAX_REQUESTS=5000",
                 "Environment=CGIPOOL_POOL=php CGIPOOL_WORKER=php@%i",
                 "Environment=CGIPOOL_MAX_REQUESTS=5000",
+                "Environment=CGIPOOL_ACCESS_LOG=0",
             ]
         );
         for want in [
@@ -297,6 +298,7 @@ mod tests {
             line(&svc, "Environment="),
             [
                 "Environment=CGIPOOL_POOL=search CGIPOOL_WORKER=search@%i",
+                "Environment=CGIPOOL_ACCESS_LOG=0",
                 r#"Environment="LANG=C.UTF-8""#,
                 r#"Environment="SHARED=pool wins""#,
                 r#"Environment="WEIRD=a %% $HOME \" \\ ; b""#,

@@ -488,13 +488,23 @@ impl Machine {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
-                    let _ = fs::remove_dir_all(&self.run_dir);
+                    self.cleanup();
                     return;
                 }
                 sleep(Duration::from_millis(50));
             }
         }
         let _ = child.wait();
+        self.cleanup();
+    }
+
+    /// The run directory, and an nspawn guest's cgroup subtree.
+    fn cleanup(&self) {
+        if self.tier == Tier::Nspawn {
+            if let Some(cg) = nspawn_cgroup(&self.run_dir) {
+                remove_cgroup(&cg);
+            }
+        }
         let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
@@ -506,9 +516,50 @@ impl Drop for Machine {
     }
 }
 
+/// The cgroup v2 subtree of one nspawn guest, on a host that keeps cgroup v2
+/// beside v1 (`/sys/fs/cgroup/unified`) without systemd as PID 1. Without it
+/// every guest's systemd uses the root of that hierarchy, so two guests at
+/// once share `/system.slice/nginx.service` and the like: each sees the
+/// other's processes as pid 0 and GetUnitProcesses fails with EIO.
+fn nspawn_cgroup(run_dir: &Path) -> Option<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup/unified");
+    if !root.join("cgroup.procs").exists() {
+        return None;
+    }
+    Some(root.join(run_dir.file_name()?))
+}
+
+/// Removes a guest's cgroup subtree once its processes are gone (deepest
+/// first: a cgroup with children cannot be removed).
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
 fn spawn_nspawn(env: &Env, run_dir: &Path, console: fs::File) -> Result<(Child, PathBuf)> {
     let rootfs = env.image.join("rootfs");
-    let child = Command::new("systemd-nspawn")
+    // In its own cgroup v2 subtree when the host has one to give (see
+    // nspawn_cgroup): the shell moves itself there, then becomes nspawn.
+    let mut cmd = match nspawn_cgroup(run_dir) {
+        Some(cg) => {
+            remove_cgroup(&cg);
+            fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg(r#"echo $$ > "$0" && exec "$@""#)
+                .arg(cg.join("cgroup.procs"))
+                .arg("systemd-nspawn");
+            c
+        }
+        None => Command::new("systemd-nspawn"),
+    };
+    let child = cmd
         .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
         .args([
             "--register=no",

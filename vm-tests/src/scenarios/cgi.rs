@@ -70,7 +70,7 @@ fn shell_script(m: &mut Machine) -> Result<()> {
     write_config(
         m,
         &format!(
-            "[pool.shell]\nprotocol = \"cgi\"\nexec = \"{CGI_DIR}/shell.cgi\"\nroute = \"/cgi/shell\"\nmin = 2\n"
+            "[pool.shell]\nprotocol = \"cgi\"\nexec = \"{CGI_DIR}/shell.cgi\"\nroute = \"/cgi/shell\"\nmin = 2\naccess_log = true\n"
         ),
     )?;
     apply_and_route(m, "/cgi/shell/")?;
@@ -373,7 +373,7 @@ fn git_http_backend(m: &mut Machine) -> Result<()> {
     make_repo(m)?;
     write_config(
         m,
-        "[pool.git]\nprotocol = \"cgi\"\nexec = \"/usr/lib/git-core/git-http-backend\"\nroute = \"/git\"\nmin = 2\nuser = \"git\"\nread_write_paths = [\"/srv/git\"]\nbody_limit = \"100m\"\nenvironment = { GIT_PROJECT_ROOT = \"/srv/git\", GIT_HTTP_EXPORT_ALL = \"1\" }\n",
+        "[pool.git]\nprotocol = \"cgi\"\nexec = \"/usr/lib/git-core/git-http-backend\"\nroute = \"/git\"\nmin = 2\naccess_log = true\nuser = \"git\"\nread_write_paths = [\"/srv/git\"]\nbody_limit = \"100m\"\nenvironment = { GIT_PROJECT_ROOT = \"/srv/git\", GIT_HTTP_EXPORT_ALL = \"1\" }\n",
     )?;
     apply_and_route(m, "/git/repo.git/info/refs")?;
     assert_pool_running(m, "git", 2)?;
