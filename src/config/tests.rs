@@ -77,6 +77,7 @@ fn demo_parses_with_defaults() {
             read_only_paths: vec![],
             private_network: true,
             protocol: Protocol::Http,
+            queue: super::Queue::Shared,
             gateway: crate::paths::cgipool_binary(),
             working_directory: None,
             request_timeout: "60s".into(),
