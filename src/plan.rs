@@ -321,7 +321,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         let pool_socket = desired
             .is_shared(pool)
             .then(|| pool_socket(pool))
-            .filter(|u| !observed.is_active(u) && !(desired.leave_failed && failed(u)));
+            .filter(|u| !(observed.is_active(u) || (desired.leave_failed && failed(u))));
         p.start.extend(pool_socket);
         for &n in ns {
             for unit in desired.worker_units(pool, n) {
