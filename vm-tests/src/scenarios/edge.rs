@@ -246,9 +246,12 @@ pub fn parse_wrk(text: &str) -> Result<WrkReport> {
 
 /// wrk in the background (its own unit) while a scenario changes things:
 /// `step` runs and timestamps each change, `finish` waits for wrk and fails
-/// on any non-2xx response or socket error. wrk never retries, and every
-/// connection closes after its request so nginx reloads cannot race a
-/// reused client connection (see the note in issue 5).
+/// on any non-2xx response or socket error. wrk never retries. With
+/// [`Load::start`] every connection closes after its request, so an nginx
+/// reload cannot race a reused client connection (see the note in issue 5);
+/// [`Load::keep_alive`] keeps them open (wrk's default, like browsers), and
+/// an nginx reload under it may close idle connections under requests
+/// already on their way (counted as read errors).
 pub struct Load {
     secs: u64,
     start: Instant,
@@ -256,13 +259,23 @@ pub struct Load {
 }
 
 impl Load {
+    /// Clients that send `Connection: close`.
     pub fn start(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        Load::run(m, conns, secs, url, "-H 'Connection: close'")
+    }
+
+    /// Keep-alive clients (wrk's default).
+    pub fn keep_alive(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        Load::run(m, conns, secs, url, "")
+    }
+
+    fn run(m: &mut Machine, conns: u32, secs: u64, url: &str, headers: &str) -> Result<Load> {
         // A response that waits for a restarting worker is late, not lost:
         // wrk's own 2 s timeout would count it as a socket error on a slow
         // guest, so it follows the machine too.
         let timeout = m.scaled(Duration::from_secs(10)).as_secs().max(10);
         m.succeed(&format!(
-            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s --timeout {timeout}s -H 'Connection: close' '{url}'"
+            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s --timeout {timeout}s {headers} '{url}'"
         ))?;
         m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?;
         Ok(Load {
