@@ -7,6 +7,7 @@ mod deb;
 pub mod edge;
 mod harness;
 mod machine_tier;
+mod queue;
 mod watch;
 
 use crate::Scenario;
@@ -21,5 +22,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(watch::scenarios());
     v.extend(control::scenarios());
     v.extend(deb::scenarios());
+    v.extend(queue::scenarios());
     v
 }
