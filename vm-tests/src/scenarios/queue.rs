@@ -46,10 +46,11 @@ enum Clients {
     KeepAlive,
 }
 
-/// The demo config with the search pool's queue set (and its max raised
-/// for the scale steps).
-fn demo_with(m: &mut Machine, queue: Queue, extra: &str) -> Result<String> {
-    let demo = m.succeed(&format!("cat {CONFIG}"))?;
+const DEMO: &str = include_str!("../../../examples/demo.toml");
+
+/// The demo config with the search pool's queue set, and `extra` keys.
+fn demo_with(queue: Queue, extra: &str) -> Result<String> {
+    let demo = DEMO;
     let key = match queue {
         Queue::Shared => "queue = \"shared\"",
         Queue::PerWorker => "queue = \"per-worker\"",
@@ -136,11 +137,7 @@ fn shared_scales_without_reload(m: &mut Machine) -> Result<()> {
     // A rolling restart: every worker restarts, the socket and nginx do not.
     let pids_before =
         m.succeed("systemctl show -P MainPID cgipool-search@1.service cgipool-search@2.service")?;
-    let rolled = demo_with(
-        m,
-        Queue::Shared,
-        "environment = { GREETING = \"rolled\" }\n",
-    )?;
+    let rolled = demo_with(Queue::Shared, "environment = { GREETING = \"rolled\" }\n")?;
     write_config(m, &rolled)?;
     let out = apply(m)?;
     ensure!(
@@ -184,7 +181,7 @@ fn shared_scales_without_reload(m: &mut Machine) -> Result<()> {
 /// printed and must be read errors only, with as many reloads behind them.
 fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> {
     install(m)?;
-    let config = demo_with(m, queue, "")?;
+    let config = demo_with(queue, "")?;
     write_config(m, &config)?;
     apply(m)?;
     assert_pool_running(m, "search", 2)?;
@@ -200,7 +197,7 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
     };
     load.step(m, "scale 2 -> 5", "cgipool scale search 5")?;
     load.step(m, "scale 5 -> 2", "cgipool scale search 2")?;
-    let rolled = demo_with(m, queue, "environment = { GREETING = \"rolled\" }\n")?;
+    let rolled = demo_with(queue, "environment = { GREETING = \"rolled\" }\n")?;
     write_config(m, &rolled)?;
     load.step(
         m,
@@ -255,8 +252,8 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
 /// per-worker -> shared -> per-worker under load, without a failed request.
 fn switch_under_load(m: &mut Machine) -> Result<()> {
     install(m)?;
-    let per_worker = demo_with(m, Queue::PerWorker, "")?;
-    let shared = demo_with(m, Queue::Shared, "")?;
+    let per_worker = demo_with(Queue::PerWorker, "")?;
+    let shared = demo_with(Queue::Shared, "")?;
     write_config(m, &per_worker)?;
     apply(m)?;
     m.succeed("cgipool scale search 3")?;
