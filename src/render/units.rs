@@ -277,7 +277,7 @@ mod tests {
             .any(|l| l == "ListenStream=/run/cgipool/search/pool.sock"));
         assert!(sock
             .lines()
-            .any(|l| l == "Service=cgipool-search@1.service"));
+            .any(|l| l == "Service=cgipool-search@0.service"));
         assert!(!sock.contains("Accept=yes"));
         for want in [
             "Sockets=cgipool-search.socket",
@@ -409,6 +409,10 @@ mod tests {
                 let inst = name.replace("@.", "@1.");
                 fs::write(d.join(&inst), s).unwrap();
                 check.push(d.join(&inst));
+                // A shared queue's socket names instance 0 (never wanted).
+                if name.ends_with("@.service") {
+                    fs::write(d.join(name.replace("@.", "@0.")), s).unwrap();
+                }
             }
         }
         let out = std::process::Command::new("systemd-analyze")
