@@ -114,6 +114,16 @@ impl FakeHost {
         out
     }
 
+    /// The unit a socket's `Service=` names: a worker's own socket its
+    /// worker, a pool's socket instance 0.
+    fn socket_service(&self, socket: &str) -> Option<String> {
+        if let Some((pool, n, "socket")) = crate::plan::parse_instance(socket) {
+            return Some(crate::plan::service(pool, n));
+        }
+        let pool = socket.strip_prefix("cgipool-")?.strip_suffix(".socket")?;
+        Some(crate::plan::service(pool, 0))
+    }
+
     pub fn active(&self) -> BTreeSet<String> {
         self.states
             .iter()
@@ -200,7 +210,12 @@ impl Host for FakeHost {
                 .unwrap_or(false);
             match job.kind {
                 JobKind::Start | JobKind::Restart => {
-                    if !known || self.broken.contains(&job.unit) {
+                    // systemd refuses to start a socket whose Service= runs.
+                    let service_runs = job.kind == JobKind::Start
+                        && self
+                            .socket_service(&job.unit)
+                            .is_some_and(|s| self.is_active(&s));
+                    if !known || self.broken.contains(&job.unit) || service_runs {
                         self.states.insert(job.unit.clone(), "failed".into());
                         self.holds.remove(&job.unit);
                         failed.push(job.unit.clone());

@@ -255,16 +255,10 @@ fn scaling_and_rolling_a_shared_queue_never_reload_nginx() {
 fn switching_queues_routes_first_then_moves_each_worker() {
     for (from, to, what) in [
         (per_worker_at(3), shared_at(3), "per-worker to shared"),
-        (shared_at(3), per_worker_at(3), "shared to per-worker"),
         (
             per_worker_at(2),
             shared_at(4),
             "per-worker to shared, growing",
-        ),
-        (
-            shared_at(4),
-            per_worker_at(2),
-            "shared to per-worker, shrinking",
         ),
     ] {
         let mut h = host_at(&from);
@@ -427,4 +421,18 @@ fn nginx_files_written_but_not_served_are_reloaded_next_time() {
     assert!(route.reload && !route.write, "{p}");
     run(&mut h, &d).unwrap();
     assert_converged(&mut h, &d, "reloaded");
+}
+
+/// The way back is not supported on a running pool (README "Queues"):
+/// systemd refuses to start a worker's own socket while the worker runs. The
+/// apply says so instead of reporting success.
+#[test]
+fn switching_a_running_pool_back_to_per_worker_is_reported() {
+    let mut h = host_at(&shared_at(2));
+    let out = run(&mut h, &per_worker_at(2));
+    let said = match &out {
+        Err(e) => format!("{e:#}"),
+        Ok(o) => o.problems.join("; "),
+    };
+    assert!(said.contains("cgipool-search@1.socket"), "{said}");
 }
