@@ -183,7 +183,7 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
     );
     let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'scale '")?;
     ensure!(
-        log.contains("scale 2 -> 4") && log.contains("queues: search@1 backlog="),
+        log.contains("scale 2 -> 4") && log.contains("queues: search (shared, 2 workers) backlog="),
         "watch's decision log lacks the figures:\n{log}"
     );
     ensure!(
