@@ -31,6 +31,12 @@ pub fn desired(cfg: &Config, counts: &BTreeMap<String, u32>, unit_dir: &Path) ->
         routes: Some(routes(cfg.clone())),
         exclude: BTreeSet::new(),
         leave_failed: false,
+        shared: cfg
+            .pools
+            .values()
+            .filter(|p| p.queue == crate::config::Queue::Shared)
+            .map(|p| p.name.clone())
+            .collect(),
     }
 }
 

@@ -3,6 +3,13 @@
 //! unit-tested. Computed once per run: where nginx must follow what really
 //! started, the plan says so as a step ("route the workers that come up")
 //! and the executor renders the files from what systemd reports then.
+//!
+//! A pool's queue is shared (one `cgipool-<pool>.socket` that every worker
+//! inherits; scaling and rolls never change nginx's files) or per worker
+//! (`cgipool-<pool>@<n>.socket`). A pool that switches between the two
+//! *moves*: the new sockets start, nginx routes to them, the old nginx
+//! workers drain, the old sockets stop, and then each running worker is
+//! restarted, one at a time, onto its new socket.
 use crate::render::{Entry, NginxFiles, UnitTree};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -47,6 +54,23 @@ pub struct Desired {
     /// Don't reset and start workers that are `failed` (watch never revives
     /// what systemd gave up on: that is the operator's apply).
     pub leave_failed: bool,
+    /// Pools with `queue = "shared"` (the others have a socket per worker).
+    pub shared: BTreeSet<String>,
+}
+
+impl Desired {
+    fn is_shared(&self, pool: &str) -> bool {
+        self.shared.contains(pool)
+    }
+
+    /// The socket units a wanted worker needs, then its service.
+    fn worker_units(&self, pool: &str, n: u32) -> Vec<String> {
+        if self.is_shared(pool) {
+            vec![service(pool, n)]
+        } else {
+            vec![socket(pool, n), service(pool, n)]
+        }
+    }
 }
 
 /// What nginx has now: its files, and the generation it really serves.
@@ -73,6 +97,9 @@ pub struct Pending {
     pub daemon_reload: bool,
     pub roll: Vec<Vec<String>>,
     pub restart_watch: bool,
+    /// Workers that move to another queue (see [`Plan::moves`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<String>,
 }
 
 impl Pending {
@@ -137,6 +164,11 @@ pub struct Plan {
     pub route: Option<Route>,
     /// Units to stop once nginx no longer sends them traffic.
     pub stop: Vec<String>,
+    /// Running workers of pools that switch queues (shared ↔ per-worker):
+    /// restarted one at a time once nginx routes to the new sockets, its
+    /// old workers have drained and the old sockets stopped, so that each
+    /// comes back holding only its new socket.
+    pub moves: Vec<String>,
     /// Unit files of pools that go away (removed at the end).
     pub remove: Vec<PathBuf>,
     /// Start or restart the watch daemon, last of all.
@@ -163,6 +195,11 @@ pub fn service(pool: &str, n: u32) -> String {
 
 pub fn socket(pool: &str, n: u32) -> String {
     format!("cgipool-{pool}@{n}.socket")
+}
+
+/// `queue = "shared"`: the pool's one socket unit.
+pub fn pool_socket(pool: &str) -> String {
+    crate::render::pool_socket_name(pool)
 }
 
 pub fn pool_target(pool: &str) -> String {
@@ -281,8 +318,13 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .extend(targets.into_iter().filter(|t| !observed.is_active(t)));
     let mut starting = BTreeSet::new();
     for (pool, ns) in &desired.instances {
+        let pool_socket = desired
+            .is_shared(pool)
+            .then(|| pool_socket(pool))
+            .filter(|u| !(observed.is_active(u) || (desired.leave_failed && failed(u))));
+        p.start.extend(pool_socket);
         for &n in ns {
-            for unit in [socket(pool, n), service(pool, n)] {
+            for unit in desired.worker_units(pool, n) {
                 if observed.is_active(&unit) || (desired.leave_failed && failed(&unit)) {
                     continue;
                 }
@@ -307,25 +349,44 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
 
     // Roll: running workers whose template changed restart one at a time.
+    // Workers of a pool that switches queues move instead (after routing).
     for (pool, ns) in &desired.instances {
-        let changed = |name: String| {
-            let path = PathBuf::from(name);
-            observed.files.contains_key(&path) && p.write.contains(&path)
+        let on_disk = |name: &str| observed.files.contains_key(&PathBuf::from(name));
+        let changed = |name: String| on_disk(&name) && p.write.contains(&PathBuf::from(name));
+        let shared = desired.is_shared(pool);
+        let new_socket_file = if shared {
+            pool_socket(pool)
+        } else {
+            format!("cgipool-{pool}@.socket")
         };
+        let moving = on_disk(&format!("cgipool-{pool}@.service")) && !on_disk(&new_socket_file);
         let service_changed = changed(format!("cgipool-{pool}@.service"));
-        let socket_changed = changed(format!("cgipool-{pool}@.socket"));
-        if !service_changed && !socket_changed {
-            continue;
-        }
-        for &n in ns {
-            if starting.contains(&service(pool, n)) || !observed.is_active(&service(pool, n)) {
-                continue;
-            }
-            if socket_changed {
-                p.roll.push(vec![socket(pool, n), service(pool, n)]);
-            } else {
-                p.roll.push(vec![service(pool, n)]);
-            }
+        let socket_changed = changed(new_socket_file);
+        let running: Vec<u32> = ns
+            .iter()
+            .copied()
+            .filter(|&n| {
+                !starting.contains(&service(pool, n)) && observed.is_active(&service(pool, n))
+            })
+            .collect();
+        if moving {
+            p.moves.extend(running.iter().map(|&n| service(pool, n)));
+        } else if shared && socket_changed {
+            // The pool's one socket is recreated with its workers (they
+            // require it): the one change that costs the connections that
+            // arrive meanwhile (README: only socket_group changes it).
+            let mut group = vec![pool_socket(pool)];
+            group.extend(running.iter().map(|&n| service(pool, n)));
+            p.roll.push(group);
+        } else if socket_changed {
+            p.roll.extend(
+                running
+                    .iter()
+                    .map(|&n| vec![socket(pool, n), service(pool, n)]),
+            );
+        } else if service_changed {
+            p.roll
+                .extend(running.iter().map(|&n| vec![service(pool, n)]));
         }
     }
     // Rolls an earlier run recorded and did not get to, for workers that
@@ -349,8 +410,19 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             && observed.is_active(svc)
             && !starting.contains(svc)
             && !p.roll.iter().any(|g| g.contains(svc))
+            && !p.moves.contains(svc)
         {
             p.roll.push(group.clone());
+        }
+    }
+    for svc in &observed.pending.moves {
+        if wanted_service(svc)
+            && observed.is_active(svc)
+            && !starting.contains(svc)
+            && !p.moves.contains(svc)
+        {
+            p.roll.retain(|g| !g.contains(svc));
+            p.moves.push(svc.clone());
         }
     }
 
@@ -363,9 +435,11 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
     for (pool, ns) in &desired.instances {
         wanted.insert(pool_target(pool));
+        if desired.is_shared(pool) {
+            wanted.insert(pool_socket(pool));
+        }
         for &n in ns {
-            wanted.insert(socket(pool, n));
-            wanted.insert(service(pool, n));
+            wanted.extend(desired.worker_units(pool, n));
         }
     }
     let mut stop: Vec<&String> = observed
@@ -388,7 +462,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         let expected = routes.render(&expected_workers);
         let write = !have.files_match(&expected);
         let reload = have.served.as_deref() != Some(expected.generation.as_str());
-        if write || reload || !starting.is_empty() {
+        if write || reload || !starting.is_empty() || !p.moves.is_empty() {
             p.nginx_check = write;
             p.route = Some(Route {
                 workers: expected_workers.values().map(BTreeSet::len).sum(),
@@ -451,6 +525,9 @@ impl fmt::Display for Plan {
         }
         for u in &self.stop {
             writeln!(f, "stop    {u}")?;
+        }
+        for u in &self.moves {
+            writeln!(f, "restart {u} (moves to its new socket)")?;
         }
         match self.watch {
             Some(WatchAction::Start) => writeln!(f, "start   {WATCH_UNIT}")?,
@@ -520,6 +597,7 @@ mod tests {
             routes: Some(fixed_routes()),
             exclude: BTreeSet::new(),
             leave_failed: false,
+            shared: BTreeSet::new(),
         }
     }
 
@@ -654,6 +732,7 @@ mod tests {
             routes: Some(fixed_routes()),
             exclude: BTreeSet::new(),
             leave_failed: false,
+            shared: BTreeSet::new(),
         };
         let p = plan(&after, &observed_from(&before));
         assert_eq!(

@@ -56,6 +56,11 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         let Some((pool, n, _)) = plan::parse_instance(&d.unit) else {
             continue;
         };
+        // A shared queue's socket names instance 0 (loaded, never wanted):
+        // shown only if systemd ever started it as a stand-in.
+        if n == 0 && d.active_state == "inactive" {
+            continue;
+        }
         let entry = pools.entry(pool.to_string()).or_insert_with(|| PoolStatus {
             pool: pool.to_string(),
             wanted: 0,

@@ -36,7 +36,7 @@ mod values;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use duration::{duration_usec, format_nginx_usec};
-pub use model::{Config, FastCgi, ListenFd, Nginx, Pool, Protocol, DEFAULT_CONFIG};
+pub use model::{Config, FastCgi, ListenFd, Nginx, Pool, Protocol, Queue, DEFAULT_CONFIG};
 
 use diag::Cx;
 use sections::parse_root;

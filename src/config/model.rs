@@ -68,6 +68,18 @@ pub struct FastCgi {
     pub pcre_jit: bool,
 }
 
+/// How a pool's connections queue for its workers (`queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// One socket unit per pool (`cgipool-<pool>.socket`) that every worker
+    /// inherits: the kernel hands each connection to the next worker that
+    /// accepts; nginx's upstream names that one socket.
+    Shared,
+    /// A socket unit per worker (`cgipool-<pool>@<n>.socket`); nginx's
+    /// upstream lists every routed worker.
+    PerWorker,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
     pub name: String,
@@ -96,6 +108,7 @@ pub struct Pool {
     /// errors are logged either way.
     pub access_log: bool,
     pub protocol: Protocol,
+    pub queue: Queue,
     /// The cgipool binary whose `cgi-gateway` subcommand runs a
     /// `protocol = "cgi"` pool's program (unused for "http" pools).
     pub gateway: PathBuf,

@@ -13,7 +13,7 @@ use super::diag::{
 };
 use super::duration::{format_nginx_usec, format_systemd_usec};
 use super::fastcgi::{self, FastCgiFields};
-use super::model::{Pool, Protocol, MAX_WORKERS};
+use super::model::{Pool, Protocol, Queue, MAX_WORKERS};
 use super::values::{
     check_abs_path, env_key_ok, get_abs_path, get_abs_path_list, get_duration, health_path_problem,
     memory_ok, nginx_size_ok, percent, positive, rate_ok, route_problem, user_name_ok,
@@ -52,6 +52,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "private_network",
     "access_log",
     "protocol",
+    "queue",
     "gateway",
     "working_directory",
     "request_timeout",
@@ -157,6 +158,7 @@ pub(super) struct PoolFields {
     private_network: Option<bool>,
     access_log: Option<bool>,
     protocol: Option<Protocol>,
+    queue: Option<Queue>,
     gateway: Option<PathBuf>,
     working_directory: Option<PathBuf>,
     request_timeout: Option<String>,
@@ -322,6 +324,19 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
                         sp,
                         key,
                         format!("expected \"http\", \"cgi\" or \"fastcgi\", got {s:?}"),
+                    ),
+                }
+            }
+        }
+        "queue" => {
+            if let Some(s) = get_str(cx, src) {
+                match s.as_str() {
+                    "shared" => f.queue = Some(Queue::Shared),
+                    "per-worker" => f.queue = Some(Queue::PerWorker),
+                    _ => cx.err(
+                        sp,
+                        key,
+                        format!("expected \"shared\" or \"per-worker\", got {s:?}"),
                     ),
                 }
             }
@@ -515,6 +530,7 @@ pub(super) fn parse_pool(
         private_network: f.private_network.unwrap_or(true),
         access_log: f.access_log.unwrap_or(false),
         protocol,
+        queue: f.queue.unwrap_or(Queue::Shared),
         gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
         working_directory: f.working_directory,
         request_timeout: f.request_timeout.unwrap_or_else(|| "60s".to_string()),
@@ -608,6 +624,22 @@ mod tests {
             "t.toml:1:1: pool.p.min: min (2) must not be greater than max (1)"
         );
         ok(&pool_with("min = 1\nmax = 1"));
+    }
+
+    #[test]
+    fn queue_modes() {
+        assert_eq!(ok(&pool_with("")).pools["p"].queue, Queue::Shared);
+        let c = ok(&pool_with("queue = \"per-worker\""));
+        assert_eq!(c.pools["p"].queue, Queue::PerWorker);
+        let c = ok(&pool_with("queue = \"shared\""));
+        assert_eq!(c.pools["p"].queue, Queue::Shared);
+        let e = one_err("queue = \"perworker\"");
+        assert!(e.starts_with("t.toml:"), "{e}");
+        assert!(
+            e.contains("pool.p.queue: expected \"shared\" or \"per-worker\", got \"perworker\""),
+            "{e}"
+        );
+        assert!(one_err("queue = 1").contains("pool.p.queue"));
     }
 
     #[test]

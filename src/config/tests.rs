@@ -78,6 +78,7 @@ fn demo_parses_with_defaults() {
             private_network: true,
             access_log: false,
             protocol: Protocol::Http,
+            queue: super::Queue::Shared,
             gateway: crate::paths::cgipool_binary(),
             working_directory: None,
             request_timeout: "60s".into(),

@@ -3,7 +3,9 @@
 //! with its two files and the generation it serves. Any call can be made to
 //! fail (`fail_at`: that call returns an error, the run's own error handling
 //! goes on) or to be the moment the process dies (`die_at`: that call and
-//! every later one fail and change nothing, as after SIGKILL).
+//! every later one fail and change nothing, as after SIGKILL). A service
+//! that starts gets the listening sockets systemd would pass it (`holds`),
+//! so a test sees a worker left on a socket nobody routes to.
 use super::host::{Drain, Host};
 use crate::files::OnDisk;
 use crate::plan::{ObservedNginx, Pending};
@@ -39,6 +41,9 @@ pub struct FakeHost {
     pub fail_at: Option<usize>,
     pub die_at: Option<usize>,
     pub log: Vec<String>,
+    /// The sockets each service got when it last started (its process keeps
+    /// them even when their socket units stop).
+    pub holds: BTreeMap<String, BTreeSet<String>>,
 }
 
 fn glob(pattern: &str, name: &str) -> bool {
@@ -76,6 +81,47 @@ impl FakeHost {
         self.files
             .contains_key(&PathBuf::from(&file))
             .then_some(file)
+    }
+
+    fn is_active(&self, unit: &str) -> bool {
+        self.states.get(unit).map(String::as_str) == Some("active")
+    }
+
+    /// What systemd passes a starting worker: every active socket that
+    /// triggers it: the pool socket its unit lists in `Sockets=` (or that
+    /// names it in `Service=`), and its own per-worker socket.
+    fn sockets_for(&self, service: &str) -> BTreeSet<String> {
+        let Some((pool, n, "service")) = crate::plan::parse_instance(service) else {
+            return BTreeSet::new();
+        };
+        let file = |name: String| match self.files.get(&PathBuf::from(name)) {
+            Some(Entry::File(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let pool_socket = crate::plan::pool_socket(pool);
+        let lists_pool = file(format!("cgipool-{pool}@.service"))
+            .is_some_and(|s| s.contains(&format!("Sockets={pool_socket}")));
+        let names_it =
+            file(pool_socket.clone()).is_some_and(|s| s.contains(&format!("Service={service}")));
+        let mut out = BTreeSet::new();
+        if (lists_pool || names_it) && self.is_active(&pool_socket) {
+            out.insert(pool_socket);
+        }
+        let own = crate::plan::socket(pool, n);
+        if file(format!("cgipool-{pool}@.socket")).is_some() && self.is_active(&own) {
+            out.insert(own);
+        }
+        out
+    }
+
+    /// The unit a socket's `Service=` names: a worker's own socket its
+    /// worker, a pool's socket instance 0.
+    fn socket_service(&self, socket: &str) -> Option<String> {
+        if let Some((pool, n, "socket")) = crate::plan::parse_instance(socket) {
+            return Some(crate::plan::service(pool, n));
+        }
+        let pool = socket.strip_prefix("cgipool-")?.strip_suffix(".socket")?;
+        Some(crate::plan::service(pool, 0))
     }
 
     pub fn active(&self) -> BTreeSet<String> {
@@ -164,15 +210,26 @@ impl Host for FakeHost {
                 .unwrap_or(false);
             match job.kind {
                 JobKind::Start | JobKind::Restart => {
-                    if !known || self.broken.contains(&job.unit) {
+                    // systemd refuses to start a socket whose Service= runs.
+                    let service_runs = job.kind == JobKind::Start
+                        && self
+                            .socket_service(&job.unit)
+                            .is_some_and(|s| self.is_active(&s));
+                    if !known || self.broken.contains(&job.unit) || service_runs {
                         self.states.insert(job.unit.clone(), "failed".into());
+                        self.holds.remove(&job.unit);
                         failed.push(job.unit.clone());
                     } else {
                         self.states.insert(job.unit.clone(), "active".into());
+                        if job.unit.ends_with(".service") {
+                            let got = self.sockets_for(&job.unit);
+                            self.holds.insert(job.unit.clone(), got);
+                        }
                     }
                 }
                 JobKind::Stop => {
                     self.states.remove(&job.unit);
+                    self.holds.remove(&job.unit);
                 }
                 JobKind::Reload => {}
             }

@@ -2,7 +2,8 @@
 //! in the order that never costs a request: check the nginx candidates,
 //! write units and start new workers, route the workers that came up
 //! (reloading nginx only if the generation it serves differs), drain, stop
-//! what goes away, remove files that are no longer wanted, then watch.
+//! what goes away, move the workers of pools that switched queues onto
+//! their new sockets, remove files that are no longer wanted, then watch.
 //!
 //! Every step is idempotent and the plan is derived from what the host
 //! really does, so a run cut short at any point (an error, SIGINT or
@@ -117,6 +118,7 @@ async fn converge_steps(
         daemon_reload: plan.daemon_reload,
         roll: plan.roll.clone(),
         restart_watch: plan.watch == Some(WatchAction::Restart),
+        moves: plan.moves.clone(),
     };
     if pending != observed.pending {
         host.write_pending(&pending).await?;
@@ -130,6 +132,7 @@ async fn converge_steps(
     start_and_roll(host, &plan, stop, &mut problems, &mut pending).await?;
     let drain = route(host, &plan, desired, &observed, stop).await?;
     stop_units(host, &plan, drain, stop).await?;
+    move_workers(host, &plan, desired, stop, &mut problems, &mut pending).await?;
     remove_files(host, &plan, stop).await?;
     if recorded_watch {
         // Cleared before the restart: when watch itself converges, the
@@ -320,13 +323,16 @@ async fn stop_units(
     drain: Option<Drain>,
     stop: &Interrupt,
 ) -> Result<()> {
-    if plan.stop.is_empty() {
+    if plan.stop.is_empty() && plan.moves.is_empty() {
         return Ok(());
     }
     if let Some(d) = &drain {
         stop.guard("draining nginx", host.nginx_drain(d))
             .await?
             .context("draining nginx before stopping workers")?;
+    }
+    if plan.stop.is_empty() {
+        return Ok(());
     }
     stop.check("stopping units")?;
     let jobs: Vec<Job> = plan
@@ -336,6 +342,68 @@ async fn stop_units(
         .collect();
     stop.guard("stopping units", host.run_jobs(&jobs)).await??;
     println!("systemd: stopped {}", plan.stop.join(" "));
+    Ok(())
+}
+
+/// Phase 5b: workers of pools that switched queues restart one at a time;
+/// nginx routes to their new sockets and their old sockets are stopped, so
+/// each comes back holding only its new socket, which has queued the
+/// connections meanwhile.
+async fn move_workers(
+    host: &mut impl Host,
+    plan: &Plan,
+    desired: &Desired,
+    stop: &Interrupt,
+    problems: &mut Vec<String>,
+    pending: &mut Pending,
+) -> Result<()> {
+    if plan.moves.is_empty() {
+        return Ok(());
+    }
+    let sockets = host.list_units(&["cgipool-*.socket"]).await?;
+    let listening: BTreeSet<String> = sockets
+        .into_iter()
+        .filter(|u| u.active_state == "active")
+        .map(|u| u.name)
+        .collect();
+    for unit in &plan.moves {
+        stop.check("moving workers to their new sockets")?;
+        let target = plan::parse_instance(unit).and_then(|(pool, n, _)| {
+            desired
+                .shared
+                .contains(pool)
+                .then(|| plan::pool_socket(pool))
+                .or_else(|| Some(plan::socket(pool, n)))
+        });
+        if let Some(socket) = target.filter(|s| !listening.contains(s)) {
+            // Restarting it now would leave it with no socket; it stays
+            // recorded and moves once its socket runs.
+            problems.push(format!("{unit} stays where it is: {socket} is not active"));
+            continue;
+        }
+        let job = [Job::new(JobKind::Restart, unit)];
+        let moved = match stop.guard("moving a worker", host.run_jobs(&job)).await? {
+            Ok(()) => {
+                // Restarted: it holds its new socket (or failed, and the
+                // next run starts it like any worker that is not active).
+                pending.moves.retain(|u| u != unit);
+                host.write_pending(pending).await?;
+                host.not_active(std::slice::from_ref(unit)).await?
+            }
+            // Stays recorded: the next run moves it.
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if !moved.is_empty() {
+            // The others still move: each one left holds only its old
+            // socket, which nginx no longer routes to.
+            problems.push(format!(
+                "{unit} did not come back on its new socket: {}",
+                moved.join("; ")
+            ));
+            continue;
+        }
+        println!("systemd: restarted {unit} (moved to its new socket)");
+    }
     Ok(())
 }
 

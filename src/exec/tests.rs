@@ -1,6 +1,8 @@
 //! The executor against the fake host: a clean run converges and the next
 //! one has nothing to do; every call failing in turn, and the process dying
-//! at every call, leave a host that the next run converges.
+//! at every call, leave a host that the next run converges. The run between
+//! `BEFORE` and `AFTER` covers both queue modes and a switch between them:
+//! every worker must end up holding exactly its wanted socket.
 use super::fake::FakeHost;
 use super::interrupt::Interrupt;
 use super::*;
@@ -19,15 +21,18 @@ max = 8
 [pool.auth]
 exec = "/usr/lib/cgipool/auth"
 route = "/api/auth"
+queue = "per-worker"
 min = 2
 
 [pool.old]
 exec = "/usr/lib/cgipool/search"
 route = "/api/old"
+queue = "per-worker"
 min = 1
 "#;
 
-/// Adds a pool, changes another (rolls it), scales one down, removes one.
+/// Adds a pool, moves another to the shared queue (with a change of its
+/// environment), scales a shared one down, removes a per-worker one.
 const AFTER: &str = r#"
 [pool.search]
 exec = "/usr/lib/cgipool/search"
@@ -110,9 +115,23 @@ fn assert_converged(h: &mut FakeHost, d: &Desired, context: &str) {
     }
     for (pool, ns) in &d.instances {
         wanted.insert(plan::pool_target(pool));
+        let shared = d.shared.contains(pool);
+        if shared {
+            wanted.insert(plan::pool_socket(pool));
+        }
         for &n in ns {
-            wanted.insert(plan::socket(pool, n));
+            let socket = if shared {
+                plan::pool_socket(pool)
+            } else {
+                plan::socket(pool, n)
+            };
+            wanted.insert(socket.clone());
             wanted.insert(plan::service(pool, n));
+            assert_eq!(
+                h.holds.get(&plan::service(pool, n)),
+                Some(&BTreeSet::from([socket])),
+                "{context}: the sockets {pool}@{n} holds"
+            );
         }
     }
     assert_eq!(h.active(), wanted, "{context}: active units");
@@ -128,7 +147,7 @@ fn a_clean_run_converges_and_the_next_has_nothing_to_do() {
     assert!(out.problems.is_empty(), "{:?}", out.problems);
     assert!(
         h.log.iter().any(|l| l == "1 jobs"),
-        "no rolling restart in {:?}",
+        "no move (a restart at a time) in {:?}",
         h.log
     );
     assert_converged(&mut h, &after(), "after");
@@ -144,6 +163,142 @@ fn a_clean_run_converges_and_the_next_has_nothing_to_do() {
     assert!(pos("nginx reload") < pos("nginx drain"));
     assert!(pos("nginx drain") < pos("remove cgipool-old@.service"));
     assert!(h.pending.is_empty(), "{:?}", h.pending);
+}
+
+const SHARED: &str = r#"
+[pool.search]
+exec = "/usr/lib/cgipool/search"
+route = "/api/search"
+min = 2
+max = 8
+"#;
+
+fn shared_at(n: u32) -> Desired {
+    want(SHARED, &[("search", n)])
+}
+
+fn per_worker_at(n: u32) -> Desired {
+    want(
+        &SHARED.replace("max = 8", "max = 8\nqueue = \"per-worker\""),
+        &[("search", n)],
+    )
+}
+
+#[test]
+fn shared_queue_converges_with_one_socket_and_the_next_run_has_nothing_to_do() {
+    let mut h = FakeHost::default();
+    run(&mut h, &shared_at(3)).unwrap();
+    assert_converged(&mut h, &shared_at(3), "shared");
+    assert!(h.active().contains("cgipool-search.socket"));
+    assert!(!h
+        .active()
+        .iter()
+        .any(|u| u.starts_with("cgipool-search@") && u.ends_with(".socket")));
+    let upstreams = h.nginx_disk.upstreams.clone().unwrap_or_default();
+    assert!(
+        upstreams.contains("server unix:/run/cgipool/search/pool.sock"),
+        "{upstreams}"
+    );
+    assert!(!upstreams.contains("/1.sock"), "{upstreams}");
+}
+
+#[test]
+fn scaling_and_rolling_a_shared_queue_never_reload_nginx() {
+    let mut h = host_at(&shared_at(2));
+    for (n, what) in [(5, "up"), (2, "down"), (8, "up"), (2, "down")] {
+        let p = plan_of(&mut h, &shared_at(n));
+        assert!(!p.nginx_check, "scale {what} to {n}: {p}");
+        if let Some(r) = &p.route {
+            assert!(!r.write && !r.reload, "scale {what} to {n}: {p}");
+        }
+        h.log.clear();
+        run(&mut h, &shared_at(n)).unwrap();
+        assert!(
+            !h.log
+                .iter()
+                .any(|l| l.starts_with("nginx reload") || l.starts_with("nginx write")),
+            "scale {what} to {n} touched nginx: {:?}",
+            h.log
+        );
+        assert_converged(&mut h, &shared_at(n), &format!("scaled {what} to {n}"));
+    }
+    // A rolling restart (the environment changes): one worker at a time,
+    // the socket is never restarted, nginx is not touched.
+    let changed = want(
+        &SHARED.replace("max = 8", "max = 8\nenvironment = { MODE = \"b\" }"),
+        &[("search", 2)],
+    );
+    let p = plan_of(&mut h, &changed);
+    assert_eq!(
+        p.roll,
+        vec![
+            vec!["cgipool-search@1.service".to_string()],
+            vec!["cgipool-search@2.service".to_string()]
+        ],
+        "{p}"
+    );
+    assert!(
+        p.route.is_none() && p.stop.is_empty() && p.moves.is_empty(),
+        "{p}"
+    );
+    h.log.clear();
+    run(&mut h, &changed).unwrap();
+    assert!(
+        !h.log.iter().any(|l| l.starts_with("nginx reload")),
+        "{:?}",
+        h.log
+    );
+    assert_converged(&mut h, &changed, "rolled");
+}
+
+#[test]
+fn switching_queues_routes_first_then_moves_each_worker() {
+    for (from, to, what) in [
+        (per_worker_at(3), shared_at(3), "per-worker to shared"),
+        (
+            per_worker_at(2),
+            shared_at(4),
+            "per-worker to shared, growing",
+        ),
+    ] {
+        let mut h = host_at(&from);
+        let p = plan_of(&mut h, &to);
+        assert!(p.roll.is_empty(), "{what}: {p}");
+        assert!(!p.moves.is_empty(), "{what}: {p}");
+        run(&mut h, &to).unwrap();
+        // The new socket starts before nginx routes to it; nginx reloads and
+        // drains before the old sockets stop; the workers move after that,
+        // one job at a time.
+        let pos = |pred: &dyn Fn(&str) -> bool, name: &str| {
+            h.log
+                .iter()
+                .position(|l| pred(l))
+                .unwrap_or_else(|| panic!("{what}: no {name} in {:?}", h.log))
+        };
+        let reload = pos(&|l| l == "nginx reload", "reload");
+        let drain = pos(&|l| l == "nginx drain", "drain");
+        let last_job = h.log.iter().rposition(|l| l == "1 jobs").unwrap();
+        assert!(reload < drain && drain < last_job, "{what}: {:?}", h.log);
+        assert_converged(&mut h, &to, what);
+    }
+}
+
+#[test]
+fn a_switch_cut_short_after_the_units_were_written_still_moves_the_workers() {
+    let mut h = host_at(&per_worker_at(3));
+    let to = shared_at(3);
+    // Die right after the first daemon-reload: the files no longer show the move.
+    let n = {
+        let mut probe = host_at(&per_worker_at(3));
+        run(&mut probe, &to).unwrap();
+        probe.log.iter().position(|l| l == "daemon_reload").unwrap()
+    };
+    h.die_at = Some(n + 1);
+    let _ = run(&mut h, &to);
+    h.die_at = None;
+    assert_eq!(h.pending.moves.len(), 3, "{:?}", h.pending);
+    run(&mut h, &to).unwrap();
+    assert_converged(&mut h, &to, "after the cut");
 }
 
 /// How many host calls a clean run from `before` to `after` makes.
@@ -266,4 +421,18 @@ fn nginx_files_written_but_not_served_are_reloaded_next_time() {
     assert!(route.reload && !route.write, "{p}");
     run(&mut h, &d).unwrap();
     assert_converged(&mut h, &d, "reloaded");
+}
+
+/// The way back is not supported on a running pool (README "Queues"):
+/// systemd refuses to start a worker's own socket while the worker runs. The
+/// apply says so instead of reporting success.
+#[test]
+fn switching_a_running_pool_back_to_per_worker_is_reported() {
+    let mut h = host_at(&shared_at(2));
+    let out = run(&mut h, &per_worker_at(2));
+    let said = match &out {
+        Err(e) => format!("{e:#}"),
+        Ok(o) => o.problems.join("; "),
+    };
+    assert!(said.contains("cgipool-search@1.socket"), "{said}");
 }

@@ -60,6 +60,23 @@ pub fn socket_name(pool: &str) -> String {
     format!("cgipool-{pool}@.socket")
 }
 
+/// `queue = "shared"`: the pool's one socket unit.
+pub fn pool_socket_name(pool: &str) -> String {
+    format!("cgipool-{pool}.socket")
+}
+
+/// `queue = "shared"`: the path of the pool's socket. Per-worker sockets
+/// are `<n>.sock` in the same directory (n is a number, never `pool`);
+/// pool names have no `.`, so no pool directory is `watch.sock` or `.lock`.
+pub fn pool_socket_path(pool: &str) -> String {
+    format!("{}/{pool}/pool.sock", crate::state::RUN_DIR)
+}
+
+/// `queue = "per-worker"`: the path of worker `n`'s socket.
+pub fn worker_socket_path(pool: &str, n: u32) -> String {
+    format!("{}/{pool}/{n}.sock", crate::state::RUN_DIR)
+}
+
 pub fn target_name(pool: &str) -> String {
     format!("cgipool-{pool}.target")
 }
@@ -132,6 +149,7 @@ environment = { SHARED = "pool wins", WEIRD = 'a % $HOME " \ ; b' }
 [pool.auth]
 exec = "/usr/local/lib/cgipool/auth"
 route = "/api/auth"
+queue = "per-worker"
 rate_limit = "600r/m"
 burst = 0
 "#;

@@ -7,7 +7,7 @@ use askama::Template;
 use sha2::{Digest, Sha256};
 
 use super::{finish, header};
-use crate::config::{format_nginx_usec, Config, FastCgi, Pool, Protocol};
+use crate::config::{format_nginx_usec, Config, FastCgi, Pool, Protocol, Queue};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NginxFiles {
@@ -21,6 +21,10 @@ pub struct NginxFiles {
 
 struct UpstreamView<'a> {
     pool: &'a Pool,
+    /// `queue = "shared"`: one socket, not a server per worker.
+    shared: bool,
+    /// How often the shared socket is listed ([`SHARED_ENTRIES`]).
+    shared_entries: u32,
     workers: Vec<u32>,
     /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
     /// server (64k fails at 100 servers), so the zone grows with `max`.
@@ -73,6 +77,11 @@ impl FastCgiView {
     }
 }
 
+/// How often a shared pool socket is listed in its upstream: nginx tries
+/// a request on at most as many servers as the upstream lists (a lone
+/// server is never retried), so this matches `proxy_next_upstream_tries 3`.
+pub const SHARED_ENTRIES: u32 = 3;
+
 /// How much longer nginx waits for a CGI pool than the gateway's timeout.
 pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
 
@@ -103,7 +112,9 @@ fn nginx_time(systemd: &str, extra_usec: u64) -> String {
 
 /// The nginx files. `active` lists, per pool, the worker numbers that are in
 /// the upstream (sorted and deduplicated here); a pool with none (or missing
-/// from `active`) gets no upstream and its route answers 503 with JSON.
+/// from `active`) gets no upstream and its route answers 503 with JSON. A
+/// `queue = "shared"` pool's upstream names its one socket, so its files
+/// do not change with the number of workers (only with none or some).
 ///
 /// `generation` is the first 16 hex digits of
 /// sha256(upstreams ‖ locations-with-an-empty-generation), i.e. it covers
@@ -121,6 +132,8 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
             let zone_kb = 64 + pool.max;
             upstreams.push(UpstreamView {
                 pool,
+                shared: pool.queue == Queue::Shared,
+                shared_entries: SHARED_ENTRIES,
                 workers,
                 zone_kb,
             });

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use askama::Template;
 
 use super::{
-    finish, header, instance_name, service_name, socket_name, target_name, Entry, UnitTree,
-    TOP_TARGET, WATCH_UNIT,
+    finish, header, instance_name, pool_socket_name, service_name, socket_name, target_name, Entry,
+    UnitTree, TOP_TARGET, WATCH_UNIT,
 };
-use crate::config::{Config, ListenFd, Pool, Protocol};
+use crate::config::{Config, ListenFd, Pool, Protocol, Queue};
 // The template filters (`exec_arg`, `env_quote`) are looked up as `filters::…`.
 use crate::escape::filters;
 
@@ -35,6 +35,8 @@ struct ServiceTemplate<'a> {
     stdin: bool,
     /// False only for php-cgi pools with `pcre_jit = true`.
     memory_deny_write_execute: bool,
+    /// `queue = "shared"`: the worker inherits the pool's socket.
+    shared: bool,
 }
 
 /// The php-cgi settings the pool's keys give (see templates/pool.service).
@@ -71,6 +73,14 @@ struct SocketTemplate<'a> {
     socket_group: &'a str,
 }
 
+/// `queue = "shared"`: the pool's one socket, inherited by every worker.
+#[derive(Template)]
+#[template(path = "pool-shared.socket")]
+struct SharedSocketTemplate<'a> {
+    pool: &'a Pool,
+    socket_group: &'a str,
+}
+
 #[derive(Template)]
 #[template(path = "pool.target")]
 struct TargetTemplate<'a> {
@@ -85,7 +95,12 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
     let mut entries = BTreeMap::new();
     for (name, pool) in &cfg.pools {
         let service = service_name(name);
-        let socket = socket_name(name);
+        let shared = pool.queue == Queue::Shared;
+        let socket = if shared {
+            pool_socket_name(name)
+        } else {
+            socket_name(name)
+        };
         let target = target_name(name);
         entries.insert(
             PathBuf::from(&service),
@@ -100,20 +115,20 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
                         .as_ref()
                         .is_some_and(|f| f.listen_fd == ListenFd::Stdin),
                     memory_deny_write_execute: !pool.fastcgi.as_ref().is_some_and(|f| f.pcre_jit),
+                    shared,
                 }
                 .render(),
             )),
         );
+        let socket_group = &cfg.nginx.socket_group;
+        let socket_unit = if shared {
+            SharedSocketTemplate { pool, socket_group }.render()
+        } else {
+            SocketTemplate { pool, socket_group }.render()
+        };
         entries.insert(
             PathBuf::from(&socket),
-            Entry::File(finish(
-                &header,
-                SocketTemplate {
-                    pool,
-                    socket_group: &cfg.nginx.socket_group,
-                }
-                .render(),
-            )),
+            Entry::File(finish(&header, socket_unit)),
         );
         entries.insert(
             PathBuf::from(&target),
@@ -121,11 +136,16 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
         );
         let wants = PathBuf::from(format!("{target}.wants"));
         let count = counts.get(name).copied().unwrap_or(pool.min);
+        if shared {
+            entries.insert(wants.join(&socket), Entry::Link(unit_dir.join(&socket)));
+        }
         for n in 1..=count {
-            entries.insert(
-                wants.join(instance_name(name, n, "socket")),
-                Entry::Link(unit_dir.join(&socket)),
-            );
+            if !shared {
+                entries.insert(
+                    wants.join(instance_name(name, n, "socket")),
+                    Entry::Link(unit_dir.join(&socket)),
+                );
+            }
             entries.insert(
                 wants.join(instance_name(name, n, "service")),
                 Entry::Link(unit_dir.join(&service)),
@@ -356,11 +376,34 @@ mod tests {
         }
         assert!(!search.contains("DynamicUser"));
         assert!(!search.contains("IPAddressDeny"));
-        let sock = unit_file(&tree, "cgipool-search@.socket");
+        // search has the shared queue (the default), auth a socket per worker.
+        let sock = unit_file(&tree, "cgipool-search.socket");
         assert!(sock.lines().any(|l| l == "SocketGroup=nginx"));
         assert!(sock
             .lines()
-            .any(|l| l == "ListenStream=/run/cgipool/search/%i.sock"));
+            .any(|l| l == "ListenStream=/run/cgipool/search/pool.sock"));
+        assert!(sock
+            .lines()
+            .any(|l| l == "Service=cgipool-search@0.service"));
+        assert!(!sock.contains("Accept=yes"));
+        for want in [
+            "Sockets=cgipool-search.socket",
+            "Requires=cgipool-search.socket",
+            "After=cgipool-search.socket",
+        ] {
+            assert!(search.lines().any(|l| l == want), "search lacks {want}");
+        }
+        let sock = unit_file(&tree, "cgipool-auth@.socket");
+        assert!(sock.lines().any(|l| l == "SocketGroup=nginx"));
+        assert!(sock
+            .lines()
+            .any(|l| l == "ListenStream=/run/cgipool/auth/%i.sock"));
+        assert!(auth.lines().any(|l| l == "Requires=cgipool-auth@%i.socket"));
+        assert!(!auth.contains("Sockets="));
+        assert!(!tree.entries.contains_key(Path::new("cgipool-auth.socket")));
+        assert!(!tree
+            .entries
+            .contains_key(Path::new("cgipool-search@.socket")));
     }
 
     #[test]
@@ -385,13 +428,27 @@ mod tests {
                 })
                 .count()
         };
-        assert_eq!(wanted("search", ".socket"), 4);
+        // The shared queue (the default): one socket for the pool.
+        assert_eq!(wanted("search", ".socket"), 1);
         assert_eq!(wanted("search", ".service"), 4);
-        assert_eq!(wanted("auth", ".socket"), 2); // missing → min
+        assert_eq!(wanted("auth", ".service"), 2); // missing → min
         assert!(links.contains(&(
-            "cgipool-search.target.wants/cgipool-search@3.socket".into(),
-            "/run/systemd/system/cgipool-search@.socket".into()
+            "cgipool-search.target.wants/cgipool-search.socket".into(),
+            "/run/systemd/system/cgipool-search.socket".into()
         )));
+        // A socket per worker: one per instance.
+        let per_worker = cfg(
+            "x.toml",
+            &DEMO.replace("[pool.search]", "[pool.search]\nqueue = \"per-worker\""),
+        );
+        let tree = units(&per_worker, dir, &counts);
+        assert!(tree.entries.contains_key(Path::new(
+            "cgipool-search.target.wants/cgipool-search@3.socket"
+        )));
+        assert!(!tree.entries.contains_key(Path::new(
+            "cgipool-search.target.wants/cgipool-search.socket"
+        )));
+        let tree = units(&c, dir, &counts);
         assert!(links.contains(&(
             "cgipool.target.wants/cgipool-auth.target".into(),
             "/run/systemd/system/cgipool-auth.target".into()
@@ -409,12 +466,12 @@ mod tests {
         assert_eq!(
             files,
             [
+                "cgipool-auth.socket",
                 "cgipool-auth.target",
                 "cgipool-auth@.service",
-                "cgipool-auth@.socket",
+                "cgipool-search.socket",
                 "cgipool-search.target",
                 "cgipool-search@.service",
-                "cgipool-search@.socket",
                 "cgipool-watch.service",
                 "cgipool.target"
             ]
@@ -459,6 +516,10 @@ mod tests {
                 let inst = name.replace("@.", "@1.");
                 fs::write(d.join(&inst), s).unwrap();
                 check.push(d.join(&inst));
+                // A shared queue's socket names instance 0 (never wanted).
+                if name.ends_with("@.service") {
+                    fs::write(d.join(name.replace("@.", "@0.")), s).unwrap();
+                }
             }
         }
         let out = std::process::Command::new("systemd-analyze")

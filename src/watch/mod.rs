@@ -1,7 +1,10 @@
 //! watch: the daemon that keeps pools healthy and sized. It follows
-//! systemd's signals (no tight polling for health), samples each worker
-//! socket's queue (sock_diag) for load, takes unhealthy workers out of nginx
-//! and puts them back, and scales pools between min and max.
+//! systemd's signals (no tight polling for health), samples each pool's
+//! queue (sock_diag: the pool socket of a shared queue, or every worker
+//! socket) for load, takes unhealthy workers out of nginx and puts them back
+//! (per-worker queues; a shared queue's upstream is the pool socket, so
+//! routes change only when a pool has no healthy worker at all), and
+//! scales pools between min and max.
 //!
 //! watch acts only on the intent `cgipool apply` recorded (never on the
 //! config file, never on an older config): every change it makes is a
@@ -19,7 +22,7 @@ mod sockdiag;
 mod view;
 
 use crate::apply;
-use crate::config::{self, Config, Pool};
+use crate::config::{self, Config, Pool, Queue};
 use crate::exec::interrupt::Interrupt;
 use crate::plan;
 use crate::state::{self, Decision, Intent, Paths, RUN_DIR, WATCH_SOCKET};
@@ -289,15 +292,7 @@ impl Watcher {
             match sockdiag::queues(&format!("{RUN_DIR}/")) {
                 Ok(queues) => {
                     for (pool, ns) in &wanted {
-                        let waiting: u32 = ns
-                            .iter()
-                            .map(|n| {
-                                queues
-                                    .get(&sock_path(pool, *n))
-                                    .map(|q| q.waiting())
-                                    .unwrap_or(0)
-                            })
-                            .sum();
+                        let waiting = self.waiting(pool, ns, &queues);
                         let Some(scaler) = self.scalers.get_mut(pool) else {
                             continue;
                         };
@@ -312,7 +307,7 @@ impl Watcher {
                                 d.from,
                                 d.to,
                                 d.reason,
-                                queues_summary(pool, ns, &queues)
+                                self.queues_summary(pool, ns, &queues)
                             );
                             let why = format!("scale {pool} {} -> {}", d.from, d.to);
                             let change = Change::Scale {
@@ -422,6 +417,25 @@ impl Watcher {
                 route: p.route.trim_end_matches('/').to_string(),
                 document_root: f.document_root.as_ref().map(|d| d.display().to_string()),
             });
+            if p.queue == Queue::Shared {
+                // One probe through the pool's socket per interval: the
+                // worker that accepts it answers.
+                let key = plan::pool_socket(pool);
+                let state = self.probes.entry(key.clone()).or_default();
+                if ns.is_empty() || state.next_at.map(|t| now < t).unwrap_or(false) {
+                    continue;
+                }
+                state.next_at = Some(now + interval);
+                due.push((
+                    key,
+                    crate::render::pool_socket_path(pool),
+                    path,
+                    timeout,
+                    p.unhealthy_after,
+                    fastcgi,
+                ));
+                continue;
+            }
             for &n in ns.iter().chain(self.unhealthy_of(pool).iter()) {
                 let unit = plan::service(pool, n);
                 let state = self.probes.entry(unit.clone()).or_default();
@@ -441,11 +455,17 @@ impl Watcher {
         }
         let results = futures_util::future::join_all(due.iter().map(
             |(_, sock, path, timeout, _, fastcgi)| {
-                probe::probe(sock, path, *timeout, fastcgi.as_ref())
+                probe::probe_named(sock, path, *timeout, fastcgi.as_ref())
             },
         ))
         .await;
-        for ((unit, _, path, _, limit, _), result) in due.into_iter().zip(results) {
+        for ((unit, _, path, _, limit, _), probed) in due.into_iter().zip(results) {
+            if unit.ends_with(".socket") {
+                self.shared_probe_result(systemd, &unit, &path, limit, probed)
+                    .await;
+                continue;
+            }
+            let result = probed.result;
             let state = self.probes.entry(unit.clone()).or_default();
             match result {
                 Ok(()) => {
@@ -468,6 +488,140 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// A probe through a shared queue's socket. A failed answer that names
+    /// its worker (`X-Cgipool-Worker`) counts against that worker, which
+    /// systemd restarts after `unhealthy_after` of them in a row (it stays
+    /// in the pool: nginx routes to the pool's socket, not to workers). A
+    /// probe nobody answered counts against the pool: it is logged and
+    /// restarts nothing, since no worker can be blamed (a hung worker is
+    /// systemd's to restart, through `watchdog_sec`).
+    async fn shared_probe_result(
+        &mut self,
+        systemd: &Systemd,
+        socket_unit: &str,
+        path: &str,
+        limit: u32,
+        probed: probe::Probed,
+    ) {
+        let pool = socket_unit
+            .strip_prefix("cgipool-")
+            .and_then(|s| s.strip_suffix(".socket"))
+            .unwrap_or(socket_unit)
+            .to_string();
+        let worker_unit = probed
+            .worker
+            .as_deref()
+            .and_then(|w| w.split_once('@'))
+            .filter(|(p, _)| *p == pool)
+            .and_then(|(_, n)| n.parse::<u32>().ok())
+            .map(|n| plan::service(&pool, n));
+        match (probed.result, worker_unit) {
+            (Ok(()), worker) => {
+                self.probes
+                    .entry(socket_unit.to_string())
+                    .or_default()
+                    .failures = 0;
+                if let Some(w) = worker {
+                    self.probes.entry(w).or_default().failures = 0;
+                }
+            }
+            (Err(why), Some(unit)) => {
+                let state = self.probes.entry(unit.clone()).or_default();
+                state.failures += 1;
+                println!(
+                    "watch: {unit}: probe {path} through the pool socket failed ({}/{limit}): {why}",
+                    state.failures
+                );
+                if state.failures >= limit {
+                    state.failures = 0;
+                    println!("watch: {unit}: unhealthy; restarting it (the pool's socket keeps its connections queued)");
+                    self.converge(
+                        systemd,
+                        &format!("{unit} failed its probe"),
+                        Change::Restart(unit.clone()),
+                    )
+                    .await;
+                }
+            }
+            (Err(why), None) => {
+                let state = self.probes.entry(socket_unit.to_string()).or_default();
+                state.failures += 1;
+                println!(
+                    "watch: pool {pool}: probe {path} through the pool socket failed ({}/{limit}), no worker named: {why}",
+                    state.failures
+                );
+                if state.failures >= limit {
+                    state.failures = 0;
+                    println!(
+                        "watch: pool {pool}: {limit} probes in a row failed with no worker to blame; restarting nothing (systemd restarts workers that crash or miss their watchdog)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Requests waiting for a worker of `pool`: on its one socket (shared
+    /// queue), or on each wanted worker's socket.
+    fn waiting(
+        &self,
+        pool: &str,
+        ns: &BTreeSet<u32>,
+        queues: &BTreeMap<String, sockdiag::Queue>,
+    ) -> u32 {
+        if self.is_shared(pool) {
+            return queues
+                .get(&crate::render::pool_socket_path(pool))
+                .map(|q| q.waiting())
+                .unwrap_or(0);
+        }
+        ns.iter()
+            .map(|n| {
+                queues
+                    .get(&sock_path(pool, *n))
+                    .map(|q| q.waiting())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn is_shared(&self, pool: &str) -> bool {
+        self.cfg
+            .pools
+            .get(pool)
+            .map(|p| p.queue == Queue::Shared)
+            .unwrap_or(false)
+    }
+
+    fn queues_summary(
+        &self,
+        pool: &str,
+        ns: &BTreeSet<u32>,
+        queues: &BTreeMap<String, sockdiag::Queue>,
+    ) -> String {
+        if self.is_shared(pool) {
+            let q = queues
+                .get(&crate::render::pool_socket_path(pool))
+                .copied()
+                .unwrap_or_default();
+            return format!(
+                "{pool} (shared, {} workers) backlog={} pending={}",
+                ns.len(),
+                q.backlog,
+                q.pending
+            );
+        }
+        ns.iter()
+            .map(|n| {
+                let q = queues
+                    .get(&sock_path(pool, *n))
+                    .copied()
+                    .unwrap_or_default();
+                format!("{pool}@{n} backlog={} pending={}", q.backlog, q.pending)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn unhealthy_of(&self, pool: &str) -> BTreeSet<u32> {
@@ -599,24 +753,7 @@ impl Watcher {
 }
 
 fn sock_path(pool: &str, n: u32) -> String {
-    format!("{RUN_DIR}/{pool}/{n}.sock")
-}
-
-fn queues_summary(
-    pool: &str,
-    ns: &BTreeSet<u32>,
-    queues: &BTreeMap<String, sockdiag::Queue>,
-) -> String {
-    ns.iter()
-        .map(|n| {
-            let q = queues
-                .get(&sock_path(pool, *n))
-                .copied()
-                .unwrap_or_default();
-            format!("{pool}@{n} backlog={} pending={}", q.backlog, q.pending)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    crate::render::worker_socket_path(pool, n)
 }
 
 fn diff(

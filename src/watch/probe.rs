@@ -1,6 +1,9 @@
-//! The active health probe: `GET health_path` on a worker's own socket,
-//! the same way nginx reaches it (HTTP, or a FastCGI request for
-//! `protocol = "fastcgi"` pools). A 2xx answer within the timeout is healthy.
+//! The active health probe: `GET health_path` on a worker's own socket
+//! (`queue = "per-worker"`) or on the pool's socket (`queue = "shared"`:
+//! whichever worker accepts answers, and names itself in
+//! `X-Cgipool-Worker`), the same way nginx reaches it (HTTP, or a FastCGI
+//! request for `protocol = "fastcgi"` pools, whose answers name no worker).
+//! A 2xx answer within the timeout is healthy.
 use std::time::Duration;
 
 use super::fcgi;
@@ -16,28 +19,62 @@ pub struct FastCgiProbe {
     pub document_root: Option<String>,
 }
 
-/// Probes one worker; Err says why it is unhealthy.
+/// One probe's result, and the worker that answered (its
+/// `X-Cgipool-Worker`, when it sent a head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probed {
+    /// Err says why it is unhealthy.
+    pub result: Result<(), String>,
+    pub worker: Option<String>,
+}
+
+/// Probes one socket; Err says why it is unhealthy.
+#[cfg(test)]
 pub async fn probe(
     socket: &str,
     path: &str,
     timeout: Duration,
     fastcgi: Option<&FastCgiProbe>,
 ) -> Result<(), String> {
+    probe_named(socket, path, timeout, fastcgi).await.result
+}
+
+/// Probes one socket and says which worker answered.
+pub async fn probe_named(
+    socket: &str,
+    path: &str,
+    timeout: Duration,
+    fastcgi: Option<&FastCgiProbe>,
+) -> Probed {
     let answer = async {
         match fastcgi {
-            Some(f) => fastcgi_status(socket, path, f).await,
+            Some(f) => fastcgi_status(socket, path, f)
+                .await
+                .map(|code| (code, None)),
             None => status(socket, path).await,
         }
     };
     match tokio::time::timeout(timeout, answer).await {
-        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(code)) if (200..300).contains(&code) => Ok(()),
-        Ok(Ok(code)) => Err(format!("answered {code}")),
+        Err(_) => Probed {
+            result: Err(format!("no answer within {}ms", timeout.as_millis())),
+            worker: None,
+        },
+        Ok(Err(e)) => Probed {
+            result: Err(e),
+            worker: None,
+        },
+        Ok(Ok((code, worker))) if (200..300).contains(&code) => Probed {
+            result: Ok(()),
+            worker,
+        },
+        Ok(Ok((code, worker))) => Probed {
+            result: Err(format!("answered {code}")),
+            worker,
+        },
     }
 }
 
-async fn status(socket: &str, path: &str) -> Result<u16, String> {
+async fn status(socket: &str, path: &str) -> Result<(u16, Option<String>), String> {
     let mut s = UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -47,14 +84,30 @@ async fn status(socket: &str, path: &str) -> Result<u16, String> {
         .map_err(|e| format!("write: {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 512];
-    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
         let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
         if n == 0 {
-            return Err("closed before a status line".into());
+            break;
         }
         head.extend_from_slice(&buf[..n]);
     }
-    parse_status(&head).ok_or_else(|| "no HTTP status line".into())
+    if !head.windows(2).any(|w| w == b"\r\n") {
+        return Err("closed before a status line".into());
+    }
+    let code = parse_status(&head).ok_or_else(|| "no HTTP status line".to_string())?;
+    Ok((code, worker_header(&head)))
+}
+
+/// The `X-Cgipool-Worker` field of a response head (`pool@n`).
+fn worker_header(head: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    text.split("\r\n")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("x-cgipool-worker"))
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// Bytes of STDOUT the FastCGI probe reads at most for the header block.
@@ -142,6 +195,15 @@ mod tests {
         );
         assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(parse_status(b"HTTP/1.1 abc\r\n"), None);
+        assert_eq!(
+            worker_header(b"HTTP/1.1 200 OK\r\nX-Cgipool-Worker: search@3\r\n\r\n"),
+            Some("search@3".into())
+        );
+        assert_eq!(
+            worker_header(b"HTTP/1.1 200 OK\r\nx-cgipool-worker:a@1\r\n\r\nX-Cgipool-Worker: b@2"),
+            Some("a@1".into())
+        );
+        assert_eq!(worker_header(b"HTTP/1.1 200 OK\r\n\r\n"), None);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -151,7 +213,11 @@ mod tests {
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let p = path.to_string_lossy().into_owned();
         let server = tokio::spawn(async move {
-            for answer in ["HTTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 503 No\r\n\r\n"] {
+            for answer in [
+                "HTTP/1.1 200 OK\r\n\r\n",
+                "HTTP/1.1 503 No\r\n\r\n",
+                "HTTP/1.1 500 No\r\nX-Cgipool-Worker: p@2\r\n\r\n",
+            ] {
                 let (mut c, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 512];
                 let _ = c.read(&mut buf).await.unwrap();
@@ -166,6 +232,13 @@ mod tests {
         assert_eq!(
             probe(&p, "/healthz", Duration::from_secs(2), None).await,
             Err("answered 503".into())
+        );
+        assert_eq!(
+            probe_named(&p, "/healthz", Duration::from_secs(2), None).await,
+            Probed {
+                result: Err("answered 500".into()),
+                worker: Some("p@2".into())
+            }
         );
         let _listener = server.await.unwrap();
         // Nobody accepts any more: the connection waits in the backlog.

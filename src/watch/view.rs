@@ -50,6 +50,9 @@ impl Watcher {
             .values()
             .map(|p| {
                 let n = self.counts.get(&p.name).copied().unwrap_or(0);
+                // A shared queue is one socket: its figures are the pool's,
+                // no single worker's (those show 0 waiting).
+                let shared = self.is_shared(&p.name);
                 let workers: Vec<WorkerView> = (1..=n)
                     .map(|i| {
                         let unit = plan::service(&p.name, i);
@@ -59,10 +62,14 @@ impl Watcher {
                             None => ("inactive".to_string(), "dead".to_string()),
                         };
                         let healthy = active_state == "active" && !self.unhealthy.contains(&unit);
-                        let waiting = queues
-                            .get(&sock_path(&p.name, i))
-                            .map(|q| q.waiting())
-                            .unwrap_or(0);
+                        let waiting = if shared {
+                            0
+                        } else {
+                            queues
+                                .get(&sock_path(&p.name, i))
+                                .map(|q| q.waiting())
+                                .unwrap_or(0)
+                        };
                         WorkerView {
                             worker: format!("{}@{i}", p.name),
                             healthy,
@@ -84,7 +91,7 @@ impl Watcher {
                     max: p.max,
                     wanted: n,
                     healthy: workers.iter().filter(|w| w.healthy).count() as u32,
-                    queue_depth: workers.iter().map(|w| w.waiting).sum(),
+                    queue_depth: self.waiting(&p.name, &(1..=n).collect(), &queues),
                     scale_events: self.scale_events.get(&p.name).copied().unwrap_or(0),
                     last_decision: self.decisions.get(&p.name).cloned(),
                     workers,

@@ -60,7 +60,8 @@ pub fn unit_dir_listing(m: &mut Machine) -> Result<Vec<String>> {
         .collect())
 }
 
-/// What the unit directory holds for pools with `counts`, as `unit_dir_listing` reads it.
+/// What the unit directory holds for pools with `counts` (each with the
+/// default shared queue), as `unit_dir_listing` reads it.
 pub fn expected_listing(counts: &[(&str, u32)]) -> Vec<String> {
     let mut v = vec![
         "cgipool.target".to_string(),
@@ -75,13 +76,11 @@ pub fn expected_listing(counts: &[(&str, u32)]) -> Vec<String> {
         v.push(format!("cgipool-{pool}.target"));
         v.push(format!("cgipool-{pool}.target.wants"));
         v.push(format!("cgipool-{pool}@.service"));
-        v.push(format!("cgipool-{pool}@.socket"));
+        v.push(format!("cgipool-{pool}.socket"));
+        v.push(format!("cgipool-{pool}.target.wants/cgipool-{pool}.socket"));
         for i in 1..=*n {
             v.push(format!(
                 "cgipool-{pool}.target.wants/cgipool-{pool}@{i}.service"
-            ));
-            v.push(format!(
-                "cgipool-{pool}.target.wants/cgipool-{pool}@{i}.socket"
             ));
         }
     }
@@ -89,11 +88,26 @@ pub fn expected_listing(counts: &[(&str, u32)]) -> Vec<String> {
     v
 }
 
-/// Checks that exactly workers 1..=n of `pool` run: sockets listening,
-/// services active, and no higher instance loaded and active.
+/// Whether `pool` runs with the shared queue (its one socket unit is loaded).
+pub fn is_shared(m: &mut Machine, pool: &str) -> Result<bool> {
+    Ok(m.unit_property(&format!("cgipool-{pool}.socket"), "LoadState")? == "loaded")
+}
+
+/// Checks that exactly workers 1..=n of `pool` run: sockets listening (the
+/// pool's one socket, or each worker's), services active, and no higher
+/// instance loaded and active.
 pub fn assert_pool_running(m: &mut Machine, pool: &str, n: u32) -> Result<()> {
+    let shared = is_shared(m, pool)?;
+    if shared {
+        let sock = m.unit_property(&format!("cgipool-{pool}.socket"), "ActiveState")?;
+        ensure!(sock == "active", "cgipool-{pool}.socket is {sock}");
+        m.succeed(&format!("test -S /run/cgipool/{pool}/pool.sock"))?;
+    }
     for i in 1..=n {
         m.wait_for_unit(&format!("cgipool-{pool}@{i}.service"))?;
+        if shared {
+            continue;
+        }
         let sock = m.unit_property(&format!("cgipool-{pool}@{i}.socket"), "ActiveState")?;
         ensure!(sock == "active", "cgipool-{pool}@{i}.socket is {sock}");
         m.succeed(&format!("test -S /run/cgipool/{pool}/{i}.sock"))?;

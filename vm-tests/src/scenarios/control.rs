@@ -47,16 +47,14 @@ fn invocations(m: &mut Machine, units: &[String]) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The pool's socket (the demo's pools have the default shared queue) and
+/// its workers.
 fn workers(pools: &[(&str, u32)]) -> Vec<String> {
     pools
         .iter()
         .flat_map(|(p, n)| {
-            (1..=*n).flat_map(move |i| {
-                [
-                    format!("cgipool-{p}@{i}.socket"),
-                    format!("cgipool-{p}@{i}.service"),
-                ]
-            })
+            std::iter::once(format!("cgipool-{p}.socket"))
+                .chain((1..=*n).map(move |i| format!("cgipool-{p}@{i}.service")))
         })
         .collect()
 }

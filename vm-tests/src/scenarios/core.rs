@@ -185,7 +185,7 @@ fn scale_and_remove(m: &mut Machine) -> Result<()> {
         "unit dir after removing auth: {:?}",
         unit_dir_listing(m)?
     );
-    m.fail("test -e /run/cgipool/auth/1.sock")?;
+    m.fail("test -e /run/cgipool/auth/pool.sock")?;
     let out = apply(m)?;
     ensure!(
         out.trim() == "no changes",
@@ -323,7 +323,7 @@ fn escaping(m: &mut Machine) -> Result<()> {
 fn verify_and_sandbox(m: &mut Machine) -> Result<()> {
     install(m)?;
     apply(m)?;
-    let verify = m.execute("cd /etc/systemd/system && systemd-analyze verify --man=no cgipool.target cgipool-search.target cgipool-search@1.socket cgipool-search@1.service 2>&1", Duration::from_secs(60))?;
+    let verify = m.execute("cd /etc/systemd/system && systemd-analyze verify --man=no cgipool.target cgipool-search.target cgipool-search.socket cgipool-search@1.service 2>&1", Duration::from_secs(60))?;
     ensure!(
         verify.rc == 0 && verify.stdout.trim().is_empty(),
         "systemd-analyze verify complained (exit {}):\n{}",
@@ -366,7 +366,7 @@ fn verify_and_sandbox(m: &mut Machine) -> Result<()> {
     let pid = m.unit_property("cgipool-search@1.service", "MainPID")?;
     let uid = m.succeed(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"))?;
     ensure!(uid.trim() != "0", "the worker runs as root");
-    let mode = m.succeed("stat -c '%a %G' /run/cgipool/search/1.sock")?;
+    let mode = m.succeed("stat -c '%a %G' /run/cgipool/search/pool.sock")?;
     ensure!(
         mode.trim() == "660 www-data",
         "worker socket is {}, expected 660 www-data",

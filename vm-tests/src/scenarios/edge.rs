@@ -244,11 +244,25 @@ pub fn parse_wrk(text: &str) -> Result<WrkReport> {
     })
 }
 
+/// The `read` figure of wrk's "Socket errors:" line.
+fn read_errors(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .and_then(|rest| {
+            rest.split(',')
+                .find_map(|p| p.trim().strip_prefix("read ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// wrk in the background (its own unit) while a scenario changes things:
 /// `step` runs and timestamps each change, `finish` waits for wrk and fails
-/// on any non-2xx response or socket error. wrk never retries, and every
-/// connection closes after its request so nginx reloads cannot race a
-/// reused client connection (see the note in issue 5).
+/// on any non-2xx response or socket error. wrk never retries. With
+/// [`Load::start`] every connection closes after its request, so an nginx
+/// reload cannot race a reused client connection (see the note in issue 5);
+/// [`Load::keep_alive`] keeps them open (wrk's default, like browsers), and
+/// an nginx reload under it may close idle connections under requests
+/// already on their way (counted as read errors).
 pub struct Load {
     secs: u64,
     start: Instant,
@@ -256,13 +270,23 @@ pub struct Load {
 }
 
 impl Load {
+    /// Clients that send `Connection: close`.
     pub fn start(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        Load::run(m, conns, secs, url, "-H 'Connection: close'")
+    }
+
+    /// Keep-alive clients (wrk's default).
+    pub fn keep_alive(m: &mut Machine, conns: u32, secs: u64, url: &str) -> Result<Load> {
+        Load::run(m, conns, secs, url, "")
+    }
+
+    fn run(m: &mut Machine, conns: u32, secs: u64, url: &str, headers: &str) -> Result<Load> {
         // A response that waits for a restarting worker is late, not lost:
         // wrk's own 2 s timeout would count it as a socket error on a slow
         // guest, so it follows the machine too.
         let timeout = m.scaled(Duration::from_secs(10)).as_secs().max(10);
         m.succeed(&format!(
-            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s --timeout {timeout}s -H 'Connection: close' '{url}'"
+            "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c{conns} -d{secs}s --timeout {timeout}s {headers} '{url}'"
         ))?;
         m.wait_until_succeeds("pgrep -x wrk", "wrk to start", Duration::from_secs(5))?;
         Ok(Load {
@@ -285,6 +309,28 @@ impl Load {
     /// Waits for wrk; every request must have succeeded, and at least
     /// `min_requests` of them for the run to mean anything.
     pub fn finish(self, m: &mut Machine, what: &str, min_requests: u64) -> Result<WrkReport> {
+        self.finish_with(m, what, min_requests, false)
+    }
+
+    /// Like [`Load::finish`], but socket errors that are all read errors
+    /// (connections nginx closed under keep-alive clients as it reloaded)
+    /// are reported, not failed; non-2xx responses still fail.
+    pub fn finish_allowing_read_errors(
+        self,
+        m: &mut Machine,
+        what: &str,
+        min_requests: u64,
+    ) -> Result<WrkReport> {
+        self.finish_with(m, what, min_requests, true)
+    }
+
+    fn finish_with(
+        self,
+        m: &mut Machine,
+        what: &str,
+        min_requests: u64,
+        allow_read_errors: bool,
+    ) -> Result<WrkReport> {
         let out = m.wait_until_succeeds(
             "grep -q 'requests in' /tmp/wrk.out && cat /tmp/wrk.out",
             "wrk to finish",
@@ -296,7 +342,8 @@ impl Load {
             report.requests,
             self.timeline.join("\n  ")
         );
-        if report.non_2xx != 0 || report.socket_errors != 0 {
+        let tolerated = allow_read_errors && report.socket_errors == read_errors(&report.text);
+        if report.non_2xx != 0 || (report.socket_errors != 0 && !tolerated) {
             let codes = m.succeed("awk '{print $9}' /var/log/nginx/access.log | sort | uniq -c; grep -o '\\[error\\].*while [a-z ]*' /var/log/nginx/error.log | sed 's/.*: \\*[0-9]* //' | sort | uniq -c")?;
             bail!(
                 "{} non-2xx responses and {} socket errors in {} requests:\n{}\nstatus codes and upstream errors seen by nginx:\n{codes}",
@@ -371,5 +418,6 @@ mod tests {
         let text = "Running 30s test @ http://127.0.0.1/\n  2 threads and 16 connections\n  254321 requests in 30.00s, 60.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 5\nRequests/sec:   8477.36\n";
         let r = super::parse_wrk(text).unwrap();
         assert_eq!((r.requests, r.socket_errors, r.non_2xx), (254321, 3, 5));
+        assert_eq!(super::read_errors(text), 2);
     }
 }

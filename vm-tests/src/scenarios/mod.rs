@@ -8,6 +8,7 @@ pub mod edge;
 mod fastcgi;
 mod harness;
 mod machine_tier;
+mod queue;
 mod watch;
 
 use crate::Scenario;
@@ -23,5 +24,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(control::scenarios());
     v.extend(deb::scenarios());
     v.extend(fastcgi::scenarios());
+    v.extend(queue::scenarios());
     v
 }

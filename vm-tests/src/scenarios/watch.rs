@@ -8,6 +8,42 @@ use crate::Scenario;
 use anyhow::{bail, ensure, Context, Result};
 use std::time::{Duration, Instant};
 
+/// With the shared queue a probe goes through the pool's socket; the worker
+/// whose answers fail (it names itself) is restarted by systemd, and nginx,
+/// which routes to the pool's socket, is not touched.
+fn shared_probe_restarts_the_worker_that_answers(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    write_config(m, &PROBED_POOL.replace("queue = \"per-worker\"\n", ""))?;
+    apply(m)?;
+    wait_watch(m)?;
+    ensure!(
+        common::is_shared(m, "search")?,
+        "search has no shared queue"
+    );
+    let before = m.unit_property("cgipool-search@2.service", "InvocationID")?;
+    let nginx = common::nginx_workers(m)?;
+    m.succeed("mkdir -p /run/cgipool-test && touch /run/cgipool-test/search@2")?;
+    m.wait_until_succeeds(
+        &format!("test \"$(systemctl show -P InvocationID cgipool-search@2.service)\" != {before}"),
+        "systemd to restart the worker whose probes failed",
+        Duration::from_secs(20),
+    )?;
+    let codes = m.succeed("for i in $(seq 20); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
+    ensure!(codes.trim() == "20 200", "requests meanwhile: {codes}");
+    let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'search@2'")?;
+    ensure!(
+        log.contains("through the pool socket failed (2/2): answered 503")
+            && log.contains("restarting"),
+        "watch's log:\n{log}"
+    );
+    let search1 = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep -c 'search@1.service failed its probe' || true")?;
+    ensure!(search1.trim() == "0", "watch blamed the healthy search@1");
+    ensure!(common::nginx_workers(m)? == nginx, "nginx was reloaded");
+    m.succeed("rm /run/cgipool-test/search@2")?;
+    assert_pool_running(m, "search", 2)?;
+    Ok(())
+}
+
 pub fn scenarios() -> Vec<Scenario> {
     let s = Scenario::nspawn;
     vec![
@@ -24,6 +60,10 @@ pub fn scenarios() -> Vec<Scenario> {
         s(
             "watch_probe_restarts_unhealthy_worker",
             probe_restarts_unhealthy_worker,
+        ),
+        s(
+            "watch_shared_probe_restarts_the_worker_that_answers",
+            shared_probe_restarts_the_worker_that_answers,
         ),
     ]
 }
@@ -143,7 +183,7 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
     );
     let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service | grep 'scale '")?;
     ensure!(
-        log.contains("scale 2 -> 4") && log.contains("queues: search@1 backlog="),
+        log.contains("scale 2 -> 4") && log.contains("queues: search (shared, 2 workers) backlog="),
         "watch's decision log lacks the figures:\n{log}"
     );
     ensure!(
@@ -158,8 +198,19 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
     Ok(())
 }
 
+/// The demo with search on a socket per worker (a single worker can leave
+/// nginx only then).
+fn per_worker_demo(m: &mut Machine) -> Result<()> {
+    let demo = m.succeed(&format!("cat {}", common::CONFIG))?;
+    write_config(
+        m,
+        &demo.replacen("max = 5\n", "max = 5\nqueue = \"per-worker\"\n", 1),
+    )
+}
+
 fn failed_worker_leaves_upstream(m: &mut Machine) -> Result<()> {
     install(m)?;
+    per_worker_demo(m)?;
     apply(m)?;
     wait_watch(m)?;
     m.succeed(
@@ -331,6 +382,7 @@ print("openmetrics ok:", len(fams), "families")
 const PROBED_POOL: &str = r#"[pool.search]
 exec = "/usr/local/lib/cgipool/search"
 route = "/api/search"
+queue = "per-worker"
 environment = { CGIPOOL_TEST_HEALTH_DIR = "/run/cgipool-test" }
 health_path = "/healthz"
 health_interval = "500ms"
