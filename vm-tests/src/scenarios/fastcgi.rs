@@ -378,7 +378,10 @@ fn php_health_probe(m: &mut Machine) -> Result<()> {
         &php_pool(
             "php",
             "/php",
-            "min = 2\nhealth_path = \"/health.php\"\nhealth_interval = \"1s\"\nunhealthy_after = 3",
+            // A FastCGI answer names no worker: a probe through a shared
+            // queue can blame none, so per-worker sockets here (the probe
+            // then reaches each worker and takes the sick one out).
+            "min = 2\nqueue = \"per-worker\"\nhealth_path = \"/health.php\"\nhealth_interval = \"1s\"\nunhealthy_after = 3",
         ),
     )?;
     apply_and_route(m, "http://127.0.0.1/php/hello.php")?;
