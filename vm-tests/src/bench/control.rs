@@ -27,7 +27,8 @@ pub(super) fn control_plane(m: &mut Machine, mode: Mode) -> Result<Vec<Value>> {
 const POOL: &str = "cp";
 
 /// The control-plane pools at N workers: `cp`, and past 500 workers (a
-/// pool has at most 512) `cp2`, `cp3`, … of 500 each. watch is off: the
+/// pool has at most 512) `cp2`, `cp3`, … of 500 each, each with a socket
+/// per worker. watch is off: the
 /// baselines stop and start the pools' units behind the intent's back, and a
 /// converge of watch would cancel their jobs (seen: "Job for
 /// cgipool-cp@30.service canceled").
@@ -41,6 +42,9 @@ fn cp_config(n: u32) -> String {
                 "\n[pool.{pool}]\nexec = \"{WORKER}\"\nroute = \"/api/{pool}\"\nmin = {k}\nmax = {k}\n"
             ));
         }
+        // A socket per worker: 2N units, the same units as the baselines
+        // (and the figures of earlier reports).
+        cfg.push_str("queue = \"per-worker\"\n");
     }
     cfg
 }
