@@ -115,7 +115,7 @@ async fn converge_steps(
     // Recorded before the unit files change: once written, they no longer
     // show that systemd must reload them and workers must roll.
     let mut pending = Pending {
-        daemon_reload: plan.daemon_reload,
+        daemon_reload: plan.daemon_reload || plan.reload_after_stop,
         roll: plan.roll.clone(),
         restart_watch: plan.watch == Some(WatchAction::Restart),
         moves: plan.moves.clone(),
@@ -124,7 +124,7 @@ async fn converge_steps(
         host.write_pending(&pending).await?;
     }
     write_units(host, &plan, desired, stop).await?;
-    if pending.daemon_reload {
+    if plan.daemon_reload {
         pending.daemon_reload = false;
         host.write_pending(&pending).await?;
     }
@@ -134,6 +134,16 @@ async fn converge_steps(
     stop_units(host, &plan, drain, stop).await?;
     move_workers(host, &plan, desired, stop, &mut problems, &mut pending).await?;
     remove_files(host, &plan, stop).await?;
+    if plan.reload_after_stop {
+        // remove_files reloaded already when it removed anything.
+        if plan.remove.is_empty() {
+            stop.check("daemon-reload")?;
+            host.daemon_reload().await?;
+            println!("systemd: daemon-reload");
+        }
+        pending.daemon_reload = false;
+        host.write_pending(&pending).await?;
+    }
     if recorded_watch {
         // Cleared before the restart: when watch itself converges, the
         // restart ends this process. Rolls that did not complete stay

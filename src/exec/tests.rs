@@ -436,3 +436,35 @@ fn switching_a_running_pool_back_to_per_worker_is_reported() {
     };
     assert!(said.contains("cgipool-search@1.socket"), "{said}");
 }
+
+#[test]
+fn a_scale_down_reloads_systemd_after_the_stops_and_any_cut_converges() {
+    let (from, to) = (per_worker_at(4), per_worker_at(2));
+    let mut probe = host_at(&from);
+    run(&mut probe, &to).unwrap();
+    let reload = probe.log.iter().position(|l| l == "daemon_reload");
+    let last_job = probe.log.iter().rposition(|l| l.ends_with(" jobs"));
+    assert!(
+        matches!((last_job, reload), (Some(j), Some(r)) if j < r),
+        "links alone: the daemon-reload comes after the stops: {:?}",
+        probe.log
+    );
+    assert_converged(&mut probe, &to, "clean scale-down");
+    let n = probe.calls;
+    for k in 0..=n {
+        let mut h = host_at(&from);
+        h.die_at = Some(h.calls + k);
+        let _ = run(&mut h, &to);
+        h.die_at = None;
+        run(&mut h, &to).unwrap();
+        assert_converged(&mut h, &to, &format!("death at call {k}"));
+    }
+    for k in 0..n {
+        let mut h = host_at(&from);
+        h.fail_at = Some(k);
+        let _ = run(&mut h, &to);
+        h.fail_at = None;
+        run(&mut h, &to).unwrap();
+        assert_converged(&mut h, &to, &format!("failure at call {k}"));
+    }
+}
