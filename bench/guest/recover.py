@@ -2,7 +2,8 @@
 """recover.py UNIT SOCKET PATH DELAY: waits DELAY seconds (the load is
 running), sends SIGKILL to UNIT's main process, then measures (time.monotonic
 from the kill) when systemd reports a new main PID with the unit active, and
-when a request sent straight to the worker's unix socket after that is
+when a request sent to the socket given (the pool's, with the default
+shared queue: whichever worker accepts answers) after that is
 answered 200 (the socket itself never stops accepting: systemd holds it, so
 a request sent at the kill is also timed: it waits in the socket's backlog).
 Prints one JSON line."""

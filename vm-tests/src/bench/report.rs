@@ -187,7 +187,7 @@ pub(super) fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value
     };
     let _ = writeln!(
         md,
-        "\n## Recovery\n\n`kill -9` of cgipool-search@1 (PID {} → {}) {:.1} s into {} s of wrk at 16 connections on the pool: new main PID active after {}, a request sent to its socket after that answered at {}, a request sent to its socket right at the kill answered at {}; NRestarts {} → {}.\n",
+        "\n## Recovery\n\n`kill -9` of cgipool-search@1 (PID {} → {}) {:.1} s into {} s of wrk at 16 connections on the pool: new main PID active after {}, a request sent to the pool's socket after that answered at {}, a request sent to it right at the kill answered at {}; NRestarts {} → {}.\n",
         k["old_pid"],
         k["new_pid"],
         f64::from(mode.recover_secs) / 3.0,

@@ -81,7 +81,7 @@ pub(super) fn recovery(m: &mut Machine, mode: Mode) -> Result<Value> {
     let delay = f64::from(mode.recover_secs) / 3.0;
     let o = m.execute(
         &format!(
-            "python3 {GUEST_DIR}/recover.py cgipool-search@1.service /run/cgipool/search/1.sock {} {delay:.2}",
+            "python3 {GUEST_DIR}/recover.py cgipool-search@1.service /run/cgipool/search/pool.sock {} {delay:.2}",
             shell_quote(SEARCH_PATH)
         ),
         Duration::from_secs(u64::from(mode.recover_secs) + 60),

@@ -561,7 +561,7 @@ pub(super) fn rows(rep: &Report, mode: Mode) -> Vec<Row> {
     let ans = kill["secs_to_answer"].as_f64().unwrap_or(f64::NAN);
     v.push(Row::info(
         rc,
-        "kill -9 of a worker under load: until it answers again".into(),
+        "kill -9 of a worker under load: until it is active and its pool's socket answers".into(),
         ans,
         format!("{:.0} ms", ans * 1000.0),
     ));

@@ -167,14 +167,18 @@ fn kill_points(m: &mut Machine) -> Result<()> {
 /// an apply of B that was killed while it drained.
 fn watch_never_reverts(m: &mut Machine) -> Result<()> {
     install(m)?;
+    // A socket per worker: a killed worker then changes nginx's routes, and
+    // watch converges (with the shared queue it has nothing to do).
+    let demo = DEMO.replacen("max = 5\n", "max = 5\nqueue = \"per-worker\"\n", 1);
+    write_config(m, &demo)?;
     apply(m)?;
     let b = format!(
         "{}\nenvironment = {{ CGIPOOL_TEST_B = \"1\" }}\n",
-        DEMO.trim_end()
+        demo.trim_end()
     );
     let c = format!(
         "{}\nenvironment = {{ CGIPOOL_TEST_C = \"1\" }}\n",
-        DEMO.trim_end()
+        demo.trim_end()
     );
     write_config(m, &b)?;
     apply(m)?;
@@ -218,7 +222,7 @@ fn watch_never_reverts(m: &mut Machine) -> Result<()> {
     write_config(
         m,
         &format!(
-            "{DEMO}\n[pool.slow]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/slow\"\nmin = 1\nrequest_timeout = \"60s\"\nenvironment = {{ CGIPOOL_TEST_DELAY_MS = \"8000\" }}\n"
+            "{demo}\n[pool.slow]\nexec = \"/usr/local/lib/cgipool/search\"\nroute = \"/api/slow\"\nmin = 1\nrequest_timeout = \"60s\"\nenvironment = {{ CGIPOOL_TEST_DELAY_MS = \"8000\" }}\n"
         ),
     )?;
     apply(m)?;
