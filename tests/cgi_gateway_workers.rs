@@ -5,7 +5,9 @@
 //! The listening socket belongs to the test, so what no gateway accepted
 //! is seen in its queue (`ss -xl`, the kernel's count).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::Client;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -110,10 +112,7 @@ impl Pool {
         let s = UnixStream::connect(self.sock()).expect("connecting");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
-        Client {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            stream: s,
-        }
+        Client::new(s)
     }
 }
 
@@ -154,87 +153,6 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(Instant::now() < deadline, "no {what} within 15 s");
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-struct Client {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-impl Client {
-    fn get(&mut self, target: &str, rid: &str) {
-        let head = format!("GET {target} HTTP/1.1\r\nHost: t\r\nX-Request-ID: {rid}\r\n\r\n");
-        self.stream.write_all(head.as_bytes()).expect("sending");
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.reader.read_line(&mut l).expect("reading a line");
-        l.trim_end_matches(['\r', '\n']).to_string()
-    }
-
-    /// A response with a Content-Length or chunked body.
-    fn response(&mut self) -> Response {
-        let status_line = self.line();
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not a status line: {status_line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let l = self.line();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':').expect("a header line");
-            headers.push((k.to_string(), v.trim().to_string()));
-        }
-        let mut r = Response {
-            status,
-            headers,
-            body: String::new(),
-        };
-        let mut body = Vec::new();
-        if let Some(n) = r.header("Content-Length") {
-            body.resize(n.parse().expect("Content-Length"), 0);
-            self.reader.read_exact(&mut body).expect("reading the body");
-        } else if r.header("Transfer-Encoding") == Some("chunked") {
-            loop {
-                let size = usize::from_str_radix(&self.line(), 16).expect("chunk size");
-                let mut chunk = vec![0; size + 2];
-                self.reader.read_exact(&mut chunk).expect("a chunk");
-                if size == 0 {
-                    break;
-                }
-                body.extend(&chunk[..size]);
-            }
-        }
-        r.body = String::from_utf8_lossy(&body).into_owned();
-        r
-    }
-
-    /// True when the peer closed the connection (EOF, nothing more).
-    fn closed(&mut self) -> bool {
-        let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(0))
     }
 }
 
