@@ -67,7 +67,7 @@ fn tour(m: &mut Machine) -> Result<()> {
         "\x1b[2m$ wrk -c4 -d{LOAD_SECS}s -H 'Connection: close' http://127.0.0.1/api/search?q=kill  # in the background\x1b[0m"
     );
     let mut load = Load::start(m, 4, LOAD_SECS, "http://127.0.0.1/api/search?q=kill")?;
-    let pid = m.unit_property("cgipool-search@1.service", "MainPID")?;
+    let pid = m.main_pid("cgipool-search@1.service")?;
     println!("\x1b[2m$ kill -9 {pid}  # MainPID of cgipool-search@1.service\x1b[0m");
     load.step(m, "kill -9 search@1", &format!("kill -9 {pid}"))?;
     m.wait_until_succeeds(

@@ -365,6 +365,24 @@ impl Machine {
         Ok(out.trim_end_matches('\n').to_string())
     }
 
+    /// The unit's main PID, waiting (bounded) while it reads 0 (the unit is
+    /// between processes). Never 0, so `kill -9 {pid}` never means the
+    /// calling shell's process group.
+    pub fn main_pid(&mut self, unit: &str) -> Result<u32> {
+        self.units.insert(unit.to_string());
+        let out = self.wait_until_succeeds(
+            &format!(
+                "pid=$(systemctl show -P MainPID {0}); test \"$pid\" -gt 0 && echo \"$pid\"",
+                shell_quote(unit)
+            ),
+            &format!("{unit} to have a main process"),
+            Duration::from_secs(30),
+        )?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("MainPID of {unit}: {out:?}"))
+    }
+
     /// Copies a host file into the guest (through the agent; for small files —
     /// build outputs travel in the read-only payload instead).
     pub fn copy_to(&mut self, host: &Path, guest: &str) -> Result<()> {
@@ -713,6 +731,18 @@ fn qemu_monitor(sock: &Path, command: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A guest command that SIGKILLs a unit's main process. It waits (bounded)
+/// for a MainPID: while systemd restarts the unit MainPID reads 0, and
+/// `kill -9 0` would kill the calling shell's whole process group.
+pub fn kill_main_pid(unit: &str) -> String {
+    let unit = shell_quote(unit);
+    format!(
+        "for i in $(seq 300); do pid=$(systemctl show -P MainPID {unit}); \
+         if [ \"$pid\" -gt 0 ]; then exec kill -9 \"$pid\"; fi; sleep 0.1; done; \
+         echo \"no MainPID for {unit} within 30 s\" >&2; exit 1"
+    )
 }
 
 pub fn shell_quote(s: &str) -> String {

@@ -251,7 +251,7 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
         load.step(
             m,
             &format!("kill -9 the gateway of ok@{n}"),
-            &format!("kill -9 $(systemctl show -P MainPID cgipool-ok@{n}.service)"),
+            &crate::machine::kill_main_pid(&format!("cgipool-ok@{n}.service")),
         )?;
     }
     load.finish(m, "cgi zero-failure load", 1_000)?;

@@ -191,7 +191,7 @@ fn watch_never_reverts(m: &mut Machine) -> Result<()> {
     };
     let check = |m: &mut Machine, what: &str| -> Result<()> {
         let seen = acted(m)?;
-        let before = m.unit_property("cgipool-search@1.service", "MainPID")?;
+        let before = m.main_pid("cgipool-search@1.service")?;
         m.succeed(&format!("kill -9 {before}"))?;
         m.wait_until_succeeds(
             &format!("test \"$(systemctl show -P MainPID cgipool-search@1.service)\" != {before} && systemctl is-active -q cgipool-search@1.service"),

@@ -251,8 +251,7 @@ fn bad_configs(m: &mut Machine) -> Result<()> {
 fn kill_worker(m: &mut Machine) -> Result<()> {
     install(m)?;
     apply(m)?;
-    let pid = m.unit_property("cgipool-search@1.service", "MainPID")?;
-    ensure!(pid != "0", "search@1 has no main PID");
+    let pid = m.main_pid("cgipool-search@1.service")?;
     m.succeed(&format!("kill -9 {pid}"))?;
     m.wait_until_succeeds(
         &format!("test \"$(systemctl show -P MainPID cgipool-search@1.service)\" != {pid} && test \"$(systemctl show -P ActiveState cgipool-search@1.service)\" = active"),

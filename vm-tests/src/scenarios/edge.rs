@@ -390,7 +390,7 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
         load.step(
             m,
             &format!("kill -9 search@{n}"),
-            &format!("kill -9 $(systemctl show -P MainPID cgipool-search@{n}.service)"),
+            &crate::machine::kill_main_pid(&format!("cgipool-search@{n}.service")),
         )?;
         std::thread::sleep(Duration::from_millis(1600));
     }

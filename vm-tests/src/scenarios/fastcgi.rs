@@ -292,7 +292,7 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
     load.step(
         m,
         "kill -9 php@1",
-        "kill -9 $(systemctl show -P MainPID cgipool-php@1.service)",
+        &crate::machine::kill_main_pid("cgipool-php@1.service"),
     )?;
     std::thread::sleep(Duration::from_secs(2));
     load.step(m, "scale 2 -> 4", "cgipool scale php 4")?;
@@ -343,9 +343,7 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
     )?;
     for n in [1, 2] {
         std::thread::sleep(Duration::from_secs(3));
-        m.succeed(&format!(
-            "kill -9 $(systemctl show -P MainPID cgipool-php@{n}.service)"
-        ))?;
+        m.succeed(&crate::machine::kill_main_pid(&format!("cgipool-php@{n}.service")))?;
     }
     let out = m.wait_until_succeeds(
         "grep -q 'requests in' /tmp/wrk-ka.out && cat /tmp/wrk-ka.out",

@@ -155,7 +155,7 @@ fn shared_scales_without_reload(m: &mut Machine) -> Result<()> {
         "the roll reloaded nginx or restarted the socket"
     );
     // kill -9: systemd restarts the worker; the socket stays.
-    m.succeed("kill -9 $(systemctl show -P MainPID cgipool-search@1.service)")?;
+    m.succeed(&crate::machine::kill_main_pid("cgipool-search@1.service"))?;
     m.wait_until_succeeds(
         "test \"$(systemctl show -P NRestarts cgipool-search@1.service)\" -ge 1 && systemctl is-active cgipool-search@1.service",
         "search@1 to be restarted after kill -9",
@@ -209,7 +209,7 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
         load.step(
             m,
             &format!("kill -9 search@{n}"),
-            &format!("kill -9 $(systemctl show -P MainPID cgipool-search@{n}.service)"),
+            &crate::machine::kill_main_pid(&format!("cgipool-search@{n}.service")),
         )?;
         std::thread::sleep(Duration::from_millis(1600));
     }

@@ -269,7 +269,7 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
     )?;
     let nginx = common::nginx_workers(m)?;
     let jobs_units = m.succeed("find /etc/systemd/system -path '*cgipool*' | sort | sha256sum")?;
-    let pid = m.unit_property("cgipool-watch.service", "MainPID")?;
+    let pid = m.main_pid("cgipool-watch.service")?;
     m.succeed(&format!("kill -9 {pid}"))?;
     m.wait_until_succeeds(
         &format!("test \"$(systemctl show -P MainPID cgipool-watch.service)\" != {pid} && systemctl is-active -q cgipool-watch.service"),
