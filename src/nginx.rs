@@ -20,6 +20,11 @@ use std::time::{Duration, Instant};
 /// Where nginx says which generation it serves (on `[nginx].check_address`).
 pub const GENERATION_PATH: &str = "/.cgipool/generation";
 
+/// How often a reload's outcome and the old workers' exit are looked at:
+/// both usually take a few milliseconds, and every apply that reroutes
+/// waits for them (a look is a loopback request or a /proc read).
+const POLL: Duration = Duration::from_millis(10);
+
 /// The current contents of the upstreams and locations files.
 pub fn current(cfg: &Nginx) -> Result<(Option<String>, Option<String>)> {
     Ok((
@@ -204,7 +209,7 @@ pub async fn reload_and_verify(
         if Instant::now() >= deadline {
             bail!("nginx did not start serving generation {generation} within {}s after the reload ({last})", limit.as_secs());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -248,7 +253,7 @@ pub async fn wait_old_workers(old: &BTreeSet<u32>, limit: Duration) -> Result<()
                 limit.as_secs()
             );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -10,6 +10,7 @@
 //! SIGTERM between steps, or SIGKILL anywhere) is finished by the next one.
 pub mod host;
 pub mod interrupt;
+mod unit_list;
 
 #[cfg(test)]
 mod fake;
@@ -23,6 +24,7 @@ use host::{Drain, Host};
 use interrupt::Interrupt;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use unit_list::unit_list;
 
 /// What a run did.
 #[derive(Debug, Default)]
@@ -234,7 +236,7 @@ async fn start_and_roll(
             Err(e) => vec![format!("{e:#}")],
         };
         if started.is_empty() {
-            println!("systemd: started {}", plan.start.join(" "));
+            println!("systemd: started {}", unit_list(&plan.start));
         } else {
             problems.push(format!(
                 "workers are not healthy after starting: {}",
@@ -264,7 +266,7 @@ async fn start_and_roll(
             ));
             break;
         }
-        println!("systemd: restarted {}", group.join(" "));
+        println!("systemd: restarted {}", unit_list(group));
         pending.roll.retain(|g| g != group);
         host.write_pending(pending).await?;
     }
@@ -351,7 +353,7 @@ async fn stop_units(
         .map(|u| Job::new(JobKind::Stop, u))
         .collect();
     stop.guard("stopping units", host.run_jobs(&jobs)).await??;
-    println!("systemd: stopped {}", plan.stop.join(" "));
+    println!("systemd: stopped {}", unit_list(&plan.stop));
     Ok(())
 }
 
