@@ -363,23 +363,14 @@ impl Load {
     }
 }
 
-fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
-    install(m)?;
-    apply(m)?;
-    assert_pool_running(m, "search", 2)?;
-    // :80: the image has no /etc/services
-    let mut load = Load::start(m, 16, 30, "http://127.0.0.1:80/api/search?q=load")?;
+/// What every zero-failure load goes through on the `search` pool: scale
+/// 2 → 5 → 2, a rolling restart to `rolled` (the config with a changed
+/// environment), then six `kill -9`s of its workers; and no unit may have
+/// hit its start limit (which would explain failed requests).
+pub fn churn_search_pool(m: &mut Machine, load: &mut Load, rolled: &str) -> Result<()> {
     load.step(m, "scale 2 -> 5", "cgipool scale search 5")?;
     load.step(m, "scale 5 -> 2", "cgipool scale search 2")?;
-    let demo = m.succeed(&format!("cat {CONFIG}"))?;
-    write_config(
-        m,
-        &demo.replacen(
-            "max = 5\n",
-            "max = 5\nenvironment = { GREETING = \"rolled\" }\n",
-            1,
-        ),
-    )?;
+    write_config(m, rolled)?;
     load.step(
         m,
         "rolling restart (environment changed)",
@@ -392,14 +383,30 @@ fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
             &format!("kill -9 search@{n}"),
             &crate::machine::kill_main_pid(&format!("cgipool-search@{n}.service")),
         )?;
+        // The pauses space the kills out over the load; nothing waits on them.
         std::thread::sleep(Duration::from_millis(1600));
     }
-    // Checked first: a start limit hit would explain failed requests.
     let failed = m.succeed("systemctl list-units --failed --no-legend --plain 'cgipool*'; journalctl -b -o cat -u 'cgipool-search@*' | grep -c 'start-limit-hit\\|Start request repeated too quickly' || true")?;
     ensure!(
         failed.trim() == "0",
         "a unit hit its start limit or failed:\n{failed}"
     );
+    Ok(())
+}
+
+fn zero_failures_under_load(m: &mut Machine) -> Result<()> {
+    install(m)?;
+    apply(m)?;
+    assert_pool_running(m, "search", 2)?;
+    // :80: the image has no /etc/services
+    let mut load = Load::start(m, 16, 30, "http://127.0.0.1:80/api/search?q=load")?;
+    let demo = m.succeed(&format!("cat {CONFIG}"))?;
+    let rolled = demo.replacen(
+        "max = 5\n",
+        "max = 5\nenvironment = { GREETING = \"rolled\" }\n",
+        1,
+    );
+    churn_search_pool(m, &mut load, &rolled)?;
     load.finish(m, "zero-failure load", 10_000)?;
     // After the roll every worker runs with the new environment.
     for n in 1..=2 {

@@ -4,7 +4,7 @@
 //! `Connection: close` and keep-alive clients; switching a pool between the
 //! modes under load.
 use super::common::{self, apply, assert_pool_running, header, install, write_config, CONFIG};
-use super::edge::Load;
+use super::edge::{churn_search_pool, Load};
 use crate::machine::Machine;
 use crate::Scenario;
 use anyhow::{ensure, Context, Result};
@@ -195,29 +195,8 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
         Clients::Close => Load::start(m, 16, 25, url)?,
         Clients::KeepAlive => Load::keep_alive(m, 16, 25, url)?,
     };
-    load.step(m, "scale 2 -> 5", "cgipool scale search 5")?;
-    load.step(m, "scale 5 -> 2", "cgipool scale search 2")?;
     let rolled = demo_with(queue, "environment = { GREETING = \"rolled\" }\n")?;
-    write_config(m, &rolled)?;
-    load.step(
-        m,
-        "rolling restart (environment changed)",
-        &format!("cgipool apply {CONFIG}"),
-    )?;
-    for round in 0..6 {
-        let n = round % 2 + 1;
-        load.step(
-            m,
-            &format!("kill -9 search@{n}"),
-            &crate::machine::kill_main_pid(&format!("cgipool-search@{n}.service")),
-        )?;
-        std::thread::sleep(Duration::from_millis(1600));
-    }
-    let failed = m.succeed("systemctl list-units --failed --no-legend --plain 'cgipool*'; journalctl -b -o cat -u 'cgipool-search@*' | grep -c 'start-limit-hit\\|Start request repeated too quickly' || true")?;
-    ensure!(
-        failed.trim() == "0",
-        "a unit hit its start limit or failed:\n{failed}"
-    );
+    churn_search_pool(m, &mut load, &rolled)?;
     let reloaded = common::nginx_workers(m)? != nginx_before;
     let what = format!("{queue:?} queue, {clients:?} clients");
     if queue == Queue::PerWorker && clients == Clients::KeepAlive {
