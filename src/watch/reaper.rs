@@ -174,7 +174,7 @@ impl Watcher {
             let Some(p) = self.cfg.pools.get(pool) else {
                 continue;
             };
-            if p.protocol == Protocol::Cgi {
+            if p.protocol == Protocol::Cgi || !p.reap_abandoned {
                 continue;
             }
             let prefix = format!("{RUN_DIR}/{pool}/");
