@@ -169,7 +169,8 @@ impl Watcher {
         if !self.reaper.due(now) {
             return;
         }
-        let mut workers = Vec::new();
+        // (unit, pool, the pool's socket directory, socket inodes) per running worker.
+        let mut held = Vec::new();
         for (pool, &n) in &self.counts {
             let Some(p) = self.cfg.pools.get(pool) else {
                 continue;
@@ -177,7 +178,6 @@ impl Watcher {
             if p.protocol == Protocol::Cgi || !p.reap_abandoned {
                 continue;
             }
-            let prefix = format!("{RUN_DIR}/{pool}/");
             for i in 1..=n {
                 let unit = plan::service(pool, i);
                 let running = self
@@ -190,30 +190,38 @@ impl Watcher {
                     continue;
                 };
                 let inodes = socket_inodes(pid, &unit);
-                let sockets = match sockdiag::by_inode(&inodes) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Not observed: the worker is forgotten, never killed on a failed read.
-                        eprintln!("watch: reading the connections of {unit}: {e:#}");
-                        continue;
-                    }
-                };
-                let connections = sockets
+                held.push((unit, pool.clone(), format!("{RUN_DIR}/{pool}/"), inodes));
+            }
+        }
+        // One netlink socket for every worker's inodes.
+        let all: Vec<u32> = held.iter().flat_map(|h| h.3.iter().copied()).collect();
+        let sockets: BTreeMap<u32, sockdiag::Socket> = match sockdiag::by_inode(&all) {
+            Ok(s) => s.into_iter().map(|s| (s.inode, s)).collect(),
+            Err(e) => {
+                // No observation this time: never a kill on a failed read.
+                eprintln!(
+                    "watch: reading the workers' connections failed, no reaper observation: {e:#}"
+                );
+                return;
+            }
+        };
+        let workers: Vec<Observation> = held
+            .into_iter()
+            .map(|(unit, pool, prefix, inodes)| Observation {
+                unit,
+                pool,
+                connections: inodes
                     .iter()
+                    .filter_map(|i| sockets.get(i))
                     .filter(|s| s.stream && s.connected)
                     .filter(|s| s.path.as_deref().is_some_and(|p| p.starts_with(&prefix)))
                     .map(|s| Connection {
                         inode: s.inode,
                         peer_closed: s.peer_closed,
                     })
-                    .collect();
-                workers.push(Observation {
-                    unit,
-                    pool: pool.clone(),
-                    connections,
-                });
-            }
-        }
+                    .collect(),
+            })
+            .collect();
         for a in self.reaper.observe(now, &workers) {
             let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
                 self.reaper.retry(&a, now); // an apply, scale or converge runs; next time
