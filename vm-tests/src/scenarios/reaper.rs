@@ -66,7 +66,7 @@ fn php_sleep_past_timeout(m: &mut Machine) -> Result<()> {
         "after the kill: {code} {body}"
     );
     println!(
-        "reaper: sleep.php answered 504 after {took:.2}s; worker replaced {replaced:.2}s after the request; watch: {}",
+        "reaper: sleep.php answered 504 after {took:.2}s; worker replaced {replaced:.2}s after the request; {}",
         line.trim()
     );
     Ok(())
