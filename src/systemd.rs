@@ -146,6 +146,15 @@ impl Systemd {
             .with_context(|| format!("reset-failed {unit}"))
     }
 
+    /// Sends SIGKILL to every process of a unit (KillUnit, whom "all");
+    /// systemd then restarts the unit as its `Restart=` says.
+    pub async fn kill_all(&self, unit: &str) -> Result<()> {
+        self.manager
+            .kill_unit(unit.to_string(), "all".to_string(), nix::libc::SIGKILL)
+            .await
+            .with_context(|| format!("KillUnit({unit}, all, SIGKILL)"))
+    }
+
     /// Queues `jobs` (mode "replace") and waits for every one of them to be
     /// removed. `stall` bounds the progress, not the whole run: the wait
     /// fails when no job was queued or finished for that long (1,000 workers

@@ -107,6 +107,8 @@ pub struct Pool {
     /// The workers log one line per request (`CGIPOOL_ACCESS_LOG=1`);
     /// errors are logged either way.
     pub access_log: bool,
+    /// watch kills a worker still on a request nginx gave up on (src/watch/reaper.rs).
+    pub reap_abandoned: bool,
     pub protocol: Protocol,
     pub queue: Queue,
     /// The cgipool binary whose `cgi-gateway` subcommand runs a

@@ -51,6 +51,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "read_only_paths",
     "private_network",
     "access_log",
+    "reap_abandoned",
     "protocol",
     "queue",
     "gateway",
@@ -157,6 +158,7 @@ pub(super) struct PoolFields {
     read_only_paths: Option<Vec<PathBuf>>,
     private_network: Option<bool>,
     access_log: Option<bool>,
+    reap_abandoned: Option<bool>,
     protocol: Option<Protocol>,
     queue: Option<Queue>,
     gateway: Option<PathBuf>,
@@ -310,6 +312,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         "read_only_paths" => f.read_only_paths = get_abs_path_list(cx, src),
         "private_network" => f.private_network = get_bool(cx, src),
         "access_log" => f.access_log = get_bool(cx, src),
+        "reap_abandoned" => f.reap_abandoned = get_bool(cx, src),
         "protocol" => {
             if let Some(s) = get_str(cx, src) {
                 let p = match s.as_str() {
@@ -485,6 +488,13 @@ pub(super) fn parse_pool(
             "notify and watchdog_sec are not available for protocol = \"cgi\" (the gateway does not send READY=1 or WATCHDOG=1)",
         );
     }
+    if f.protocol == Some(Protocol::Cgi) && f.reap_abandoned.is_some() {
+        cx.err(
+            here_or(psrc),
+            &format!("{}.reap_abandoned", psrc.key),
+            "reap_abandoned is not for protocol = \"cgi\" (the gateway kills its programs at request_timeout itself)",
+        );
+    }
     let protocol = f.protocol.unwrap_or(Protocol::Http);
     if let (Protocol::FastCgi, Some((span, key))) = (protocol, &f.gateway_at) {
         cx.err(
@@ -529,6 +539,7 @@ pub(super) fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         access_log: f.access_log.unwrap_or(false),
+        reap_abandoned: f.reap_abandoned.unwrap_or(true),
         protocol,
         queue: f.queue.unwrap_or(Queue::Shared),
         gateway: f.gateway.unwrap_or_else(crate::paths::cgipool_binary),
@@ -655,6 +666,15 @@ mod tests {
                 "{e:?}"
             );
         }
+    }
+
+    #[test]
+    fn reap_abandoned_is_on_by_default_and_not_for_cgi() {
+        assert!(ok(&pool_with("")).pools["p"].reap_abandoned);
+        assert!(!ok(&pool_with("reap_abandoned = false")).pools["p"].reap_abandoned);
+        let e = errs(&pool_with("protocol = \"cgi\"\nreap_abandoned = false"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("pool.p.reap_abandoned"), "{e:?}");
     }
 
     #[test]

@@ -77,6 +77,7 @@ fn demo_parses_with_defaults() {
             read_only_paths: vec![],
             private_network: true,
             access_log: false,
+            reap_abandoned: true,
             protocol: Protocol::Http,
             queue: super::Queue::Shared,
             gateway: crate::paths::cgipool_binary(),
@@ -130,6 +131,7 @@ read_write_paths = ["/var/lib/x"]
 read_only_paths = ["/srv"]
 private_network = false
 access_log = true
+reap_abandoned = false
 protocol = "http"
 gateway = "/opt/cgipool/bin/cgipool"
 working_directory = "/var/lib/x"
@@ -159,6 +161,7 @@ max_connections = 7
     assert_eq!(x.max_connections, Some(7));
     assert!(!x.private_network);
     assert!(x.access_log);
+    assert!(!x.reap_abandoned);
     assert_eq!(x.protocol, Protocol::Http);
     assert_eq!(x.gateway, Path::new("/opt/cgipool/bin/cgipool"));
 }

@@ -16,6 +16,7 @@
 mod fcgi;
 mod notify;
 mod probe;
+mod reaper;
 pub mod scaler;
 mod server;
 mod sockdiag;
@@ -99,6 +100,8 @@ pub(crate) struct Watcher {
     probes: HashMap<String, ProbeState>,
     /// Services the probe failed: out of nginx until they answer again.
     unhealthy: BTreeSet<String>,
+    /// Workers holding connections nginx closed (see `reaper`).
+    reaper: reaper::Reaper,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +172,7 @@ pub async fn run(opts: Options) -> Result<()> {
         states: BTreeMap::new(),
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
+        reaper: reaper::Reaper::default(),
     };
     if let Some(i) = intent {
         w.set_intent(i);
@@ -287,6 +291,7 @@ impl Watcher {
                 }
             }
         }
+        self.reap(systemd, now).await;
         if sample {
             self.refresh_details(systemd, &units).await;
             match sockdiag::queues(&format!("{RUN_DIR}/")) {

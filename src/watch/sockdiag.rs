@@ -1,19 +1,53 @@
-//! The kernel's view of the worker sockets (NETLINK_SOCK_DIAG for AF_UNIX,
-//! what `ss -x` shows): how many requests wait on each socket path, counted
-//! as connections queued on the listener plus accepted connections whose
-//! receive queue holds bytes a busy worker has not read yet.
+//! The kernel's view of cgipool's AF_UNIX sockets (NETLINK_SOCK_DIAG, what
+//! `ss -x` shows), read with the kept netlink crates (`netlink-sys` for the
+//! socket, `netlink-packet-sock-diag` for the messages): no `unsafe` here.
+//!
+//! Two questions are asked:
+//!
+//! - **Queues** (`queues`): how many requests wait on each socket path under
+//!   a prefix, counted as connections queued on the listener plus accepted
+//!   connections whose receive queue holds bytes a busy worker has not read
+//!   yet. The kernel's unix_diag filters a dump by socket state only (never
+//!   by path), and the one other way to ask for a single socket is by inode,
+//!   which needs the inodes first: the listeners are held by PID 1 (a file
+//!   table with every socket unit of the host) and, for a restarting worker,
+//!   by nobody else, so finding them would walk more of the host than the
+//!   dump shows. So this is one dump of the listening and connected sockets
+//!   (no datagram ones), filtered down to the prefix as each message is
+//!   parsed; nothing else is kept or logged.
+//! - **A worker's connections** (`by_inode`): the reaper finds the socket
+//!   inodes in a worker's `/proc/PID/fd` and asks the kernel for exactly
+//!   those, one request each: only cgipool's own sockets.
+//!
+//! Every answer is checked: its sequence number and port, a datagram larger
+//! than the buffer (MSG_TRUNC), a dump the kernel marks as interrupted, an
+//! error message, a message that does not parse. Any of them is an error for
+//! the caller, never "nothing waiting" (which would shrink a pool).
+//!
+//! The crate reports `UNIX_DIAG_SHUTDOWN` as the raw `sk_shutdown` bits (its
+//! doc comment speaks of `SHUT_RD`/`SHUT_WR`, which are different numbers):
+//! bit 0 (`RCV_SHUTDOWN`) is set on a connection once its peer closed it or
+//! shut down its writing side; that is what `Socket::peer_closed` reads.
 use anyhow::{bail, Context, Result};
-use nix::libc;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::{
+    unix::{nlas::UnixDiagName, ShowFlags, StateFlags, UnixRequest, UnixResponse},
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket as NetlinkSocket, SocketAddr};
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const UDIAG_SHOW_NAME: u32 = 0x01;
-const UDIAG_SHOW_RQLEN: u32 = 0x10;
-const UNIX_DIAG_NAME: u16 = 0;
-const UNIX_DIAG_RQLEN: u16 = 4;
-const TCP_ESTABLISHED: u32 = 1;
-const TCP_LISTEN: u32 = 10;
+const TCP_LISTEN: u8 = 10;
+const TCP_ESTABLISHED: u8 = 1;
+const SOCK_STREAM: u8 = 1;
+/// `sk_shutdown` bit: nothing more will arrive (the peer closed or shut down writing).
+const RCV_SHUTDOWN: u8 = 1;
+const ENOENT: i32 = 2;
+/// Larger than any datagram the kernel builds for a dump (at most 32 KiB).
+const RECV_BUFFER: usize = 64 * 1024;
 
 /// Per socket path: listening backlog and connections with unread requests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,118 +67,232 @@ impl Queue {
     }
 }
 
-/// Reads every AF_UNIX socket bound to a path under `prefix`.
+/// One AF_UNIX socket as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Socket {
+    pub inode: u32,
+    /// The bound path; an accepted connection carries its listener's.
+    pub path: Option<String>,
+    pub stream: bool,
+    pub listening: bool,
+    pub connected: bool,
+    /// Listener: connections in its accept queue; otherwise unread bytes.
+    pub rqueue: u32,
+    /// The peer closed the connection (or shut down its writing side).
+    pub peer_closed: bool,
+}
+
+/// Reads every listening or connected AF_UNIX socket bound to a path under
+/// `prefix` and counts what waits on each path.
 pub fn queues(prefix: &str) -> Result<BTreeMap<String, Queue>> {
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a NETLINK_SOCK_DIAG socket");
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    send_request(&fd)?;
     let mut out: BTreeMap<String, Queue> = BTreeMap::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error()).context("reading sock_diag answers");
-        }
-        if parse_batch(&buf[..n as usize], prefix, &mut out)? {
-            return Ok(out);
+    for s in Netlink::open()?.dump(prefix)? {
+        let Some(path) = s.path else { continue };
+        let q = out.entry(path).or_default();
+        if s.listening {
+            q.backlog = s.rqueue;
+        } else if s.rqueue > 0 {
+            q.pending += 1;
         }
     }
+    Ok(out)
 }
 
-fn send_request(fd: &OwnedFd) -> Result<()> {
-    let mut msg = Vec::with_capacity(40);
-    let len: u32 = 16 + 24;
-    msg.extend_from_slice(&len.to_ne_bytes());
-    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    msg.push(libc::AF_UNIX as u8);
-    msg.push(0);
-    msg.extend_from_slice(&0u16.to_ne_bytes());
-    msg.extend_from_slice(&((1u32 << TCP_ESTABLISHED) | (1u32 << TCP_LISTEN)).to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // ino
-    msg.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN).to_ne_bytes());
-    msg.extend_from_slice(&[0xff; 8]); // cookie: none
-    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error()).context("sending the sock_diag request");
+/// The sockets with these inodes that still exist (a socket closed since its
+/// inode was seen is simply not in the answer).
+pub fn by_inode(inodes: &[u32]) -> Result<Vec<Socket>> {
+    if inodes.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Parses one recv() worth of netlink messages; true once NLMSG_DONE is seen.
-fn parse_batch(b: &[u8], prefix: &str, out: &mut BTreeMap<String, Queue>) -> Result<bool> {
-    let mut off = 0;
-    while off + 16 <= b.len() {
-        let len = u32_at(b, off) as usize;
-        let kind = u16_at(b, off + 4);
-        if len < 16 || off + len > b.len() {
-            bail!("malformed netlink message");
+    let mut nl = Netlink::open()?;
+    let mut out = Vec::new();
+    for &inode in inodes {
+        if let Some(s) = nl.exact(inode)? {
+            out.push(s);
         }
-        match kind as i32 {
-            libc::NLMSG_DONE => return Ok(true),
-            libc::NLMSG_ERROR => bail!("sock_diag answered an error"),
-            _ => parse_socket(&b[off + 16..off + len], prefix, out),
-        }
-        off += (len + 3) & !3;
     }
-    Ok(false)
+    Ok(out)
 }
 
-fn parse_socket(m: &[u8], prefix: &str, out: &mut BTreeMap<String, Queue>) {
-    if m.len() < 16 {
-        return;
+/// A NETLINK_SOCK_DIAG socket and the sequence number of its last request.
+struct Netlink {
+    socket: NetlinkSocket,
+    port: u32,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    fn open() -> Result<Netlink> {
+        let mut socket =
+            NetlinkSocket::new(NETLINK_SOCK_DIAG).context("opening a NETLINK_SOCK_DIAG socket")?;
+        let port = socket
+            .bind_auto()
+            .context("binding the NETLINK_SOCK_DIAG socket")?
+            .port_number();
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .context("connecting the NETLINK_SOCK_DIAG socket to the kernel")?;
+        Ok(Netlink {
+            socket,
+            port,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_BUFFER),
+        })
     }
-    let state = u32::from(m[2]);
-    let (mut name, mut rqueue) = (None, 0u32);
-    let mut off = 16;
-    while off + 4 <= m.len() {
-        let alen = u16_at(m, off) as usize;
-        let akind = u16_at(m, off + 2);
-        if alen < 4 || off + alen > m.len() {
-            break;
+
+    fn send(&mut self, request: UnixRequest, flags: u16) -> Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::UnixRequest(request).into());
+        packet.finalize();
+        let mut bytes = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        let sent = self
+            .socket
+            .send(&bytes, 0)
+            .context("sending a sock_diag request")?;
+        if sent != bytes.len() {
+            bail!("sock_diag request sent {sent} of {} bytes", bytes.len());
         }
-        let data = &m[off + 4..off + alen];
-        match akind {
-            UNIX_DIAG_NAME => {
-                name = Some(
-                    String::from_utf8_lossy(data)
-                        .trim_end_matches('\0')
-                        .to_string(),
-                )
+        Ok(self.seq)
+    }
+
+    /// One datagram of answers to request `seq`, checked and parsed.
+    fn receive(&mut self, seq: u32) -> Result<Vec<NetlinkMessage<SockDiagMessage>>> {
+        self.buf.clear();
+        let n = self
+            .socket
+            .recv(&mut self.buf, nix::libc::MSG_TRUNC)
+            .context("reading sock_diag answers")?;
+        if n > self.buf.len() {
+            bail!(
+                "a sock_diag answer of {n} bytes was truncated to {}",
+                self.buf.len()
+            );
+        }
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[off..n])
+                .map_err(|e| anyhow::anyhow!("a sock_diag answer does not parse: {e}"))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                bail!("a sock_diag answer has length 0");
             }
-            UNIX_DIAG_RQLEN if data.len() >= 4 => rqueue = u32_at(data, 0),
-            _ => {}
+            if msg.header.sequence_number != seq {
+                bail!(
+                    "a sock_diag answer carries sequence {} (asked {seq})",
+                    msg.header.sequence_number
+                );
+            }
+            if msg.header.port_number != self.port && msg.header.port_number != 0 {
+                bail!(
+                    "a sock_diag answer is for port {} (ours is {})",
+                    msg.header.port_number,
+                    self.port
+                );
+            }
+            if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+                bail!("the kernel interrupted the sock_diag dump (sockets changed meanwhile)");
+            }
+            out.push(msg);
+            off += (len + 3) & !3;
         }
-        off += (alen + 3) & !3;
+        Ok(out)
     }
-    let Some(name) = name.filter(|n| n.starts_with(prefix)) else {
-        return;
+
+    /// A dump of listening and connected sockets, filtered to `prefix`.
+    fn dump(&mut self, prefix: &str) -> Result<Vec<Socket>> {
+        let request = UnixRequest {
+            state_flags: StateFlags::LISTEN | StateFlags::ESTABLISHED,
+            inode: 0,
+            show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
+            cookie: [0xff; 8],
+        };
+        let seq = self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        loop {
+            for msg in self.receive(seq)? {
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(r)) => {
+                        let s = socket(&r)?;
+                        if s.path.as_deref().is_some_and(|p| p.starts_with(prefix)) {
+                            out.push(s);
+                        }
+                    }
+                    NetlinkPayload::Error(e) => {
+                        bail!("sock_diag answered the dump with an error: {}", e.to_io())
+                    }
+                    NetlinkPayload::Noop => {}
+                    other => bail!("unexpected sock_diag answer to a dump: {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// One socket by inode; None when it no longer exists.
+    fn exact(&mut self, inode: u32) -> Result<Option<Socket>> {
+        let request = UnixRequest {
+            state_flags: StateFlags::all(),
+            inode,
+            show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
+            cookie: [0xff; 8],
+        };
+        let seq = self.send(request, NLM_F_REQUEST)?;
+        let answers = self.receive(seq)?;
+        let Some(msg) = answers.into_iter().next() else {
+            bail!("sock_diag sent an empty answer for inode {inode}");
+        };
+        match msg.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(r)) => {
+                if r.header.inode != inode {
+                    bail!(
+                        "sock_diag answered inode {} for inode {inode}",
+                        r.header.inode
+                    );
+                }
+                socket(&r).map(Some)
+            }
+            NetlinkPayload::Error(e) if e.raw_code() == -ENOENT => Ok(None),
+            NetlinkPayload::Error(e) => Err(e.to_io())
+                .with_context(|| format!("sock_diag answered an error for inode {inode}")),
+            other => bail!("unexpected sock_diag answer for inode {inode}: {other:?}"),
+        }
+    }
+}
+
+/// The socket a response describes; its queue length must be there (asked
+/// for with `UDIAG_SHOW_RQLEN`), or the figures would read as "empty".
+fn socket(r: &UnixResponse) -> Result<Socket> {
+    let listening = r.header.state == TCP_LISTEN;
+    let rqueue = if listening {
+        r.number_of_pending_connection()
+    } else {
+        r.receive_queue_size()
     };
-    let q = out.entry(name).or_default();
-    if state == TCP_LISTEN {
-        q.backlog = rqueue;
-    } else if rqueue > 0 {
-        q.pending += 1;
-    }
+    let Some(rqueue) = rqueue else {
+        bail!(
+            "sock_diag sent no queue length for socket {}",
+            r.header.inode
+        );
+    };
+    let path = match r.name() {
+        Some(UnixDiagName::Pathname(p)) => Some(String::from_utf8_lossy(p.as_bytes()).into_owned()),
+        _ => None,
+    };
+    Ok(Socket {
+        inode: r.header.inode,
+        path,
+        stream: r.header.kind == SOCK_STREAM,
+        listening,
+        connected: r.header.state == TCP_ESTABLISHED,
+        rqueue,
+        peer_closed: r.shutdown_state().unwrap_or(0) & RCV_SHUTDOWN != 0,
+    })
 }
 
 #[cfg(test)]
@@ -152,6 +300,15 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::{UnixListener, UnixStream};
+
+    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u32 {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        let link = link.to_string_lossy();
+        link.trim_start_matches("socket:[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap()
+    }
 
     #[test]
     fn counts_backlog_and_unread_requests() {
@@ -185,5 +342,37 @@ mod tests {
             "accepted but unread counts as pending"
         );
         assert_eq!(q.waiting(), 2);
+        assert!(
+            queues(&prefix)
+                .unwrap()
+                .keys()
+                .all(|k| k.starts_with(&prefix)),
+            "only sockets under the prefix"
+        );
+    }
+
+    #[test]
+    fn by_inode_sees_a_peer_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let ino = inode_of(&accepted);
+        let s = by_inode(&[ino]).unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(s[0].connected && s[0].stream && !s[0].peer_closed);
+        assert_eq!(
+            s[0].path.as_deref(),
+            Some(path.to_str().unwrap()),
+            "an accepted connection carries its listener's path"
+        );
+        let listener_ino = inode_of(&listener);
+        assert!(by_inode(&[listener_ino]).unwrap()[0].listening);
+        drop(client);
+        let s = by_inode(&[ino]).unwrap();
+        assert!(s[0].peer_closed, "the peer closed: {s:?}");
+        drop(accepted);
+        assert_eq!(by_inode(&[ino]).unwrap(), vec![], "a closed socket is gone");
     }
 }

@@ -29,7 +29,7 @@ const DOCROOT: &str = "/srv/php";
 
 /// The fixture scripts in /srv/php, readable by nginx (www-data) and by the
 /// workers' dynamic user.
-fn install_php(m: &mut Machine) -> Result<()> {
+pub(super) fn install_php(m: &mut Machine) -> Result<()> {
     install(m)?;
     m.succeed(&format!(
         "set -e; rm -rf {DOCROOT}; cp -r /payload/fixtures/php {DOCROOT}; \
@@ -38,7 +38,7 @@ fn install_php(m: &mut Machine) -> Result<()> {
     Ok(())
 }
 
-fn php_pool(name: &str, route: &str, extra: &str) -> String {
+pub(super) fn php_pool(name: &str, route: &str, extra: &str) -> String {
     format!(
         "[pool.{name}]\nprotocol = \"fastcgi\"\nexec = \"/usr/bin/php-cgi\"\nroute = \"{route}\"\n\
          document_root = \"{DOCROOT}\"\n{extra}\n"
@@ -46,7 +46,7 @@ fn php_pool(name: &str, route: &str, extra: &str) -> String {
 }
 
 /// `cgipool apply`, then wait until nginx routes `url` to a PHP worker.
-fn apply_and_route(m: &mut Machine, url: &str) -> Result<()> {
+pub(super) fn apply_and_route(m: &mut Machine, url: &str) -> Result<()> {
     apply(m)?;
     m.wait_until_succeeds(
         &format!("curl -sf '{url}' | grep -q 'hello from'"),
@@ -247,24 +247,29 @@ fn php_timeout_and_errors(m: &mut Machine) -> Result<()> {
         (1.5..8.0).contains(&took),
         "504 after {took:.1}s, expected about 2s"
     );
-    // PHP stops the script (max_execution_time = 2 s of CPU time) and the
-    // same process answers again.
-    m.wait_until_succeeds(
-        "journalctl -q -o cat -t cgipool-php | grep -q 'Maximum execution time of 2 seconds exceeded'",
-        "PHP to stop the runaway script",
+    // PHP stops the script (max_execution_time = 2 s of CPU time), or, when
+    // the busy machine gives the script its 2 s of CPU only later, watch's
+    // reaper kills the worker still holding the connection nginx closed
+    // (fastcgi_php_sleep_past_timeout); either way the pool serves again.
+    let stopped = m.wait_until_succeeds(
+        "journalctl -q -o cat -t cgipool-php | grep -q 'Maximum execution time of 2 seconds exceeded' && echo php || \
+         (journalctl -q -o cat -u cgipool-watch.service | grep -q 'cgipool-php@1.service (pool php): killed' && echo reaper)",
+        "PHP to stop the runaway script (or watch to kill its worker)",
         Duration::from_secs(15),
     )?;
-    let (code, _, body) = request(m, "http://127.0.0.1/php/hello.php")?;
+    m.wait_until_succeeds(
+        "curl -sf http://127.0.0.1/php/hello.php | grep -q 'hello from php@1'",
+        "the pool to serve after the timeout",
+        Duration::from_secs(10),
+    )?;
+    let same = m.unit_property(unit, "MainPID")? == pid;
     ensure!(
-        code == 200 && body.contains("hello from php@1"),
-        "after the timeout: {code} {body}"
-    );
-    ensure!(
-        m.unit_property(unit, "MainPID")? == pid,
-        "the worker was restarted instead of stopping the script"
+        same || stopped.trim() == "reaper",
+        "the worker was restarted, but neither by PHP's limit nor by watch ({stopped})"
     );
     println!(
-        "fastcgi: spin.php answered 504 after {took:.2}s; PHP stopped it, the worker serves on"
+        "fastcgi: spin.php answered 504 after {took:.2}s; stopped by {}, the worker serves on",
+        stopped.trim()
     );
     Ok(())
 }

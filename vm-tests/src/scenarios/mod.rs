@@ -9,6 +9,7 @@ mod fastcgi;
 mod harness;
 mod machine_tier;
 mod queue;
+mod reaper;
 mod watch;
 
 use crate::Scenario;
@@ -25,5 +26,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(deb::scenarios());
     v.extend(fastcgi::scenarios());
     v.extend(queue::scenarios());
+    v.extend(reaper::scenarios());
     v
 }
