@@ -14,6 +14,7 @@
 //! watchdog is fed by a task of its own, so a long drain inside a converge
 //! does not look like a hang. Serves /pool-status and /metrics.
 mod fcgi;
+mod figures;
 mod notify;
 mod probe;
 pub mod scaler;
@@ -99,6 +100,8 @@ pub(crate) struct Watcher {
     probes: HashMap<String, ProbeState>,
     /// Services the probe failed: out of nginx until they answer again.
     unhealthy: BTreeSet<String>,
+    /// The operator's figures kept over time (figures.rs).
+    figures: figures::Figures,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +172,7 @@ pub async fn run(opts: Options) -> Result<()> {
         states: BTreeMap::new(),
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
+        figures: figures::Figures::new(state::now_unix()),
     };
     if let Some(i) = intent {
         w.set_intent(i);
@@ -289,6 +293,7 @@ impl Watcher {
         }
         if sample {
             self.refresh_details(systemd, &units).await;
+            self.refresh_backlogs(systemd).await;
             match sockdiag::queues(&format!("{RUN_DIR}/")) {
                 Ok(queues) => {
                     for (pool, ns) in &wanted {

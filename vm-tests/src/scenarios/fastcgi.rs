@@ -343,7 +343,9 @@ fn php_zero_failures_under_load(m: &mut Machine) -> Result<()> {
     )?;
     for n in [1, 2] {
         std::thread::sleep(Duration::from_secs(3));
-        m.succeed(&crate::machine::kill_main_pid(&format!("cgipool-php@{n}.service")))?;
+        m.succeed(&crate::machine::kill_main_pid(&format!(
+            "cgipool-php@{n}.service"
+        )))?;
     }
     let out = m.wait_until_succeeds(
         "grep -q 'requests in' /tmp/wrk-ka.out && cat /tmp/wrk-ka.out",
