@@ -33,8 +33,23 @@ void watchdog_init(void);
 void watchdog_tick(void);
 /* When the next WATCHDOG=1 is due (now_ms() clock), or 0 if off. */
 long long watchdog_next(void);
-/* Sleeps ms, in slices so the watchdog keeps ticking. */
+/* Sleeps ms, in slices so the watchdog keeps ticking (and a state report
+ * held back by its interval goes out). */
 void test_delay(unsigned long ms);
+/* The worker contract's state report, `STATUS=cgipool requests=N idle` or
+ * `... busy since=MS method=M uri=U [id=I]` (README "The worker contract"):
+ * at most one datagram per REPORT_INTERVAL_MS; a newer state replaces one
+ * held back, which report_flush() sends once the interval has passed. */
+#define REPORT_INTERVAL_MS 100
+void report_busy(unsigned long served, const struct request *r);
+void report_idle(unsigned long served);
+void report_flush(void);
+/* When a held-back report is due (now_ms() clock), or 0 if none. */
+long long report_next(void);
+/* Percent-encodes src[0..n) into dst (NUL-terminated, at most cap-1
+ * bytes): bytes outside '!'..'~', and '%', as %XX; cut between UTF-8
+ * characters. Returns the encoded length. */
+size_t report_encode(char *dst, size_t cap, const char *src, size_t n);
 
 /* loop.c */
 void setup_signals(void);

@@ -1,6 +1,7 @@
 /* notify.c - sd_notify(3) over $NOTIFY_SOCKET without libsystemd
- * (READY=1, STOPPING=1, WATCHDOG=1 at half of WATCHDOG_USEC), and the test
- * delay, which sleeps in slices so the watchdog keeps ticking. */
+ * (READY=1, STOPPING=1, WATCHDOG=1 at half of WATCHDOG_USEC), the worker's
+ * rate-limited state report (STATUS=cgipool ...), and the test delay, which
+ * sleeps in slices so the watchdog keeps ticking. */
 #include "internal.h"
 
 #include <errno.h>
@@ -83,9 +84,100 @@ void test_delay(unsigned long ms)
     for (long long left; (left = end - now_ms()) > 0;) {
         if (g_watchdog_ms && left > g_watchdog_ms)
             left = g_watchdog_ms;
+        long long due = report_next();
+        if (due && due - now_ms() < left)
+            left = due > now_ms() ? due - now_ms() : 1;
         struct timespec ts = {left / 1000, (left % 1000) * 1000000L};
         nanosleep(&ts, NULL);
         watchdog_tick();
+        report_flush();
     }
+}
+
+/* "STATUS=" + the longest line: uri 1024, id 128, method 32, numbers. */
+static char g_report[1400];
+static int g_report_pending;
+static long long g_report_last = -REPORT_INTERVAL_MS;
+
+size_t report_encode(char *dst, size_t cap, const char *src, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)src[i];
+        size_t clen = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        if (clen > n - i)
+            clen = n - i;
+        size_t need = 0;
+        for (size_t k = 0; k < clen; k++) {
+            unsigned char b = (unsigned char)src[i + k];
+            need += (b > ' ' && b <= '~' && b != '%') ? 1 : 3;
+        }
+        if (o + need + 1 > cap)
+            break;
+        for (size_t k = 0; k < clen; k++) {
+            unsigned char b = (unsigned char)src[i + k];
+            if (b > ' ' && b <= '~' && b != '%') {
+                dst[o++] = (char)b;
+            } else {
+                dst[o++] = '%';
+                dst[o++] = hex[b >> 4];
+                dst[o++] = hex[b & 15];
+            }
+        }
+        i += clen;
+    }
+    if (cap)
+        dst[o < cap ? o : cap - 1] = '\0';
+    return o;
+}
+
+void report_flush(void)
+{
+    if (!g_report_pending || g_notify_fd < 0)
+        return;
+    long long now = now_ms();
+    if (now - g_report_last < REPORT_INTERVAL_MS)
+        return;
+    notify(g_report);
+    g_report_last = now;
+    g_report_pending = 0;
+}
+
+long long report_next(void)
+{
+    return g_report_pending && g_notify_fd >= 0
+               ? g_report_last + REPORT_INTERVAL_MS
+               : 0;
+}
+
+void report_idle(unsigned long served)
+{
+    if (g_notify_fd < 0)
+        return;
+    snprintf(g_report, sizeof g_report, "STATUS=cgipool requests=%lu idle",
+             served);
+    g_report_pending = 1;
+    report_flush();
+}
+
+void report_busy(unsigned long served, const struct request *r)
+{
+    if (g_notify_fd < 0)
+        return;
+    char method[3 * 32 + 1], uri[1024 + 1], id[128 + 1];
+    report_encode(method, sizeof method, r->method.p, min_sz(r->method.n, 32));
+    report_encode(uri, sizeof uri, r->target.p, r->target.n);
+    report_encode(id, sizeof id, r->request_id.p, r->request_id.n);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    long long since = (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000;
+    int n = snprintf(g_report, sizeof g_report,
+                     "STATUS=cgipool requests=%lu busy since=%lld method=%s uri=%s",
+                     served, since, method[0] ? method : "-", uri[0] ? uri : "/");
+    if (id[0] && n > 0 && (size_t)n < sizeof g_report)
+        snprintf(g_report + n, sizeof g_report - (size_t)n, " id=%s", id);
+    g_report_pending = 1;
+    report_flush();
 }
 

@@ -101,8 +101,9 @@ fn digits(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// Percent-decodes a value; None on a bad escape, a raw byte outside
-/// `!`..`~`, or a result that is not UTF-8 or holds control characters.
+/// Percent-decodes a value; None on a bad escape or a raw byte outside
+/// `!`..`~`. Bytes that are not UTF-8 (a URI may hold any) and control
+/// characters read as U+FFFD.
 pub fn decode(value: &str) -> Option<String> {
     let b = value.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -125,11 +126,12 @@ pub fn decode(value: &str) -> Option<String> {
             _ => return None,
         }
     }
-    let s = String::from_utf8(out).ok()?;
-    if s.chars().any(char::is_control) {
-        return None;
-    }
-    Some(s)
+    Some(
+        String::from_utf8_lossy(&out)
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect(),
+    )
 }
 
 /// Percent-encodes a value for a report: every byte outside `!`..`~`, and
@@ -220,8 +222,6 @@ mod tests {
             "cgipool requests=1 busy since=1 method=GET uri=/%",
             "cgipool requests=1 busy since=1 method=GET uri=/%4",
             "cgipool requests=1 busy since=1 method=GET uri=/%zz",
-            "cgipool requests=1 busy since=1 method=GET uri=/%0a",
-            "cgipool requests=1 busy since=1 method=GET uri=/%ff",
             "cgipool requests=1 busy since=1 method=GET uri=/\u{e9}",
             "cgipool requests=1 busy since=1 method=GET uri=/\t",
             "Cgipool requests=1 idle",
@@ -229,6 +229,12 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn odd_bytes_in_a_uri_read_as_replacement_characters() {
+        let r = parse("cgipool requests=1 busy since=1 method=GET uri=/%0a%ff%C3%A9").unwrap();
+        assert_eq!(r.current.unwrap().uri, "/\u{fffd}\u{fffd}\u{e9}");
     }
 
     #[test]

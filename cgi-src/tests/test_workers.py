@@ -630,6 +630,50 @@ class LifecycleTests(WorkerCase):
         self.assertEqual(c.read_response().status, 200)
         c.close()
 
+    def statuses(self, got):
+        return [g[len("STATUS="):] for g in got if g.startswith("STATUS=cgipool ")]
+
+    def test_state_report_busy_then_idle(self):
+        s, name = self.notify_socket(False)
+        w = self.start(SEARCH, env={"NOTIFY_SOCKET": name,
+                                    "CGIPOOL_TEST_DELAY_MS": "600"})
+        # The probe of start() was request 1.
+        self.collect(s, lambda g: "cgipool requests=1 idle" in self.statuses(g),
+                     "idle after the probe")
+        c = w.conn()
+        t0 = time.time()
+        c.send(req("GET", "/api/search?q=a%20b&x=~", {"X-Request-ID": "r-1"}))
+        got = self.collect(s, lambda g: any(" busy " in x for x in self.statuses(g)),
+                           "busy report")
+        busy = [x for x in self.statuses(got) if " busy " in x][0]
+        words = busy.split(" ")
+        self.assertEqual(words[:3], ["cgipool", "requests=1", "busy"], busy)
+        fields = dict(x.split("=", 1) for x in words[3:])
+        self.assertEqual(fields["method"], "GET")
+        self.assertEqual(fields["uri"], "/api/search?q=a%2520b&x=~")
+        self.assertEqual(fields["id"], "r-1")
+        self.assertLessEqual(abs(int(fields["since"]) / 1000 - t0), 2)
+        self.assertTrue(all(0x21 <= b <= 0x7e or b == 0x20 for b in busy.encode()))
+        self.assertEqual(c.read_response().status, 200)
+        self.collect(s, lambda g: "cgipool requests=2 idle" in self.statuses(g),
+                     "idle after the request")
+        c.close()
+
+    def test_state_reports_are_rate_limited(self):
+        s, name = self.notify_socket(False)
+        w = self.start(SEARCH, env={"NOTIFY_SOCKET": name})
+        t0 = time.time()
+        c = w.conn()
+        for i in range(200):
+            self.assertEqual(c.request(req("GET", f"/api/search?q={i}")).status, 200)
+        elapsed = time.time() - t0
+        # The last state is always reported, at most one interval late.
+        got = self.collect(s, lambda g: "cgipool requests=201 idle" in self.statuses(g),
+                           "the final idle report")
+        n = len(self.statuses(got))
+        self.assertLessEqual(n, elapsed / 0.1 + 3, f"{n} reports in {elapsed:.2f}s")
+        c.close()
+
 
 class HelloExampleTests(WorkerCase):
     def test_hello_worker_contract(self):

@@ -156,7 +156,11 @@ impl Watcher {
             let inputs = PoolInputs {
                 shared: self.is_shared(&p.name),
                 route: p.route.clone(),
-                slow_request: None,
+                slow_request: p
+                    .slow_request
+                    .as_deref()
+                    .and_then(crate::config::duration_usec)
+                    .map(std::time::Duration::from_micros),
             };
             self.figures.fill(view, &inputs);
         }
