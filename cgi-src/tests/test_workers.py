@@ -686,6 +686,15 @@ class HelloExampleTests(WorkerCase):
                        env={"CGIPOOL_WORKER": "hello@1", "NOTIFY_SOCKET": name})
         self.assertIn(b"READY=1", s.recv(4096))
         r = w.get("/api/hello?name=W%C3%B6rld", {"X-Request-ID": "py-1"})
+        # The state report: busy (with the request) and idle once served,
+        # folded into one when they come within 100 ms of each other.
+        reports = []
+        wait_until(lambda: reports.append(s.recv(4096).decode()) or
+                   "STATUS=cgipool requests=2 idle" in reports,
+                   "hello's idle report after the request")
+        busy = [r for r in reports if "requests=1 busy " in r]
+        for b in busy:
+            self.assertIn("method=GET uri=/api/hello?name=W%25C3%25B6rld id=py-1", b)
         self.assertEqual(r.status, 200)
         self.assertEqual(r.headers["x-cgipool-worker"], "hello@1")
         self.assertEqual(r.headers["x-request-id"], "py-1")
@@ -697,7 +706,7 @@ class HelloExampleTests(WorkerCase):
         self.assertEqual(w.request(req("POST", "/api/hello", body=b"x")).status, 405)
         wait_until(lambda: "rid=py-1" in w.log(), "hello request log line")
         self.assertEqual(w.stop(), 0)
-        self.assertIn(b"STOPPING=1", s.recv(4096))
+        wait_until(lambda: b"STOPPING=1" in s.recv(4096), "STOPPING=1")
 
 
 def main():

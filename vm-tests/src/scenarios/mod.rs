@@ -6,6 +6,7 @@ mod core;
 mod deb;
 pub mod edge;
 mod fastcgi;
+mod figures;
 mod harness;
 mod machine_tier;
 mod queue;
@@ -25,5 +26,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(deb::scenarios());
     v.extend(fastcgi::scenarios());
     v.extend(queue::scenarios());
+    v.extend(figures::scenarios());
     v
 }
