@@ -37,6 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub use view::{PoolView, Snapshot, WorkerView};
 
+/// How long watch lets systemd's signals settle before a step they woke.
+const SIGNAL_SETTLE: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// How often load is sampled.
@@ -191,7 +194,12 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         let sample = tokio::select! {
             _ = tick.tick() => true,
-            _ = changed.notified() => false,
+            _ = changed.notified() => {
+                // A burst of signals (workers' state reports among them:
+                // see worker_status) makes one step, not one each.
+                tokio::time::sleep(SIGNAL_SETTLE).await;
+                false
+            }
         };
         if drain.is_finished() {
             bail!("systemd's signal stream ended (bus connection lost); exiting so systemd restarts watch");

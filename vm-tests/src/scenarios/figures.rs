@@ -130,6 +130,9 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         .trim()
         .parse::<u64>()?;
     let accepted_before = num(&sample(m, "search")?, "accepted_total")?;
+    // What the state reports cost: PID 1's and watch's CPU over the load.
+    let cpu = "echo $(awk '{print $14+$15}' /proc/1/stat) $(awk '{print $14+$15}' /proc/$(systemctl show -P MainPID cgipool-watch.service)/stat) $(getconf CLK_TCK)";
+    let cpu_before = m.succeed(cpu)?;
     m.succeed(
         "systemd-run --quiet --collect --unit=vmtest-wrk -p StandardOutput=truncate:/tmp/wrk.out wrk -t2 -c16 -d8s --timeout 20s -H 'Connection: close' 'http://127.0.0.1:80/api/search?q=load'",
     )?;
@@ -163,6 +166,12 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         "wrk to finish",
         Duration::from_secs(30),
     )?;
+    let cpu_after = m.succeed(cpu)?;
+    m.succeed(&format!(
+        "echo 'CPU ticks (PID 1, watch, CLK_TCK) before the load: {} after: {}'",
+        cpu_before.trim(),
+        cpu_after.trim()
+    ))?;
     m.wait_until_succeeds(
         "python3 /tmp/sample.py search | python3 -c 'import json,sys; p=json.load(sys.stdin); sys.exit(not (p[\"idle\"] == p[\"total\"] == 2 and p[\"queue_depth\"] == 0))'",
         "search to be idle after the load",
@@ -209,11 +218,12 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         "workers' requests_total {served} vs {p}"
     );
 
-    // A slow request: in watch's journal once, with its request id, and in
-    // the counter; while it runs, it is the worker's `current`.
-    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -o /tmp/slow.out -H 'X-Request-ID: figures-slow-1' 'http://127.0.0.1/sleep?s=3'")?;
+    // A slow request: in watch's journal once, with its request id (nginx's
+    // $request_id, which the worker reports), and in the counter; while it
+    // runs, it is the worker's `current`.
+    m.succeed("systemd-run --quiet --collect --unit=vmtest-slow curl -s -D /tmp/slow.head -o /tmp/slow.out 'http://127.0.0.1/sleep?s=3'")?;
     m.wait_until_succeeds(
-        "curl -s http://127.0.0.1/pool-status | grep -q '\"request_id\": \"figures-slow-1\"'",
+        "curl -s http://127.0.0.1/pool-status | grep -q '\"uri\": \"/sleep?s=3\"'",
         "the slow request as a worker's current request",
         Duration::from_secs(10),
     )?;
@@ -228,8 +238,13 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         current["method"] == "GET" && current["uri"] == "/sleep?s=3",
         "current: {current:?}"
     );
+    let id = current["request_id"]
+        .as_str()
+        .filter(|id| id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .with_context(|| format!("no request id of nginx's in {current:?}"))?
+        .to_string();
     m.wait_until_succeeds(
-        "journalctl -o cat -u cgipool-watch.service | grep -q 'slow request: id=figures-slow-1 route=/sleep worker=sleepy@'",
+        &format!("journalctl -o cat -u cgipool-watch.service | grep -q 'slow request: id={id} route=/sleep worker=sleepy@'"),
         "watch to log the slow request",
         Duration::from_secs(15),
     )?;
@@ -239,10 +254,14 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         Duration::from_secs(15),
     )?;
     let p = sample(m, "sleepy")?;
-    let logged = m.succeed(
-        "journalctl -o cat -u cgipool-watch.service | grep -c 'slow request: id=figures-slow-1 '",
-    )?;
+    let logged = m.succeed(&format!(
+        "journalctl -o cat -u cgipool-watch.service | grep -c 'slow request: id={id} '"
+    ))?;
     ensure!(logged.trim() == "1", "logged {logged} times");
+    m.succeed(&format!(
+        "tr -d '\\r' < /tmp/slow.head | grep -qix 'x-request-id: {id}'"
+    ))
+    .context("the id watch logged is not the one nginx answered with")?;
     ensure!(num(&p, "slow_requests_total")? == 1, "{p}");
 
     // Every worker of every pool busy: the 30 s requests on sleepy, a load
