@@ -421,6 +421,7 @@ int run_loop(int lfd, const struct service *svc, unsigned long max_requests)
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
     sigprocmask(SIG_BLOCK, &block, &old);
+    report_init();
     report_idle(0);
     while (!done())
         loop_once(lfd, &old);

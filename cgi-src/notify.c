@@ -8,7 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -84,13 +86,9 @@ void test_delay(unsigned long ms)
     for (long long left; (left = end - now_ms()) > 0;) {
         if (g_watchdog_ms && left > g_watchdog_ms)
             left = g_watchdog_ms;
-        long long due = report_next();
-        if (due && due - now_ms() < left)
-            left = due > now_ms() ? due - now_ms() : 1;
         struct timespec ts = {left / 1000, (left % 1000) * 1000000L};
         nanosleep(&ts, NULL);
         watchdog_tick();
-        report_flush();
     }
 }
 
@@ -98,6 +96,44 @@ void test_delay(unsigned long ms)
 static char g_report[1400];
 static int g_report_pending;
 static long long g_report_last = -REPORT_INTERVAL_MS;
+/* The busy line of the request in flight, sent by the timer's handler. */
+static char g_busy[1400];
+static size_t g_busy_len;
+static volatile sig_atomic_t g_busy_armed, g_busy_sent;
+
+static void on_report_timer(int sig)
+{
+    (void)sig;
+    if (!g_busy_armed || g_notify_fd < 0)
+        return;
+    int saved = errno;
+    /* sendto is async-signal-safe; never blocks (MSG_DONTWAIT). */
+    if (sendto(g_notify_fd, g_busy, g_busy_len, MSG_NOSIGNAL | MSG_DONTWAIT,
+               (struct sockaddr *)&g_notify_addr, g_notify_len) >= 0)
+        g_busy_sent = 1;
+    errno = saved;
+}
+
+void report_init(void)
+{
+    if (g_notify_fd < 0)
+        return;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_report_timer;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+}
+
+static void arm_timer(long ms)
+{
+    struct itimerval t;
+    memset(&t, 0, sizeof t);
+    t.it_value.tv_sec = ms / 1000;
+    t.it_value.tv_usec = (ms % 1000) * 1000;
+    setitimer(ITIMER_REAL, &t, NULL);
+}
 
 size_t report_encode(char *dst, size_t cap, const char *src, size_t n)
 {
@@ -155,9 +191,16 @@ void report_idle(unsigned long served)
 {
     if (g_notify_fd < 0)
         return;
+    arm_timer(0);
+    g_busy_armed = 0;
     snprintf(g_report, sizeof g_report, "STATUS=cgipool requests=%lu idle",
              served);
     g_report_pending = 1;
+    if (g_busy_sent) {
+        /* The request was shown as current: say at once that it ended. */
+        g_busy_sent = 0;
+        g_report_last = -REPORT_INTERVAL_MS;
+    }
     report_flush();
 }
 
@@ -172,12 +215,14 @@ void report_busy(unsigned long served, const struct request *r)
     struct timespec wall;
     clock_gettime(CLOCK_REALTIME, &wall);
     long long since = (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000;
-    int n = snprintf(g_report, sizeof g_report,
+    int n = snprintf(g_busy, sizeof g_busy,
                      "STATUS=cgipool requests=%lu busy since=%lld method=%s uri=%s",
                      served, since, method[0] ? method : "-", uri[0] ? uri : "/");
-    if (id[0] && n > 0 && (size_t)n < sizeof g_report)
-        snprintf(g_report + n, sizeof g_report - (size_t)n, " id=%s", id);
-    g_report_pending = 1;
-    report_flush();
+    if (id[0] && n > 0 && (size_t)n < sizeof g_busy)
+        snprintf(g_busy + n, sizeof g_busy - (size_t)n, " id=%s", id);
+    g_busy_len = strnlen(g_busy, sizeof g_busy);
+    g_busy_sent = 0;
+    g_busy_armed = 1;
+    arm_timer(REPORT_INTERVAL_MS);
 }
 

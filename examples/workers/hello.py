@@ -14,7 +14,7 @@ It meets the worker contract (see README.md in this directory):
   * CGIPOOL_MAX_REQUESTS=N: exit 0 after N requests;
   * its state goes to $NOTIFY_SOCKET as STATUS=cgipool requests=N idle, or
     ... busy since=MS method=M uri=U id=I (percent-encoded), at most once
-    per 100 ms (a newer state replaces one held back).
+    per second (a newer state replaces one held back).
 
 Routes: GET /api/hello?name=NAME (any path ending in /api/hello), /healthz.
 """
@@ -82,7 +82,7 @@ def encode(value, limit):
 
 class Report:
     """The contract's state report, at most one datagram per INTERVAL."""
-    INTERVAL = 0.1
+    INTERVAL = 1.0
     line = None
     sent_at = -1.0
 

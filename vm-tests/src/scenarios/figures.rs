@@ -202,11 +202,21 @@ fn status_figures(m: &mut Machine) -> Result<()> {
         }
     }
     let (ok, all) = (ok - nginx_before, all - nginx_before);
-    let accepted = num(&p, "accepted_total")? - accepted_before;
-    ensure!(
-        ok <= accepted && accepted <= all && ok > 0,
-        "search served {accepted} requests by its reports; nginx logged {all} ({ok} not 499):\n{log}"
-    );
+    // The workers' last count arrives within their report interval (1 s)
+    // and watch's read of the units (2 s).
+    let deadline = Instant::now() + m.scaled(Duration::from_secs(10));
+    let p = loop {
+        let p = sample(m, "search")?;
+        let accepted = num(&p, "accepted_total")? - accepted_before;
+        if ok <= accepted && accepted <= all && ok > 0 {
+            break p;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "search served {accepted} requests by its reports; nginx logged {all} ({ok} not 499):\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let served: u64 = p["workers"]
         .as_array()
         .context("workers")?
