@@ -75,9 +75,11 @@ fn status_figures(m: &mut Machine) -> Result<()> {
     write_config(m, CONFIG)?;
     apply(m)?;
     m.wait_for_unit("cgipool-watch.service")?;
+    // Watch reads the units every 2 s: wait until it has seen every
+    // worker active and reporting.
     m.wait_until_succeeds(
-        "python3 /tmp/sample.py search | grep -q '\"requests_total\": 0'",
-        "the search workers' first report in /pool-status",
+        "curl -sf http://127.0.0.1/pool-status | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(not all(w[\"since_unix\"] and w[\"requests_total\"] == 0 for p in s[\"pools\"] for w in p[\"workers\"]))'",
+        "every worker's first report in /pool-status",
         Duration::from_secs(15),
     )?;
 
