@@ -35,6 +35,24 @@ void watchdog_tick(void);
 long long watchdog_next(void);
 /* Sleeps ms, in slices so the watchdog keeps ticking. */
 void test_delay(unsigned long ms);
+/* The worker contract's state report, `STATUS=cgipool requests=N idle` or
+ * `... busy since=MS method=M uri=U [id=I]` (README "The worker contract").
+ * A request is reported busy only once it has run REPORT_INTERVAL_MS (a
+ * one-shot SIGALRM timer sends the line prepared at its start), and then
+ * idle as soon as it ends; otherwise the request count goes out at most
+ * once per REPORT_INTERVAL_MS (a newer count replaces one held back, which
+ * report_flush() sends from the poll loop once the interval has passed). */
+#define REPORT_INTERVAL_MS 1000
+void report_init(void);
+void report_busy(unsigned long served, const struct request *r);
+void report_idle(unsigned long served);
+void report_flush(void);
+/* When a held-back report is due (now_ms() clock), or 0 if none. */
+long long report_next(void);
+/* Percent-encodes src[0..n) into dst (NUL-terminated, at most cap-1
+ * bytes): bytes outside '!'..'~', and '%', as %XX; cut between UTF-8
+ * characters. Returns the encoded length. */
+size_t report_encode(char *dst, size_t cap, const char *src, size_t n);
 
 /* loop.c */
 void setup_signals(void);

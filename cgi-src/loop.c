@@ -165,8 +165,10 @@ static int serve(struct conn *c, const struct request *req)
     double t0 = now_s();
     struct response res;
     init_response(&res);
+    report_busy(g_served, req);
     dispatch(req, &res);
     g_served++;
+    report_idle(g_served);
     c->nreq++;
     int keep = req->keep_alive && !c->eof && !stop_pending() &&
                c->nreq < MAX_REQS_PER_CONN &&
@@ -354,6 +356,9 @@ static int poll_timeout(void)
     long long wd = watchdog_next();
     if (wd && wd < next)
         next = wd;
+    long long rep = report_next();
+    if (rep && rep < next)
+        next = rep;
     return next <= now ? 0 : (int)(next - now);
 }
 
@@ -380,6 +385,7 @@ static void loop_once(int lfd, const sigset_t *unblocked)
         return;
     }
     watchdog_tick();
+    report_flush();
     unsigned long before = g_served;
     for (int i = 0; i < n && !done(); i++)
         if ((pfds[i].revents || g_conns[i].ready) &&
@@ -415,6 +421,8 @@ int run_loop(int lfd, const struct service *svc, unsigned long max_requests)
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
     sigprocmask(SIG_BLOCK, &block, &old);
+    report_init();
+    report_idle(0);
     while (!done())
         loop_once(lfd, &old);
     notify("STOPPING=1\nSTATUS=draining");

@@ -1,13 +1,16 @@
 /* notify.c - sd_notify(3) over $NOTIFY_SOCKET without libsystemd
- * (READY=1, STOPPING=1, WATCHDOG=1 at half of WATCHDOG_USEC), and the test
- * delay, which sleeps in slices so the watchdog keeps ticking. */
+ * (READY=1, STOPPING=1, WATCHDOG=1 at half of WATCHDOG_USEC), the worker's
+ * rate-limited state report (STATUS=cgipool ...), and the test delay, which
+ * sleeps in slices so the watchdog keeps ticking. */
 #include "internal.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -87,5 +90,139 @@ void test_delay(unsigned long ms)
         nanosleep(&ts, NULL);
         watchdog_tick();
     }
+}
+
+/* "STATUS=" + the longest line: uri 1024, id 128, method 32, numbers. */
+static char g_report[1400];
+static int g_report_pending;
+static long long g_report_last = -REPORT_INTERVAL_MS;
+/* The busy line of the request in flight, sent by the timer's handler. */
+static char g_busy[1400];
+static size_t g_busy_len;
+static volatile sig_atomic_t g_busy_armed, g_busy_sent;
+
+static void on_report_timer(int sig)
+{
+    (void)sig;
+    if (!g_busy_armed || g_notify_fd < 0)
+        return;
+    int saved = errno;
+    /* sendto is async-signal-safe; never blocks (MSG_DONTWAIT). */
+    if (sendto(g_notify_fd, g_busy, g_busy_len, MSG_NOSIGNAL | MSG_DONTWAIT,
+               (struct sockaddr *)&g_notify_addr, g_notify_len) >= 0)
+        g_busy_sent = 1;
+    errno = saved;
+}
+
+void report_init(void)
+{
+    if (g_notify_fd < 0)
+        return;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_report_timer;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+}
+
+static void arm_timer(long ms)
+{
+    struct itimerval t;
+    memset(&t, 0, sizeof t);
+    t.it_value.tv_sec = ms / 1000;
+    t.it_value.tv_usec = (ms % 1000) * 1000;
+    setitimer(ITIMER_REAL, &t, NULL);
+}
+
+size_t report_encode(char *dst, size_t cap, const char *src, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)src[i];
+        size_t clen = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        if (clen > n - i)
+            clen = n - i;
+        size_t need = 0;
+        for (size_t k = 0; k < clen; k++) {
+            unsigned char b = (unsigned char)src[i + k];
+            need += (b > ' ' && b <= '~' && b != '%') ? 1 : 3;
+        }
+        if (o + need + 1 > cap)
+            break;
+        for (size_t k = 0; k < clen; k++) {
+            unsigned char b = (unsigned char)src[i + k];
+            if (b > ' ' && b <= '~' && b != '%') {
+                dst[o++] = (char)b;
+            } else {
+                dst[o++] = '%';
+                dst[o++] = hex[b >> 4];
+                dst[o++] = hex[b & 15];
+            }
+        }
+        i += clen;
+    }
+    if (cap)
+        dst[o < cap ? o : cap - 1] = '\0';
+    return o;
+}
+
+void report_flush(void)
+{
+    if (!g_report_pending || g_notify_fd < 0)
+        return;
+    long long now = now_ms();
+    if (now - g_report_last < REPORT_INTERVAL_MS)
+        return;
+    notify(g_report);
+    g_report_last = now;
+    g_report_pending = 0;
+}
+
+long long report_next(void)
+{
+    return g_report_pending && g_notify_fd >= 0
+               ? g_report_last + REPORT_INTERVAL_MS
+               : 0;
+}
+
+void report_idle(unsigned long served)
+{
+    if (g_notify_fd < 0)
+        return;
+    arm_timer(0);
+    g_busy_armed = 0;
+    snprintf(g_report, sizeof g_report, "STATUS=cgipool requests=%lu idle",
+             served);
+    g_report_pending = 1;
+    if (g_busy_sent) {
+        /* The request was shown as current: say at once that it ended. */
+        g_busy_sent = 0;
+        g_report_last = -REPORT_INTERVAL_MS;
+    }
+    report_flush();
+}
+
+void report_busy(unsigned long served, const struct request *r)
+{
+    if (g_notify_fd < 0)
+        return;
+    char method[3 * 32 + 1], uri[1024 + 1], id[128 + 1];
+    report_encode(method, sizeof method, r->method.p, min_sz(r->method.n, 32));
+    report_encode(uri, sizeof uri, r->target.p, r->target.n);
+    report_encode(id, sizeof id, r->request_id.p, r->request_id.n);
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    long long since = (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000;
+    int n = snprintf(g_busy, sizeof g_busy,
+                     "STATUS=cgipool requests=%lu busy since=%lld method=%s uri=%s",
+                     served, since, method[0] ? method : "-", uri[0] ? uri : "/");
+    if (id[0] && n > 0 && (size_t)n < sizeof g_busy)
+        snprintf(g_busy + n, sizeof g_busy - (size_t)n, " id=%s", id);
+    g_busy_len = strnlen(g_busy, sizeof g_busy);
+    g_busy_sent = 0;
+    g_busy_armed = 1;
+    arm_timer(REPORT_INTERVAL_MS);
 }
 

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-60}
-targets=(gateway_head gateway_chunked fcgi_response)
+targets=(gateway_head gateway_chunked fcgi_response worker_status)
 export RUSTC_BOOTSTRAP=1   # cargo-fuzz's -Z flags on the stable toolchain
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -16,6 +16,7 @@ mod state;
 mod status;
 mod systemd;
 mod watch;
+mod worker_status;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

@@ -18,6 +18,9 @@ pub struct PoolStatus {
     /// What `cgipool watch` last decided for this pool, and why.
     /// The last change of the count (by apply, scale or watch), and why.
     pub last_decision: Option<Decision>,
+    /// The pool's figures from watch's /pool-status (None: watch did not
+    /// answer), without its workers.
+    pub figures: Option<serde_json::Value>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -47,6 +50,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
                     wanted: ns.len(),
                     healthy: 0,
                     last_decision: None,
+                    figures: None,
                     workers: Vec::new(),
                 },
             )
@@ -66,6 +70,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
             wanted: 0,
             healthy: 0,
             last_decision: None,
+            figures: None,
             workers: Vec::new(),
         });
         if d.active_state == "active" {
@@ -81,8 +86,10 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         .filter(|p| only.map(|o| o == p.pool).unwrap_or(true))
         .collect();
     let decisions = state::last_decisions(&paths);
+    let figures = watch_figures(Path::new(state::WATCH_SOCKET));
     for p in &mut out {
         p.last_decision = decisions.get(&p.pool).cloned();
+        p.figures = figures.as_ref().and_then(|f| f.get(&p.pool)).cloned();
         p.workers.sort_by_key(|w| {
             plan::parse_instance(&w.service.unit)
                 .map(|(_, n, _)| n)
@@ -90,6 +97,82 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         });
     }
     Ok(out)
+}
+
+/// Each pool's figures from watch's /pool-status (its workers left out:
+/// systemd's own view is shown for those), or None when watch does not
+/// answer within a second.
+fn watch_figures(socket: &Path) -> Option<BTreeMap<String, serde_json::Value>> {
+    use std::io::{Read, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let limit = Some(std::time::Duration::from_secs(1));
+    conn.set_read_timeout(limit).ok()?;
+    conn.set_write_timeout(limit).ok()?;
+    conn.write_all(b"GET /pool-status HTTP/1.0\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    conn.take(16 << 20).read_to_end(&mut answer).ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    let snapshot: serde_json::Value = serde_json::from_str(body).ok()?;
+    let pools = snapshot.get("pools")?.as_array()?;
+    Some(
+        pools
+            .iter()
+            .filter_map(|p| {
+                let name = p.get("pool")?.as_str()?.to_string();
+                let mut p = p.clone();
+                p.as_object_mut()?.remove("workers");
+                Some((name, p))
+            })
+            .collect(),
+    )
+}
+
+/// One line of a pool's figures (issue 18), as `cgipool status` prints them.
+fn figures_line(f: &serde_json::Value) -> String {
+    let n = |k: &str| match f.get(k) {
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => "n/a".to_string(),
+    };
+    format!(
+        "min {} max {}; busy {} idle {} of {} (max busy {}); queue {} (max {}, backlog {}); saturated {}x; accepted {}; slow {}; restarts {}; since watch started {}",
+        n("min"),
+        n("max"),
+        n("busy"),
+        n("idle"),
+        n("total"),
+        n("max_busy"),
+        n("queue_depth"),
+        n("max_queue_depth"),
+        n("backlog"),
+        n("saturated_total"),
+        n("accepted_total"),
+        n("slow_requests_total"),
+        n("restarts_total"),
+        since(f.get("started_at_unix").and_then(|v| v.as_u64()).map(|s| s * 1_000_000)),
+    )
+}
+
+/// A worker's REQUESTS and CURRENT columns, from its own report.
+fn worker_report(status_text: &str) -> (String, String) {
+    match crate::worker_status::parse(status_text) {
+        None => ("n/a".into(), "".into()),
+        Some(r) => {
+            let current = match r.current {
+                None => "idle".to_string(),
+                Some(c) => {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    let uri: String = c.uri.chars().take(60).collect();
+                    format!("{} {uri} {}ms", c.method, now_ms.saturating_sub(c.since_ms))
+                }
+            };
+            (r.requests.to_string(), current)
+        }
+    }
 }
 
 fn now_unix() -> u64 {
@@ -160,6 +243,18 @@ pub fn table(pools: &[PoolStatus]) -> String {
             "pool {}: {} healthy of {} wanted",
             p.pool, p.healthy, p.wanted
         );
+        match &p.figures {
+            Some(f) => {
+                let _ = writeln!(out, "  {}", figures_line(f));
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  (no figures: cgipool-watch does not answer on {})",
+                    state::WATCH_SOCKET
+                );
+            }
+        }
         if let Some(d) = &p.last_decision {
             let ago = now_unix().saturating_sub(d.at_unix);
             let _ = writeln!(
@@ -170,14 +265,15 @@ pub fn table(pools: &[PoolStatus]) -> String {
         }
         let _ = writeln!(
             out,
-            "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  SINCE",
-            "WORKER", "STATE", "RESTARTS", "PID", "MEMORY", "CPU"
+            "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8}  CURRENT",
+            "WORKER", "STATE", "RESTARTS", "PID", "MEMORY", "CPU", "SINCE", "REQUESTS"
         );
         for w in &p.workers {
             let s = &w.service;
+            let (requests, current) = worker_report(&s.status_text);
             let _ = writeln!(
                 out,
-                "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9}  {}",
+                "  {:<14} {:<22} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8}  {}",
                 w.worker,
                 format!("{}/{}", s.active_state, s.sub_state),
                 or_na(s.n_restarts),
@@ -186,7 +282,9 @@ pub fn table(pools: &[PoolStatus]) -> String {
                 s.cpu_nsec
                     .map(|n| format!("{}ms", n / 1_000_000))
                     .unwrap_or_else(|| "n/a".into()),
-                since(s.active_since_usec)
+                since(s.active_since_usec),
+                requests,
+                current
             );
         }
     }

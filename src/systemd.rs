@@ -35,6 +35,8 @@ pub struct ServiceDetails {
     /// Microseconds since the epoch when the unit last entered `active`.
     pub active_since_usec: Option<u64>,
     pub invocation_id: String,
+    /// The worker's last sd_notify `STATUS=` (see `worker_status`).
+    pub status_text: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,7 +378,31 @@ impl Systemd {
             cpu_nsec: number(&service, "CPUUsageNSec").filter(|&c| c != u64::MAX),
             active_since_usec: number(&unit, "ActiveEnterTimestamp").filter(|&t| t != 0),
             invocation_id: bytes_hex(&unit, "InvocationID"),
+            status_text: string(&service, "StatusText"),
         })
+    }
+
+    /// A socket unit's configured `Backlog=` (systemd's default when unset).
+    pub async fn socket_backlog(&self, unit: &str) -> Result<u32> {
+        let path = self
+            .manager
+            .get_unit(unit.to_string())
+            .await
+            .with_context(|| format!("GetUnit({unit})"))?;
+        let props = PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let v = props
+            .get(
+                InterfaceName::from_static_str("org.freedesktop.systemd1.Socket")?,
+                "Backlog",
+            )
+            .await
+            .with_context(|| format!("reading Backlog of {unit}"))?;
+        u32::try_from(v).with_context(|| format!("Backlog of {unit} is not a u32"))
     }
 }
 

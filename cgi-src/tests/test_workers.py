@@ -630,6 +630,54 @@ class LifecycleTests(WorkerCase):
         self.assertEqual(c.read_response().status, 200)
         c.close()
 
+    def statuses(self, got):
+        return [g[len("STATUS="):] for g in got if g.startswith("STATUS=cgipool ")]
+
+    def test_state_report_busy_then_idle(self):
+        s, name = self.notify_socket(False)
+        # A request is shown busy once it has run 1 s (REPORT_INTERVAL_MS).
+        w = self.start(SEARCH, env={"NOTIFY_SOCKET": name,
+                                    "CGIPOOL_TEST_DELAY_MS": "1500"})
+        # The probe of start() was request 1.
+        self.collect(s, lambda g: "cgipool requests=1 idle" in self.statuses(g),
+                     "idle after the probe")
+        c = w.conn()
+        t0 = time.time()
+        c.send(req("GET", "/api/search?q=a%20b&x=~", {"X-Request-ID": "r-1"}))
+        got = self.collect(s, lambda g: any(" busy " in x for x in self.statuses(g)),
+                           "busy report")
+        busy = [x for x in self.statuses(got) if " busy " in x][0]
+        words = busy.split(" ")
+        self.assertEqual(words[:3], ["cgipool", "requests=1", "busy"], busy)
+        fields = dict(x.split("=", 1) for x in words[3:])
+        self.assertEqual(fields["method"], "GET")
+        self.assertEqual(fields["uri"], "/api/search?q=a%2520b&x=~")
+        self.assertEqual(fields["id"], "r-1")
+        self.assertLessEqual(abs(int(fields["since"]) / 1000 - t0), 2)
+        self.assertGreaterEqual(time.time() - t0, 0.9, "busy reported before 1 s")
+        self.assertTrue(all(0x21 <= b <= 0x7e or b == 0x20 for b in busy.encode()))
+        self.assertEqual(c.read_response().status, 200)
+        self.collect(s, lambda g: "cgipool requests=2 idle" in self.statuses(g),
+                     "idle after the request")
+        c.close()
+
+    def test_state_reports_are_rate_limited(self):
+        s, name = self.notify_socket(False)
+        w = self.start(SEARCH, env={"NOTIFY_SOCKET": name})
+        t0 = time.time()
+        c = w.conn()
+        for i in range(200):
+            self.assertEqual(c.request(req("GET", f"/api/search?q={i}")).status, 200)
+        elapsed = time.time() - t0
+        # The last state is always reported, at most one interval late.
+        got = self.collect(s, lambda g: "cgipool requests=201 idle" in self.statuses(g),
+                           "the final idle report")
+        n = len(self.statuses(got))
+        self.assertLessEqual(n, elapsed / 1.0 + 3, f"{n} reports in {elapsed:.2f}s")
+        self.assertFalse([x for x in self.statuses(got) if " busy " in x],
+                         "short requests are never reported busy")
+        c.close()
+
 
 class HelloExampleTests(WorkerCase):
     def test_hello_worker_contract(self):
@@ -642,6 +690,15 @@ class HelloExampleTests(WorkerCase):
                        env={"CGIPOOL_WORKER": "hello@1", "NOTIFY_SOCKET": name})
         self.assertIn(b"READY=1", s.recv(4096))
         r = w.get("/api/hello?name=W%C3%B6rld", {"X-Request-ID": "py-1"})
+        # The state report: busy (with the request) and idle once served,
+        # folded into one when they come within 100 ms of each other.
+        reports = []
+        wait_until(lambda: reports.append(s.recv(4096).decode()) or
+                   "STATUS=cgipool requests=2 idle" in reports,
+                   "hello's idle report after the request")
+        busy = [r for r in reports if "requests=1 busy " in r]
+        for b in busy:
+            self.assertIn("method=GET uri=/api/hello?name=W%25C3%25B6rld id=py-1", b)
         self.assertEqual(r.status, 200)
         self.assertEqual(r.headers["x-cgipool-worker"], "hello@1")
         self.assertEqual(r.headers["x-request-id"], "py-1")
@@ -653,7 +710,7 @@ class HelloExampleTests(WorkerCase):
         self.assertEqual(w.request(req("POST", "/api/hello", body=b"x")).status, 405)
         wait_until(lambda: "rid=py-1" in w.log(), "hello request log line")
         self.assertEqual(w.stop(), 0)
-        self.assertIn(b"STOPPING=1", s.recv(4096))
+        wait_until(lambda: b"STOPPING=1" in s.recv(4096), "STOPPING=1")
 
 
 def main():

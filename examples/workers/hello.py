@@ -11,7 +11,10 @@ It meets the worker contract (see README.md in this directory):
     (an accept another instance won is silent);
   * X-Request-ID is echoed; one log line per request on stderr unless
     CGIPOOL_ACCESS_LOG=0 (then only errors);
-  * CGIPOOL_MAX_REQUESTS=N: exit 0 after N requests.
+  * CGIPOOL_MAX_REQUESTS=N: exit 0 after N requests;
+  * its state goes to $NOTIFY_SOCKET as STATUS=cgipool requests=N idle, or
+    ... busy since=MS method=M uri=U id=I (percent-encoded), at most once
+    per second (a newer state replaces one held back).
 
 Routes: GET /api/hello?name=NAME (any path ending in /api/hello), /healthz.
 """
@@ -62,6 +65,57 @@ def notify(msg):
             s.sendto(msg.encode(), addr)
     except OSError as e:
         log(f"sd_notify: {e}")
+
+
+def encode(value, limit):
+    """Percent-encode bytes outside '!'..'~' and '%', cut between characters."""
+    out = ""
+    for ch in value:
+        piece = "".join(c if c.isascii() and "!" <= c <= "~" and c != "%"
+                        else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogateescape"))
+                        for c in ch)
+        if len(out) + len(piece) > limit:
+            break
+        out += piece
+    return out
+
+
+class Report:
+    """The contract's state report, at most one datagram per INTERVAL."""
+    INTERVAL = 1.0
+    line = None
+    sent_at = -1.0
+
+    @classmethod
+    def idle(cls, served):
+        cls.set(f"cgipool requests={served} idle")
+
+    @classmethod
+    def busy(cls, served, method, target, rid):
+        since = int(time.time() * 1000)
+        line = (f"cgipool requests={served} busy since={since} "
+                f"method={encode(method, 32) or '-'} uri={encode(target, 1024) or '/'}")
+        if rid:
+            line += f" id={encode(rid, 128)}"
+        cls.set(line)
+
+    @classmethod
+    def set(cls, line):
+        cls.line = line
+        cls.flush()
+
+    @classmethod
+    def flush(cls):
+        if cls.line and time.monotonic() - cls.sent_at >= cls.INTERVAL:
+            notify("STATUS=" + cls.line)
+            cls.line, cls.sent_at = None, time.monotonic()
+
+    @classmethod
+    def due_in(cls):
+        """Seconds until a held-back report is due, or None."""
+        if not cls.line:
+            return None
+        return max(0.0, cls.sent_at + cls.INTERVAL - time.monotonic())
 
 
 def listen_socket():
@@ -139,7 +193,7 @@ def respond(conn, status, body, rid, head_only=False):
     conn.sendall(out if head_only else out + data)
 
 
-def handle(conn):
+def handle(conn, served):
     start = time.monotonic()
     head = read_head(conn)
     if head is None:
@@ -156,8 +210,10 @@ def handle(conn):
         rid = headers.get("x-request-id", "")
         if not rid.isprintable() or len(rid) > 128:
             rid = ""
+        Report.busy(served, method, target, rid)
         status, body = route(method, target)
     respond(conn, status, body, rid, method == "HEAD")
+    Report.idle(served + 1)
     ms = (time.monotonic() - start) * 1000
     if ACCESS_LOG or status >= 500 or isinstance(head, int) or req is None:
         log(f"{method} {path} {status} {ms:.3f}ms rid={rid or '-'}")
@@ -178,10 +234,14 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: setattr(Stop, "requested", True))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     wd = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
-    notify("READY=1\nSTATUS=serving")
+    notify("READY=1\nSTATUS=cgipool requests=0 idle")
     log(f"ready (pid {os.getpid()})")
     while not Stop.requested and not (MAX_REQUESTS and served >= MAX_REQUESTS):
-        ready, _, _ = select.select([lsock, rfd], [], [], wd)
+        due = Report.due_in()
+        timeout = min(t for t in (wd, due) if t is not None) \
+            if (wd or due is not None) else None
+        ready, _, _ = select.select([lsock, rfd], [], [], timeout)
+        Report.flush()
         if wd:
             notify("WATCHDOG=1")
         if lsock in ready and not Stop.requested:
@@ -191,7 +251,7 @@ def main():
                 continue  # another worker took it
             with conn:
                 try:
-                    served += handle(conn)
+                    served += handle(conn, served)
                 except OSError as e:
                     log(f"connection error: {e}")
     notify("STOPPING=1")

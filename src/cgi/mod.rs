@@ -40,6 +40,7 @@ pub mod http;
 pub mod meta;
 pub mod output;
 pub mod reap;
+mod report;
 pub mod response;
 pub mod run;
 pub mod serve;
@@ -252,6 +253,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut conns = Conns::new(listener, wake_r, gw.max_header, head_timeout)
         .context("the listening socket")?;
     let mut served: u64 = 0;
+    let reporter = report::Reporter::from_env();
     while let Some(next) = conns.next() {
         let (keep, conn) = match next {
             Next::Request(mut conn, req) => {
@@ -260,7 +262,15 @@ pub fn run(args: Args) -> Result<()> {
                     // The last one: answered with `Connection: close`.
                     signals::stop();
                 }
-                (gw.serve(&mut conn, &req), conn)
+                reporter.busy(
+                    served - 1,
+                    &req.method,
+                    &req.target,
+                    req.header("X-Request-ID"),
+                );
+                let keep = gw.serve(&mut conn, &req);
+                reporter.idle(served);
+                (keep, conn)
             }
             Next::Refuse(mut conn, status, why) => {
                 gw.refuse_head(&mut conn, status, why);

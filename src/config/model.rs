@@ -137,6 +137,9 @@ pub struct Pool {
     /// Requests a worker serves before it exits and systemd starts a fresh
     /// one (`CGIPOOL_MAX_REQUESTS`, and `PHP_FCGI_MAX_REQUESTS` for php-cgi).
     pub max_requests: Option<u32>,
+    /// Normalised systemd duration: watch logs (once) and counts requests
+    /// a worker reports running longer (None: off).
+    pub slow_request: Option<String>,
     /// Some iff `protocol = "fastcgi"`.
     pub fastcgi: Option<FastCgi>,
 }

@@ -68,6 +68,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "health_timeout",
     "unhealthy_after",
     "max_requests",
+    "slow_request",
     // protocol = "fastcgi" (config::fastcgi)
     "listen_fd",
     "keep_conn",
@@ -175,6 +176,7 @@ pub(super) struct PoolFields {
     burst: Option<u32>,
     max_connections: Option<u32>,
     max_requests: Option<u32>,
+    slow_request: Option<String>,
     gateway_at: Option<(Option<Range<usize>>, String)>,
     notify_at: Option<(bool, Option<Range<usize>>, String)>,
     fastcgi: FastCgiFields,
@@ -392,6 +394,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
             f.health_timeout = get_duration(cx, src, false).map(format_systemd_usec)
         }
         "unhealthy_after" => f.unhealthy_after = get_u32(cx, src, 1, 1000),
+        "slow_request" => f.slow_request = get_duration(cx, src, false).map(format_systemd_usec),
         "max_requests" => match src.item.as_integer() {
             Some(i) if i >= i64::from(MIN_MAX_REQUESTS) && i <= i64::from(u32::MAX) => {
                 f.max_requests = u32::try_from(i).ok()
@@ -556,6 +559,7 @@ pub(super) fn parse_pool(
         health_timeout: f.health_timeout.unwrap_or_else(|| "2s".to_string()),
         unhealthy_after: f.unhealthy_after.unwrap_or(3),
         max_requests: f.max_requests,
+        slow_request: f.slow_request,
         fastcgi,
     })
 }

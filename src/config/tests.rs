@@ -94,6 +94,7 @@ fn demo_parses_with_defaults() {
             health_timeout: "2s".into(),
             unhealthy_after: 3,
             max_requests: None,
+            slow_request: None,
             fastcgi: None,
         }
     );

@@ -345,6 +345,8 @@ mod tests {
             "protocol = \"cgi\"",
             "gateway = \"/usr/bin/cgipool\"",
             "max_connections = 1",
+            "slow_request = \"5s\"",
+            "slow_request = \"1min 30s\"",
         ] {
             ok(&pool_with(good));
         }
@@ -385,6 +387,9 @@ mod tests {
             ),
             ("max_connections = 0", "must be between 1 and"),
             ("burst = -1", "must be between 0 and"),
+            ("slow_request = \"0\"", "greater than zero"),
+            ("slow_request = \"soon\"", "invalid duration"),
+            ("slow_request = true", "expected a duration"),
         ] {
             let e = one_err(bad);
             assert!(e.contains(msg), "{bad}: {e}");

@@ -14,6 +14,7 @@
 //! watchdog is fed by a task of its own, so a long drain inside a converge
 //! does not look like a hang. Serves /pool-status and /metrics.
 mod fcgi;
+mod figures;
 mod notify;
 mod probe;
 mod reaper;
@@ -36,6 +37,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub use view::{PoolView, Snapshot, WorkerView};
+
+/// How long watch lets systemd's signals settle before a step they woke.
+const SIGNAL_SETTLE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -102,6 +106,8 @@ pub(crate) struct Watcher {
     unhealthy: BTreeSet<String>,
     /// Workers holding connections nginx closed (see `reaper`).
     reaper: reaper::Reaper,
+    /// The operator's figures kept over time (figures.rs).
+    figures: figures::Figures,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +179,7 @@ pub async fn run(opts: Options) -> Result<()> {
         probes: HashMap::new(),
         unhealthy: BTreeSet::new(),
         reaper: reaper::Reaper::default(),
+        figures: figures::Figures::new(state::now_unix()),
     };
     if let Some(i) = intent {
         w.set_intent(i);
@@ -191,7 +198,12 @@ pub async fn run(opts: Options) -> Result<()> {
     loop {
         let sample = tokio::select! {
             _ = tick.tick() => true,
-            _ = changed.notified() => false,
+            _ = changed.notified() => {
+                // A burst of signals (workers' state reports among them:
+                // see worker_status) makes one step, not one each.
+                tokio::time::sleep(SIGNAL_SETTLE).await;
+                false
+            }
         };
         if drain.is_finished() {
             bail!("systemd's signal stream ended (bus connection lost); exiting so systemd restarts watch");
@@ -294,6 +306,7 @@ impl Watcher {
         self.reap(systemd, now).await;
         if sample {
             self.refresh_details(systemd, &units).await;
+            self.refresh_backlogs(systemd).await;
             match sockdiag::queues(&format!("{RUN_DIR}/")) {
                 Ok(queues) => {
                     for (pool, ns) in &wanted {

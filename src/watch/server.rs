@@ -217,6 +217,33 @@ pub fn metrics(s: &Snapshot, format: Format) -> String {
         "Scaling decisions watch carried out.",
         pool_rows(&|p| p.scale_events.to_string()),
     );
+    let opt_pool_rows = |f: &dyn Fn(&super::PoolView) -> Option<String>| -> Vec<(String, String)> {
+        s.pools
+            .iter()
+            .filter_map(|p| f(p).map(|v| (format!("pool=\"{}\"", label(&p.pool)), v)))
+            .collect()
+    };
+    for (name, kind, help, rows) in [
+        ("cgipool_pool_min", "gauge", "The pool's configured min.", pool_rows(&|p| p.min.to_string())),
+        ("cgipool_pool_max", "gauge", "The pool's configured max.", pool_rows(&|p| p.max.to_string())),
+        ("cgipool_pool_started_at_unix", "gauge", "When watch started counting this pool's figures (Unix seconds).", pool_rows(&|p| p.started_at_unix.to_string())),
+        ("cgipool_pool_accepted_total", "counter", "Requests the pool's workers reported served since watch started (workers that report nothing are not counted).", opt_pool_rows(&|p| p.accepted_total.map(|n| n.to_string()))),
+        ("cgipool_pool_max_queue_depth", "gauge", "The longest queue seen since watch started.", pool_rows(&|p| p.max_queue_depth.to_string())),
+        ("cgipool_pool_backlog", "gauge", "The pool socket's effective listen backlog (Backlog=, capped by net.core.somaxconn).", opt_pool_rows(&|p| p.backlog.map(|n| n.to_string()))),
+        ("cgipool_pool_idle_workers", "gauge", "Active workers not serving a request.", pool_rows(&|p| p.idle.to_string())),
+        ("cgipool_pool_busy_workers", "gauge", "Active workers serving a request.", pool_rows(&|p| p.busy.to_string())),
+        ("cgipool_pool_total_workers", "gauge", "Active workers.", pool_rows(&|p| p.total.to_string())),
+        ("cgipool_pool_max_busy_workers", "gauge", "The most workers busy at once since watch started.", pool_rows(&|p| p.max_busy.to_string())),
+        ("cgipool_pool_saturated_total", "counter", "Times the pool was seen at max with every worker busy and a queue.", pool_rows(&|p| p.saturated_total.to_string())),
+        ("cgipool_pool_slow_requests_total", "counter", "Requests seen running longer than slow_request.", pool_rows(&|p| p.slow_requests_total.to_string())),
+        ("cgipool_pool_restarts_total", "counter", "Sum of the workers' NRestarts.", pool_rows(&|p| p.restarts_total.to_string())),
+        ("cgipool_worker_since_unix", "gauge", "When the worker last became active (ActiveEnterTimestamp, Unix seconds).", per_worker(&|w| w.since_unix.map(|n| n.to_string()))),
+        ("cgipool_worker_requests_total", "counter", "Requests the worker process reported served.", per_worker(&|w| w.requests_total.map(|n| n.to_string()))),
+        ("cgipool_worker_busy", "gauge", "1 while the worker serves a request.", per_worker(&|w| Some(u8::from(w.busy).to_string()))),
+        ("cgipool_worker_current_duration_ms", "gauge", "How long the request in flight has run, in milliseconds (only busy workers that report it).", per_worker(&|w| w.current.as_ref().map(|c| c.duration_ms.to_string()))),
+    ] {
+        family(name, kind, help, rows);
+    }
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
     }
@@ -251,6 +278,7 @@ mod tests {
                     cpu_nsec: Some(1_500_000_000),
                     ..WorkerView::default()
                 }],
+                ..PoolView::default()
             }],
         }
     }

@@ -1,6 +1,9 @@
 //! What /pool-status, /metrics and `cgipool status` show of watch's view:
 //! per pool and per worker, from systemd's unit list and properties, the
-//! kernel's socket queues and the decision log.
+//! kernel's socket queues, the workers' own reports (`StatusText`, see
+//! `worker_status`) and the decision log; the figures that need memory of
+//! the past come from `figures`.
+use super::figures::{self, PoolInputs};
 use super::{sock_path, sockdiag, Watcher};
 use crate::plan;
 use crate::state::{now_unix, Decision, RUN_DIR};
@@ -22,6 +25,23 @@ pub struct PoolView {
     pub queue_depth: u32,
     pub scale_events: u64,
     pub last_decision: Option<Decision>,
+    /// When watch started (the figures below count from then).
+    pub started_at_unix: u64,
+    /// Requests the workers reported served (None: no worker reports).
+    pub accepted_total: Option<u64>,
+    pub max_queue_depth: u32,
+    /// The pool socket's effective listen backlog (None: not read yet).
+    pub backlog: Option<u32>,
+    pub idle: u32,
+    pub busy: u32,
+    /// Active workers.
+    pub total: u32,
+    pub max_busy: u32,
+    /// Times the pool was seen at max with every worker busy and a queue.
+    pub saturated_total: u64,
+    pub slow_requests_total: u64,
+    /// Sum of the workers' NRestarts.
+    pub restarts_total: u64,
     pub workers: Vec<WorkerView>,
 }
 
@@ -38,13 +58,38 @@ pub struct WorkerView {
     pub main_pid: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub cpu_nsec: Option<u64>,
+    /// When the worker last became active (ActiveEnterTimestamp), Unix seconds.
+    pub since_unix: Option<u64>,
+    /// Requests this worker process served, as it reported them.
+    pub requests_total: Option<u64>,
+    /// The request in flight, as the worker reported it; None while idle
+    /// (or when the worker reports nothing).
+    pub current: Option<CurrentView>,
+    /// Whether the worker reports its state (the contract's STATUS= lines).
+    pub reports: bool,
+    #[serde(skip)]
+    pub invocation_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CurrentView {
+    pub method: String,
+    pub uri: String,
+    pub duration_ms: u64,
+    pub request_id: Option<String>,
+    /// Unix time in milliseconds when the worker took the request.
+    pub since_ms: u64,
 }
 
 impl Watcher {
-    pub(super) fn snapshot_view(&self) -> Snapshot {
+    pub(super) fn snapshot_view(&mut self) -> Snapshot {
         // A failed read shows no queue figures rather than wrong ones.
         let queues = sockdiag::queues(&format!("{RUN_DIR}/")).unwrap_or_default();
-        let pools = self
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut pools: Vec<PoolView> = self
             .cfg
             .pools
             .values()
@@ -70,7 +115,7 @@ impl Watcher {
                                 .map(|q| q.waiting())
                                 .unwrap_or(0)
                         };
-                        WorkerView {
+                        let mut view = WorkerView {
                             worker: format!("{}@{i}", p.name),
                             healthy,
                             busy: waiting > 0,
@@ -82,7 +127,12 @@ impl Watcher {
                             main_pid: d.main_pid,
                             memory_bytes: d.memory_bytes,
                             cpu_nsec: d.cpu_nsec,
-                        }
+                            since_unix: d.active_since_usec.map(|us| us / 1_000_000),
+                            invocation_id: d.invocation_id.clone(),
+                            ..WorkerView::default()
+                        };
+                        figures::fill_worker(&mut view, &d.status_text, now_ms);
+                        view
                     })
                     .collect();
                 PoolView {
@@ -95,9 +145,27 @@ impl Watcher {
                     scale_events: self.scale_events.get(&p.name).copied().unwrap_or(0),
                     last_decision: self.decisions.get(&p.name).cloned(),
                     workers,
+                    ..PoolView::default()
                 }
             })
             .collect();
+        for view in &mut pools {
+            let Some(p) = self.cfg.pools.get(&view.pool) else {
+                continue;
+            };
+            let inputs = PoolInputs {
+                shared: self.is_shared(&p.name),
+                route: p.route.clone(),
+                slow_request: p
+                    .slow_request
+                    .as_deref()
+                    .and_then(crate::config::duration_usec)
+                    .map(std::time::Duration::from_micros),
+            };
+            self.figures.fill(view, &inputs);
+        }
+        self.figures
+            .forget_pools_except(&self.cfg.pools.keys().cloned().collect());
         Snapshot {
             generated_at: now_unix(),
             pools,

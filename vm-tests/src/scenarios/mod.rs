@@ -6,6 +6,7 @@ mod core;
 mod deb;
 pub mod edge;
 mod fastcgi;
+mod figures;
 mod harness;
 mod machine_tier;
 mod queue;
@@ -27,5 +28,6 @@ pub fn all() -> Vec<Scenario> {
     v.extend(fastcgi::scenarios());
     v.extend(queue::scenarios());
     v.extend(reaper::scenarios());
+    v.extend(figures::scenarios());
     v
 }
