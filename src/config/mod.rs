@@ -27,6 +27,7 @@ use toml_edit::TableLike;
 mod diag;
 mod duration;
 mod fastcgi;
+mod keys;
 mod model;
 mod pool;
 mod sections;

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use toml_edit::TableLike;
 
 use super::diag::{entries, get_bool, get_str, type_err, unknown_key, Cx, Src};
+use super::keys::{check_pool_key, parse_env, NGINX_KEYS, POOL_KEYS, TOP_KEYS, WATCH_SECTION_KEYS};
 use super::model::{Config, Nginx, DEFAULT_LOCATIONS, DEFAULT_UPSTREAMS, MAX_POOL_NAME};
-use super::pool::{
-    apply_field, check_pool_key, parse_env, parse_pool, PoolFields, NGINX_KEYS, POOL_KEYS,
-    TOP_KEYS, WATCH_SECTION_KEYS,
-};
+use super::pool::{apply_field, parse_pool, PoolFields};
 use super::values::{get_abs_path, pool_name_ok, unit_name_ok, user_name_ok};
 
 // ---------------------------------------------------------------------------

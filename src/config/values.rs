@@ -276,8 +276,10 @@ mod tests {
         assert!(one_err("environment = { CGIPOOL_WORKER = \"1\" }").contains("reserved"));
         assert_eq!(
             one_err("environment = { CGIPOOL_ACCESS_LOG = \"1\" }"),
-            "t.toml:4:17: pool.p.environment.CGIPOOL_ACCESS_LOG: CGIPOOL_ACCESS_LOG is reserved (cgipool sets it)"
+            "t.toml:4:17: pool.p.environment.CGIPOOL_ACCESS_LOG: CGIPOOL_ACCESS_LOG is reserved (cgipool or systemd sets it)"
         );
+        // The workers' state reports go to systemd's socket.
+        assert!(one_err("environment = { NOTIFY_SOCKET = \"\" }").contains("reserved"));
         assert!(ok(&pool_with(
             "environment = { CGIPOOL_TEST_DELAY_MS = \"20\" }"
         ))
