@@ -308,8 +308,13 @@ impl Systemd {
         }
     }
 
-    /// PIDs in a unit's control group, read from the cgroup file system.
-    async fn cgroup_pids(&self, unit: &str) -> Result<Vec<u32>> {
+    /// One property of a loaded unit, read uncached.
+    async fn property(
+        &self,
+        unit: &str,
+        interface: &'static str,
+        name: &str,
+    ) -> Result<zbus::OwnedVariant> {
         let path = self
             .manager
             .get_unit(unit.to_string())
@@ -321,13 +326,17 @@ impl Systemd {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await?;
-        let cg = props
-            .get(
-                InterfaceName::from_static_str("org.freedesktop.systemd1.Service")?,
-                "ControlGroup",
-            )
+        props
+            .get(InterfaceName::from_static_str(interface)?, name)
             .await
-            .with_context(|| format!("reading ControlGroup of {unit}"))?;
+            .with_context(|| format!("reading {name} of {unit}"))
+    }
+
+    /// PIDs in a unit's control group, read from the cgroup file system.
+    async fn cgroup_pids(&self, unit: &str) -> Result<Vec<u32>> {
+        let cg = self
+            .property(unit, "org.freedesktop.systemd1.Service", "ControlGroup")
+            .await?;
         let cg: String = String::try_from(cg).context("ControlGroup is not a string")?;
         let file = format!("/sys/fs/cgroup{cg}/cgroup.procs");
         let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
@@ -384,24 +393,9 @@ impl Systemd {
 
     /// A socket unit's configured `Backlog=` (systemd's default when unset).
     pub async fn socket_backlog(&self, unit: &str) -> Result<u32> {
-        let path = self
-            .manager
-            .get_unit(unit.to_string())
-            .await
-            .with_context(|| format!("GetUnit({unit})"))?;
-        let props = PropertiesProxy::builder(&self.conn)
-            .destination("org.freedesktop.systemd1")
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
+        let v = self
+            .property(unit, "org.freedesktop.systemd1.Socket", "Backlog")
             .await?;
-        let v = props
-            .get(
-                InterfaceName::from_static_str("org.freedesktop.systemd1.Socket")?,
-                "Backlog",
-            )
-            .await
-            .with_context(|| format!("reading Backlog of {unit}"))?;
         u32::try_from(v).with_context(|| format!("Backlog of {unit} is not a u32"))
     }
 }
