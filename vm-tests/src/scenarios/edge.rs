@@ -122,10 +122,17 @@ fn bad_config_rolls_back(m: &mut Machine) -> Result<()> {
         "apply does not say the files were put back:\n{}",
         o.stderr
     );
-    ensure!(
-        before == m.succeed(files)?,
-        "nginx or unit files changed after a rejected nginx config"
-    );
+    // apply recorded the intent first, so watch retries it every 2 s, and
+    // each retry installs the candidate files for its own nginx -t for a few
+    // milliseconds: compare outside those windows (bounded).
+    m.wait_until_succeeds(
+        &format!(
+            "test \"$({files})\" = {}",
+            crate::machine::shell_quote(before.trim_end())
+        ),
+        "the nginx and unit files to be byte-identical to before the rejected config",
+        Duration::from_secs(10),
+    )?;
     ensure!(
         units_before == m.succeed("systemctl list-units --no-legend --plain 'cgipool*' | sort")?,
         "units changed after a rejected nginx config"
