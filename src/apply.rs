@@ -162,14 +162,14 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
         return Ok(());
     }
     let lock = state::lock(&paths, opts.job_timeout)?;
-    let previous = match state::read_intent(&paths) {
+    let recorded = match state::read_intent(&paths) {
         Ok(i) => i,
         Err(e) => {
             println!("note: {e:#}; recording a new intent");
             None
         }
     };
-    let previous = previous_counts(previous.as_ref(), &req.unit_dir)?;
+    let previous = previous_counts(recorded.as_ref(), &req.unit_dir)?;
     let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
     let intent = state::write_intent(
         &paths,
@@ -184,8 +184,43 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
             at_unix: 0,
         },
     )?;
-    let outcome = converge(&paths, &lock, &intent, opts, stop).await?;
+    let outcome = match converge(&paths, &lock, &intent, opts, stop).await {
+        Err(e) if e.downcast_ref::<exec::NginxRejected>().is_some() => {
+            return Err(record_again(&paths, &lock, recorded, e));
+        }
+        outcome => outcome?,
+    };
     finish(outcome)
+}
+
+/// After nginx rejected the new config before anything changed: the
+/// intent recorded before this apply becomes the intent again (with a new
+/// serial), so that watch does not keep retrying a config that can never
+/// converge. Returns `rejected` with what was recorded.
+fn record_again(
+    paths: &Paths,
+    lock: &Lock,
+    recorded: Option<Intent>,
+    rejected: anyhow::Error,
+) -> anyhow::Error {
+    let again = match recorded {
+        Some(previous) => {
+            let from = previous.serial;
+            state::write_intent(paths, lock, previous).map(|i| {
+                format!(
+                    "the previous intent ({from}) is recorded again as {}",
+                    i.serial
+                )
+            })
+        }
+        None => state::remove_intent(paths, lock).map(|()| "no intent is recorded".to_string()),
+    };
+    match again {
+        Ok(what) => rejected.context(format!("nothing changed, {what}")),
+        Err(e) => rejected.context(format!(
+            "nothing changed, but the rejected config stays recorded (watch will retry it): {e:#}"
+        )),
+    }
 }
 
 /// Bad usage (exit 2): nothing was changed.

@@ -26,6 +26,18 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use unit_list::unit_list;
 
+/// The nginx candidates failed `nginx -t` in phase 1, before anything on
+/// the host changed. apply records the previous intent again on this error:
+/// an intent nginx rejects could never converge, and watch would retry it.
+#[derive(Debug)]
+pub struct NginxRejected;
+
+impl std::fmt::Display for NginxRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the new nginx files were put back; no unit was changed")
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -166,7 +178,7 @@ async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Res
     stop.check("checking the nginx files")?;
     host.nginx_install(&route.expected, false)
         .await
-        .context("the new nginx files were put back; no unit was changed")?;
+        .context(NginxRejected)?;
     println!("nginx: candidate files pass nginx -t");
     Ok(())
 }

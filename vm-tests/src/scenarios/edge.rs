@@ -122,17 +122,35 @@ fn bad_config_rolls_back(m: &mut Machine) -> Result<()> {
         "apply does not say the files were put back:\n{}",
         o.stderr
     );
-    // apply recorded the intent first, so watch retries it every 2 s, and
-    // each retry installs the candidate files for its own nginx -t for a few
-    // milliseconds: compare outside those windows (bounded).
+    ensure!(
+        o.stderr.contains("is recorded again"),
+        "apply does not say the previous intent is recorded again:\n{}",
+        o.stderr
+    );
+    // The previous intent is the intent again, so watch has nothing to
+    // retry and the files stay as they were (no candidate installed again).
+    let intent = m.succeed("cat /var/lib/cgipool/intent.json")?;
+    ensure!(
+        !intent.contains("pool.root"),
+        "the rejected config is still the recorded intent:\n{intent}"
+    );
+    let serial = o
+        .stderr
+        .split("is recorded again as ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|n| !n.is_empty())
+        .with_context(|| format!("no serial after 'is recorded again as':\n{}", o.stderr))?
+        .to_string();
     m.wait_until_succeeds(
-        &format!(
-            "test \"$({files})\" = {}",
-            crate::machine::shell_quote(before.trim_end())
-        ),
-        "the nginx and unit files to be byte-identical to before the rejected config",
+        &format!("journalctl -u cgipool-watch -o cat | grep -q 'converging to intent {serial}$'"),
+        &format!("watch to converge to intent {serial}, the previous one recorded again"),
         Duration::from_secs(10),
     )?;
+    ensure!(
+        before == m.succeed(files)?,
+        "the nginx or unit files changed after a rejected config"
+    );
     ensure!(
         units_before == m.succeed("systemctl list-units --no-legend --plain 'cgipool*' | sort")?,
         "units changed after a rejected nginx config"
