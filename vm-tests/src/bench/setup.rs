@@ -163,10 +163,14 @@ server {
     # fcgiwrap as nginx users run CGI programs: FastCGI to fcgiwrap, which
     # forks the program per request (no keep-alive to fcgiwrap, nginx's
     # default).
-    # php-fpm as nginx + PHP-FPM setups run it (no keep-alive to php-fpm).
-    location = /fpm/hello.php {
-        include fastcgi_params;
-        fastcgi_param SCRIPT_FILENAME /run/bench/php/hello.php;
+    # php-fpm as Debian's nginx + PHP-FPM setups run it: a regex location
+    # with Debian's snippets/fastcgi-php.conf (split_path_info, the try_files
+    # guard, fastcgi.conf), the work cgipool's PHP location does too; no
+    # keep-alive to php-fpm. /run/bench/fpm is a link to the pool's document
+    # root: the same script file.
+    location ~ ^/fpm/.+\.php(/|$) {
+        root /run/bench;
+        include snippets/fastcgi-php.conf;
         fastcgi_pass unix:/run/bench-fpm/fpm.sock;
         add_header X-Request-ID $request_id always;
     }
@@ -268,7 +272,9 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
     // and a `protocol = "cgi"` pool of 4 running the trivial CGI program.
     m.write_text(MIXED_CGI, MIXED_CGI_TEXT)?;
     m.succeed(&format!("chmod 0755 {MIXED_CGI}"))?;
-    m.succeed(&format!("mkdir -p {PHP_ROOT} && chmod 0755 {PHP_ROOT}"))?;
+    m.succeed(&format!(
+        "mkdir -p {PHP_ROOT} && chmod 0755 {PHP_ROOT} && ln -sfn {PHP_ROOT} /run/bench/fpm"
+    ))?;
     m.write_text(&format!("{PHP_ROOT}/hello.php"), PHP_SCRIPT)?;
     m.succeed(&format!("chmod 0644 {PHP_ROOT}/hello.php"))?;
     let mixed = if mixed_load_on() {
