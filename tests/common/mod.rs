@@ -9,6 +9,14 @@ pub struct Client {
     pub reader: BufReader<UnixStream>,
 }
 
+/// See [`Client::so_far`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum SoFar {
+    Nothing,
+    Data,
+    Closed,
+}
+
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
@@ -101,6 +109,24 @@ impl Client {
     }
 
     /// True when the gateway closed the connection (EOF, nothing more).
+    /// What has arrived on this connection so far, without waiting
+    /// (consumes at most one byte, so only for a check).
+    pub fn so_far(&mut self) -> SoFar {
+        if !self.reader.buffer().is_empty() {
+            return SoFar::Data;
+        }
+        self.stream.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let got = (&self.stream).read(&mut byte);
+        self.stream.set_nonblocking(false).expect("blocking");
+        match got {
+            Ok(0) => SoFar::Closed,
+            Ok(_) => SoFar::Data,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => SoFar::Nothing,
+            Err(_) => SoFar::Closed,
+        }
+    }
+
     pub fn closed(&mut self) -> bool {
         let mut rest = Vec::new();
         matches!(self.reader.read_to_end(&mut rest), Ok(0))
