@@ -307,7 +307,8 @@ pub fn still_present(namespaces: &[String]) -> Vec<String> {
 }
 
 /// Deletes the namespaces of labs whose harness process is gone (killed
-/// before its drop ran).
+/// before its drop ran), after killing what still runs in them: the guests
+/// of such a lab outlive their harness.
 fn remove_stale_namespaces() {
     let Ok(entries) = fs::read_dir("/run/netns") else {
         return;
@@ -321,6 +322,13 @@ fn remove_stale_namespaces() {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
             if let Err(e) = ip(&["netns", "delete", &name]) {
                 eprintln!("lab: removing a stale namespace: {e:#}");
             }
