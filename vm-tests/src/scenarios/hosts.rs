@@ -141,6 +141,44 @@ fn transport(lab: &mut Lab) -> Result<()> {
         );
     }
 
+    // A port that accepts the connection and never speaks: the whole connect
+    // is bounded by --timeout (and ssh reaches the port given after ':').
+    // cgipool fails after 5 s; zbus does not kill the ssh it started, which
+    // keeps the command's stderr open until its ConnectTimeout (10 s).
+    let web1_m = lab.machine("web1");
+    web1_m.succeed(
+        "systemd-run --unit=silent-port.service python3 -c \
+         'import socket, time; s = socket.create_server((\"\", 2222)); c = s.accept(); time.sleep(600)'",
+    )?;
+    web1_m.wait_until_succeeds(
+        "ss -Hltn 'sport = :2222' | grep -q LISTEN",
+        "a silent listener on web1:2222",
+        Duration::from_secs(10),
+    )?;
+    let host = format!("root@{web1}:2222");
+    let front = lab.machine("front");
+    let bound = front.scaled(Duration::from_secs(30));
+    let started = Instant::now();
+    let out = front.fail(&format!(
+        "{CGIPOOL} debug remote-unit --timeout 5 --host {host} {PROBE}"
+    ))?;
+    let took = started.elapsed();
+    ensure!(
+        out.rc == 1
+            && out.stderr.contains(&format!(
+                "cgipool: {host}: its system bus did not answer over ssh within 5s"
+            )),
+        "a silent port ({host}): exit {}, stderr {}",
+        out.rc,
+        out.stderr
+    );
+    ensure!(
+        took < bound,
+        "a silent port ({host}) took {:.1}s to fail, over {:.1}s",
+        took.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+
     // A host name that ssh would take as an option is refused before
     // anything runs (exit 2, bad usage).
     let out = lab.machine("front").fail(&format!(
