@@ -91,7 +91,11 @@ fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
     drop(lab);
     let left = lab::still_present(&namespaces);
     if !left.is_empty() {
-        bail!("the lab's network namespaces are still there after its teardown: {left:?}");
+        let body = match &result {
+            Ok(()) => "the scenario passed".to_string(),
+            Err(e) => format!("the scenario failed: {e:#}"),
+        };
+        bail!("the lab's network namespaces are still there after its teardown: {left:?} ({body})");
     }
     let shown = |dirs: &[std::path::PathBuf]| {
         dirs.iter()
