@@ -11,6 +11,7 @@ mod files;
 mod nginx;
 mod paths;
 mod plan;
+mod remote;
 mod render;
 mod state;
 mod status;
@@ -112,6 +113,25 @@ enum Command {
     /// Write man pages and shell completions into OUT (for packaging).
     #[command(hide = true)]
     GenerateAssets { out: PathBuf },
+    /// Diagnostics for developers and the vm-tests (no man page).
+    #[command(hide = true, subcommand)]
+    Debug(Debug),
+}
+
+#[derive(Subcommand)]
+enum Debug {
+    /// Read one unit's state on another host over systemd's remote transport
+    /// (ssh to the host, systemd-stdio-bridge there: what `systemctl -H` does)
+    /// and print `HOST UNIT LOAD ACTIVE SUB`.
+    RemoteUnit {
+        /// `[user@]host[:port]`, as `systemctl -H` takes it.
+        #[arg(long)]
+        host: String,
+        unit: String,
+        /// Seconds to wait for the host's system bus to answer.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
 }
 
 /// Exit status 2: bad usage or a bad config; nothing was touched.
@@ -158,6 +178,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::CgiGateway(args) => cgi::run(args),
         Command::GenerateAssets { out } => assets::generate(&out),
+        Command::Debug(Debug::RemoteUnit {
+            host,
+            unit,
+            timeout,
+        }) => {
+            let host: remote::RemoteHost = host.parse().map_err(|e| Usage(format!("{e:#}")))?;
+            let state = runtime()?.block_on(async {
+                let conn = host.connect(Duration::from_secs(timeout)).await?;
+                let systemd = systemd::Systemd::over(conn).await?;
+                systemd.unit_state(&unit).await
+            })?;
+            println!(
+                "{host} {} {} {} {}",
+                state.name, state.load_state, state.active_state, state.sub_state
+            );
+            Ok(())
+        }
         Command::Watch => {
             let opts = watch::Options {
                 tick: Duration::from_millis(500),

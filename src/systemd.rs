@@ -102,6 +102,12 @@ impl Systemd {
         let conn = zbus::Connection::system()
             .await
             .context("connecting to the D-Bus system bus (is systemd running as PID 1?)")?;
+        Systemd::over(conn).await
+    }
+
+    /// systemd on the bus at the other end of `conn` (another host's, see
+    /// `remote`), subscribed to its signals.
+    pub async fn over(conn: zbus::Connection) -> Result<Systemd> {
         let manager = ManagerProxy::new(&conn)
             .await
             .context("creating the systemd1 Manager proxy")?;
@@ -130,6 +136,35 @@ impl Systemd {
                 path: u.6.to_string(),
             })
             .collect())
+    }
+
+    /// One unit's state, loaded or not (LoadUnit: a unit nobody loaded
+    /// reads `not-found`/`inactive`, like `systemctl show` says).
+    pub async fn unit_state(&self, unit: &str) -> Result<UnitState> {
+        let path = self
+            .manager
+            .load_unit(unit.to_string())
+            .await
+            .with_context(|| format!("LoadUnit({unit})"))?;
+        let props = PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path.clone())
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let all = props
+            .get_all(InterfaceName::from_static_str(
+                "org.freedesktop.systemd1.Unit",
+            )?)
+            .await
+            .with_context(|| format!("reading properties of {unit}"))?;
+        Ok(UnitState {
+            name: unit.to_string(),
+            load_state: string(&all, "LoadState"),
+            active_state: string(&all, "ActiveState"),
+            sub_state: string(&all, "SubState"),
+            path: path.to_string(),
+        })
     }
 
     /// daemon-reload; systemd answers once the reload is done.

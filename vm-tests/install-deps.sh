@@ -6,6 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(debootstrap systemd-container qemu-system-x86 qemu-utils e2fsprogs
       gcc make clang llvm libclang-rt-14-dev curl python3 ca-certificates
       nginx-light   # nginx -t in the rendering unit tests
+      iproute2      # the lab network of the nspawn::hosts_* scenarios (ip netns, bridge, veth)
       dpkg-dev lintian)  # make deb (dpkg-shlibdeps), make deb-lint
 missing=()
 for p in "${pkgs[@]}"; do

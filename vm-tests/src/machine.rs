@@ -38,6 +38,18 @@ pub struct Options {
     pub reboots: bool,
 }
 
+/// Where an nspawn guest's network lives: a private one of its own (loopback
+/// only), or a network namespace prepared for it (a lab's, see lab.rs).
+#[derive(Debug, Clone, Default)]
+pub enum Network {
+    #[default]
+    Private,
+    Namespace {
+        path: PathBuf,
+        hostname: String,
+    },
+}
+
 /// Paths the harness needs, from the environment the Makefile sets.
 pub struct Env {
     pub image: PathBuf,
@@ -98,6 +110,20 @@ static QEMU_PAYLOAD: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::
 impl Machine {
     /// Boots a fresh machine and waits until its agent answers and boot is done.
     pub fn start(env: &Env, tier: Tier, scenario: &str, opts: Options) -> Result<Machine> {
+        Machine::start_on(env, tier, scenario, opts, &Network::Private)
+    }
+
+    /// `start`, with the guest on `network` (nspawn only).
+    pub fn start_on(
+        env: &Env,
+        tier: Tier,
+        scenario: &str,
+        opts: Options,
+        network: &Network,
+    ) -> Result<Machine> {
+        if tier == Tier::Qemu && !matches!(network, Network::Private) {
+            bail!("a QEMU guest has no network but its own");
+        }
         let name = format!("{}-{}", tier.name(), scenario);
         let dir = env.artifacts.join(&name);
         let _ = fs::remove_dir_all(&dir);
@@ -108,7 +134,7 @@ impl Machine {
         fs::create_dir_all(run_dir.join("agent"))?;
         let console = fs::File::create(dir.join("console.log"))?;
         let (child, agent_path) = match tier {
-            Tier::Nspawn => spawn_nspawn(env, &run_dir, console)?,
+            Tier::Nspawn => spawn_nspawn(env, &run_dir, console, network)?,
             Tier::Qemu => spawn_qemu(env, &run_dir, console, opts)?,
         };
         let mut m = Machine {
@@ -560,7 +586,12 @@ fn remove_cgroup(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-fn spawn_nspawn(env: &Env, run_dir: &Path, console: fs::File) -> Result<(Child, PathBuf)> {
+fn spawn_nspawn(
+    env: &Env,
+    run_dir: &Path,
+    console: fs::File,
+    network: &Network,
+) -> Result<(Child, PathBuf)> {
     let rootfs = env.image.join("rootfs");
     // In its own cgroup v2 subtree when the host has one to give (see
     // nspawn_cgroup): the shell moves itself there, then becomes nspawn.
@@ -583,9 +614,15 @@ fn spawn_nspawn(env: &Env, run_dir: &Path, console: fs::File) -> Result<(Child, 
             "--register=no",
             "--keep-unit",
             "--volatile=overlay",
-            "--private-network",
             "--console=read-only",
         ])
+        .args(match network {
+            Network::Private => vec!["--private-network".to_string()],
+            Network::Namespace { path, hostname } => vec![
+                format!("--network-namespace-path={}", path.display()),
+                format!("--hostname={hostname}"),
+            ],
+        })
         .arg(format!(
             "--bind={}:/mnt/agent",
             run_dir.join("agent").display()

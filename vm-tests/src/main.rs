@@ -7,6 +7,7 @@ mod agent;
 mod bench;
 mod calibration;
 mod demo;
+mod lab;
 mod machine;
 mod scenarios;
 
@@ -63,6 +64,72 @@ fn run_scenario(env: &Env, tier: Tier, s: &Scenario) -> Result<()> {
                 "self-test: expected failure seen ({}); artifacts in {}",
                 first_line(&format!("{e:#}")),
                 dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A scenario over several nspawn machines on one network (see lab.rs),
+/// booted in the order named; trials are named `nspawn::<name>`.
+pub struct LabScenario {
+    pub name: &'static str,
+    pub machines: &'static [&'static str],
+    /// A harness self-test: the body must fail, leave artifacts, and the lab
+    /// must still be torn down.
+    pub expect_failure: bool,
+    pub run: fn(&mut lab::Lab) -> Result<()>,
+}
+
+/// Runs a lab scenario; after it, passed or failed, checks that the lab's
+/// network namespaces are gone.
+fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
+    let mut lab = lab::Lab::start(env, s.name, s.machines)?;
+    let namespaces = lab.namespaces();
+    let result = (s.run)(&mut lab);
+    let artifacts = result.as_ref().err().map(|_| lab.collect_artifacts(env));
+    drop(lab);
+    let left = lab::still_present(&namespaces);
+    if !left.is_empty() {
+        let body = match &result {
+            Ok(()) => "the scenario passed".to_string(),
+            Err(e) => format!("the scenario failed: {e:#}"),
+        };
+        bail!("the lab's network namespaces are still there after its teardown: {left:?} ({body})");
+    }
+    let shown = |dirs: &[std::path::PathBuf]| {
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    match (result, artifacts, s.expect_failure) {
+        (Ok(()), _, false) => Ok(()),
+        (Ok(()), _, true) => bail!(
+            "self-test scenario {} was expected to fail but passed",
+            s.name
+        ),
+        (Err(e), dirs, false) => bail!("{e:#}\nartifacts: {}", shown(&dirs.unwrap_or_default())),
+        (Err(e), dirs, true) => {
+            let dirs = dirs.unwrap_or_default();
+            for d in &dirs {
+                let p = if d.is_dir() {
+                    d.join("transcript.txt")
+                } else {
+                    d.clone()
+                };
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                if len == 0 {
+                    bail!(
+                        "self-test: the expected failure ({e:#}) left no {} behind",
+                        p.display()
+                    );
+                }
+            }
+            println!(
+                "self-test: expected failure seen ({}); lab torn down; artifacts: {}",
+                first_line(&format!("{e:#}")),
+                shown(&dirs)
             );
             Ok(())
         }
@@ -137,6 +204,15 @@ fn main() -> ExitCode {
                 run_scenario(&env, tier, &s).map_err(|e| Failed::from(format!("{e:#}")))
             }));
         }
+    }
+    for s in scenarios::labs() {
+        let name = format!("{}::{}", Tier::Nspawn.name(), s.name);
+        names.insert(name.clone());
+        let env = Arc::clone(&env);
+        trials.push(Trial::test(name, move || {
+            tier_tools(Tier::Nspawn).map_err(|e| Failed::from(format!("{e:#}")))?;
+            run_lab_scenario(&env, &s).map_err(|e| Failed::from(format!("{e:#}")))
+        }));
     }
     let listed: BTreeSet<String> = include_str!("../scenarios.txt")
         .lines()

@@ -8,12 +8,13 @@ pub mod edge;
 mod fastcgi;
 mod figures;
 mod harness;
+mod hosts;
 mod machine_tier;
 mod queue;
 mod reaper;
 mod watch;
 
-use crate::Scenario;
+use crate::{LabScenario, Scenario};
 
 pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
@@ -29,5 +30,12 @@ pub fn all() -> Vec<Scenario> {
     v.extend(queue::scenarios());
     v.extend(reaper::scenarios());
     v.extend(figures::scenarios());
+    v
+}
+
+/// Scenarios over several machines (lab.rs).
+pub fn labs() -> Vec<LabScenario> {
+    let mut v = Vec::new();
+    v.extend(hosts::scenarios());
     v
 }
