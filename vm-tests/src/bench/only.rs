@@ -84,9 +84,13 @@ type Extra = (String, PathBuf, Vec<(String, String)>);
 
 /// The extra gateways: `name=PATH[:KEY=VALUE...]` separated by commas.
 fn extra_gateways() -> Result<Vec<Extra>> {
-    let Ok(spec) = std::env::var("CGIPOOL_BENCH_CGI_GATEWAYS") else {
-        return Ok(Vec::new());
-    };
+    match std::env::var("CGIPOOL_BENCH_CGI_GATEWAYS") {
+        Ok(spec) => parse_gateways(&spec),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+fn parse_gateways(spec: &str) -> Result<Vec<Extra>> {
     let mut out = Vec::new();
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let (name, path) = item
@@ -401,4 +405,34 @@ fn render(
             .join(" ")
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_gateways_are_parsed_and_checked() {
+        let v = parse_gateways("old=/bin/sh,exp=/bin/sh:A_B=1:C=x.y").unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].0, "old");
+        assert_eq!(v[0].1, PathBuf::from("/bin/sh"));
+        assert!(v[0].2.is_empty());
+        assert_eq!(
+            v[1].2,
+            vec![("A_B".into(), "1".into()), ("C".into(), "x.y".into())]
+        );
+        assert!(parse_gateways("").unwrap().is_empty());
+        for bad in [
+            "old",
+            "Old=/bin/sh",
+            "=/bin/sh",
+            "old=/nonexistent/cgipool",
+            "old=/bin/sh:A",
+            "old=/bin/sh:A=\"x\"",
+            "old=/bin/sh:A B=1",
+        ] {
+            assert!(parse_gateways(bad).is_err(), "{bad}");
+        }
+    }
 }
