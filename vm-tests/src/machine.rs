@@ -5,7 +5,7 @@
 //! under target/vm-tests/.
 use crate::agent::{Agent, Output};
 use crate::calibration::{self, Measurement};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
@@ -407,6 +407,26 @@ impl Machine {
         out.trim()
             .parse()
             .with_context(|| format!("MainPID of {unit}: {out:?}"))
+    }
+
+    /// Copies a large host file into the guest through the directory the
+    /// nspawn tier shares with the host (`/mnt/agent`); QEMU guests have
+    /// none: use the payload there.
+    pub fn copy_large_to(&mut self, host: &Path, guest: &str) -> Result<()> {
+        ensure!(
+            self.tier == Tier::Nspawn,
+            "copy_large_to needs the nspawn tier"
+        );
+        let name = format!("copy-{}", COUNTER.fetch_add(1, Ordering::SeqCst));
+        let shared = self.run_dir.join("agent").join(&name);
+        fs::copy(host, &shared)
+            .with_context(|| format!("copying {} to {}", host.display(), shared.display()))?;
+        let q = shell_quote(guest);
+        let r = self.succeed(&format!(
+            "mkdir -p \"$(dirname {q})\" && cp /mnt/agent/{name} {q}"
+        ));
+        let _ = fs::remove_file(&shared);
+        r.map(|_| ())
     }
 
     /// Copies a host file into the guest (through the agent; for small files —

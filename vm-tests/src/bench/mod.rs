@@ -7,6 +7,7 @@
 //! target/bench-smoke/, so it never touches the committed report. Missed
 //! goals never make the run fail: only broken machinery does.
 mod control;
+mod only;
 mod report;
 mod runs;
 mod setup;
@@ -102,6 +103,10 @@ impl Mode {
 }
 
 pub fn run(env: &Env, smoke: bool) -> Result<()> {
+    // `CGIPOOL_BENCH_ONLY=cgi`: the CGI rows only (bench/only.rs).
+    if only::only()?.is_some() {
+        return only::run_cgi(env);
+    }
     let mode = Mode::new(smoke)?;
     let t0 = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
