@@ -151,6 +151,7 @@ impl std::error::Error for Usage {}
 fn load(path: &Path) -> Result<(config::Config, PathBuf, String)> {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let (cfg, text) = config::load(&path).map_err(|e| Usage(e.to_string()))?;
+    render::check(&cfg).map_err(|e| Usage(format!("{}: {e}", path.display())))?;
     Ok((cfg, path, text))
 }
 
@@ -273,7 +274,8 @@ fn run(cli: Cli) -> Result<()> {
                 // Like top: the table again every interval, in place on a
                 // terminal (one table after another when piped), until Ctrl-C.
                 let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-                let every = Duration::from_secs_f64(interval.max(0.2));
+                // Between 0.2 s and a day (NaN and inf too: from_secs_f64 panics on them).
+                let every = Duration::from_secs_f64(interval.max(0.2).min(86_400.0));
                 loop {
                     let table = status::table(&read()?);
                     if tty {

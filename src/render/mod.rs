@@ -8,8 +8,9 @@
 //! names); [`units`] renders the systemd units and [`nginx()`] the nginx
 //! files.
 
+use crate::config::Config;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 mod nginx;
 mod units;
@@ -89,17 +90,58 @@ pub fn instance_name(pool: &str, n: u32, suffix: &str) -> String {
 /// The watch daemon's unit (`[watch] enabled`), wanted by cgipool.target.
 pub const WATCH_UNIT: &str = "cgipool-watch.service";
 
+/// What a file whose template failed says instead of its body.
+const RENDER_FAILED: &str = "# cgipool: rendering failed: ";
+
 /// Header + body, ending in exactly one newline. Templates only fail when a
 /// filter or escaper fails, and ours never do; should one ever fail, the
-/// file says so (and `systemd-analyze verify`/`nginx -t` will reject it)
-/// rather than cgipool panicking.
+/// file says so rather than cgipool panicking, and [`check`] refuses the
+/// config before anything is written (every command that reads a config
+/// runs it), so such a file never reaches a host.
 fn finish(header: &str, body: Result<String, askama::Error>) -> String {
-    let body = body.unwrap_or_else(|e| format!("# cgipool: rendering failed: {e}\n"));
+    let body = body.unwrap_or_else(|e| format!("{RENDER_FAILED}{e}\n"));
     let mut out = String::with_capacity(header.len() + body.len() + 1);
     out.push_str(header);
     out.push_str(body.trim_end_matches('\n'));
     out.push('\n');
     out
+}
+
+/// Renders every file `cfg` can produce (every pool at its `max`, every
+/// worker active: the same values reach the templates whatever the count)
+/// and fails naming the first file whose template failed.
+pub fn check(cfg: &Config) -> Result<(), String> {
+    let counts: BTreeMap<String, u32> = cfg.pools.iter().map(|(n, p)| (n.clone(), p.max)).collect();
+    let active: BTreeMap<String, Vec<u32>> = counts
+        .iter()
+        .map(|(n, &c)| (n.clone(), (1..=c).collect()))
+        .collect();
+    let tree = units(cfg, Path::new("/etc/systemd/system"), &counts);
+    let ng = nginx(cfg, &active);
+    let files = tree
+        .entries
+        .iter()
+        .filter_map(|(rel, e)| match e {
+            Entry::File(text) => Some((rel.display().to_string(), text)),
+            Entry::Link(_) => None,
+        })
+        .chain([
+            ("cgipool-upstreams.conf".to_string(), &ng.upstreams),
+            ("cgipool-locations.conf".to_string(), &ng.locations),
+        ]);
+    for (name, text) in files {
+        if let Some(why) = failure(text) {
+            return Err(format!("{name}: {why}"));
+        }
+    }
+    Ok(())
+}
+
+/// What a rendered file says about its failed template, if it failed.
+fn failure(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.starts_with(RENDER_FAILED))
+        .map(|l| l.trim_start_matches("# ").to_string())
 }
 
 #[cfg(test)]
@@ -111,6 +153,18 @@ mod tests {
     use std::path::Path;
 
     pub(super) const DEMO: &str = include_str!("../../examples/demo.toml");
+
+    #[test]
+    fn check_passes_what_renders_and_names_a_failed_template() {
+        let c = crate::config::parse(Path::new("demo.toml"), DEMO).expect("demo parses");
+        assert_eq!(check(&c), Ok(()));
+        let failed = finish("# header\n", Err(askama::Error::Fmt));
+        assert_eq!(
+            failure(&failed).as_deref(),
+            Some("cgipool: rendering failed: an error occurred when formatting an argument"),
+            "{failed}"
+        );
+    }
 
     /// A config exercising every rendered key, including the nasty values
     /// the escapers exist for.
