@@ -382,11 +382,16 @@ impl Load {
                 report.text
             );
         }
+        // A floor on what the load did, not a speed target: divided by the
+        // machine's calibration factor (a slower or busier machine serves
+        // fewer), never below 50.
+        let floor = ((min_requests as f64 / m.factor.max(1.0)).ceil() as u64).max(50);
         ensure!(
-            report.requests >= min_requests,
-            "only {} requests in {}s (need >= {min_requests} for the test to mean anything)",
+            report.requests >= floor,
+            "only {} requests in {}s (need >= {floor}, {min_requests} scaled by the factor {:.2}, for the test to mean anything)",
             report.requests,
-            self.secs
+            self.secs,
+            m.factor
         );
         Ok(report)
     }
