@@ -274,8 +274,13 @@ fn run(cli: Cli) -> Result<()> {
                 // Like top: the table again every interval, in place on a
                 // terminal (one table after another when piped), until Ctrl-C.
                 let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-                // Between 0.2 s and a day (NaN and inf too: from_secs_f64 panics on them).
-                let every = Duration::from_secs_f64(interval.max(0.2).min(86_400.0));
+                // Between 0.2 s and a day (from_secs_f64 panics on NaN, inf, 1e20).
+                let secs = if interval.is_nan() {
+                    0.2
+                } else {
+                    interval.clamp(0.2, 86_400.0)
+                };
+                let every = Duration::from_secs_f64(secs);
                 loop {
                     let table = status::table(&read()?);
                     if tty {
