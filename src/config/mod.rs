@@ -38,6 +38,7 @@ mod values;
 pub use diag::{ConfigError, Diagnostic};
 pub use duration::{duration_usec, format_nginx_usec};
 pub use model::{Config, FastCgi, ListenFd, Nginx, Pool, Protocol, Queue, DEFAULT_CONFIG};
+pub(crate) use values::abs_path_problem;
 
 use diag::Cx;
 use sections::parse_root;

@@ -43,7 +43,7 @@ fn binary_problem(p: &std::path::Path) -> Result<(), String> {
     })
 }
 
-fn abs_path_problem(s: &str) -> Result<(), String> {
+pub(crate) fn abs_path_problem(s: &str) -> Result<(), String> {
     if !s.starts_with('/') {
         return Err(format!("must be an absolute path, got {s:?}"));
     }

@@ -111,6 +111,11 @@ fn finish(header: &str, body: Result<String, askama::Error>) -> String {
 /// worker active: the same values reach the templates whatever the count)
 /// and fails naming the first file whose template failed.
 pub fn check(cfg: &Config) -> Result<(), String> {
+    // cgipool's own path goes into the watch unit and (the default
+    // `gateway`) every CGI pool's ExecStart.
+    let binary = crate::paths::cgipool_binary().display().to_string();
+    crate::config::abs_path_problem(&binary)
+        .map_err(|e| format!("cgipool's own path, written into unit files: {e}"))?;
     let counts: BTreeMap<String, u32> = cfg.pools.iter().map(|(n, p)| (n.clone(), p.max)).collect();
     let active: BTreeMap<String, Vec<u32>> = counts
         .iter()
