@@ -154,7 +154,7 @@ fn php_autoscale_under_load(m: &mut Machine) -> Result<()> {
     // pool after scale_down_after (5 s).
     let idle_secs = 15;
     let light = Load::keep_alive(m, 2, idle_secs, url)?;
-    let down_limit = Duration::from_secs(5) + m.scaled(Duration::from_secs(8));
+    let down_limit = Duration::from_secs(5) + m.scaled(Duration::from_secs(15));
     let down = watch_count(m, start, 2, down_limit, &mut timeline)?;
     let light_report = light.finish(m, "php pool scaling down", 100)?;
     println!("fastcgi autoscale timeline:\n  {}", timeline.join("\n  "));
