@@ -315,6 +315,19 @@ impl Watcher {
         }
     }
 
+    /// Lets go of every probe held by a worker, before a converge: php-cgi,
+    /// stopping, waits for its client to close, and the converge may wait
+    /// for that stop (a scale-down, a roll) while watch would hold it. The
+    /// worker then holds a connection its peer closed, which the reaper
+    /// takes for an abandoned request (killed through systemd).
+    pub(super) fn release_held_probes(&mut self) {
+        for (unit, state) in self.probes.iter_mut() {
+            if state.held.take().is_some() {
+                println!("watch: {unit}: letting go of the probe it holds before converging");
+            }
+        }
+    }
+
     /// A pool's health_interval and health_timeout.
     fn probe_timing(&self, pool: &str) -> (Duration, Duration) {
         let dur = |s: &str| {

@@ -512,6 +512,7 @@ impl Watcher {
         let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
             return false; // an operator's apply/scale is running; next tick
         };
+        self.release_held_probes();
         let mut intent = match state::read_intent(&self.paths) {
             Ok(Some(i)) => i,
             Ok(None) => return false,
