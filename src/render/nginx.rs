@@ -228,6 +228,59 @@ mod tests {
         assert_eq!(nginx_time("2h", CGI_TIMEOUT_MARGIN_USEC), "7205s");
     }
 
+    /// Both FastCGI locations read like hand-written nginx: every line of
+    /// a block one level (4 spaces) deeper than its `location`, and the
+    /// nested *.php location carries the same FastCGI settings as the flat
+    /// one (templates/fastcgi-params.conf and its copy one level deeper).
+    #[test]
+    fn fastcgi_locations_are_indented_and_agree() {
+        let both = |keep: bool| {
+            format!(
+                "[pool.php]\nprotocol = \"fastcgi\"\nexec = \"/usr/local/bin/app\"\nroute = \"/php\"\n\
+                 document_root = \"/usr\"\nkeep_conn = {keep}\n\
+                 [pool.app]\nprotocol = \"fastcgi\"\nexec = \"/usr/local/bin/app\"\nroute = \"/app\"\nkeep_conn = {keep}\n"
+            )
+        };
+        for keep in [false, true] {
+            let c = cfg("x.toml", &both(keep));
+            let l = nginx(&c, &all_active(&c)).locations;
+            // The settings: from HTTP_X_REQUEST_ID to the end of the block.
+            let settings = |open: &str, indent: &str| -> Vec<String> {
+                let block = l
+                    .split(open)
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("no {open:?}:\n{l}"));
+                block
+                    .lines()
+                    .skip_while(|x| !x.contains("fastcgi_param HTTP_X_REQUEST_ID"))
+                    .take_while(|x| x.trim_start().starts_with("fastcgi_"))
+                    .map(|x| {
+                        let rest = x
+                            .strip_prefix(indent)
+                            .unwrap_or_else(|| panic!("{x:?} is not indented by {indent:?}:\n{l}"));
+                        assert!(!rest.starts_with(' '), "{x:?} is indented too deep:\n{l}");
+                        rest.to_string()
+                    })
+                    .collect()
+            };
+            let flat = settings("location /app {", "    ");
+            let nested = settings("location ~ ^/php/.+?\\.php(/|$) {", "        ");
+            assert!(flat.len() >= 9, "{flat:?}");
+            assert_eq!(flat, nested, "the two FastCGI locations differ:\n{l}");
+            assert_eq!(flat.contains(&"fastcgi_keep_conn on;".to_string()), keep);
+            let app = l
+                .split("location /app {\n")
+                .nth(1)
+                .and_then(|b| b.split("\n}\n").next());
+            for line in app.unwrap_or_default().lines() {
+                assert!(
+                    line.starts_with("    ") && !line.starts_with("     "),
+                    "{line:?} in location /app is not indented by 4:\n{l}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fastcgi_locations() {
         let c = cfg("x.toml", FASTCGI);
@@ -255,6 +308,7 @@ mod tests {
         }
         // keep_conn only where asked for.
         assert_eq!(l.matches("fastcgi_keep_conn").count(), 1, "{l}");
+
         assert!(!l.contains("proxy_pass http://cgipool_"), "{l}");
         // Inactive: the route answers 503 like any pool.
         let none = nginx(&c, &BTreeMap::new());

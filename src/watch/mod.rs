@@ -115,6 +115,8 @@ pub(crate) struct Watcher {
 struct ProbeState {
     failures: u32,
     next_at: Option<Instant>,
+    /// A shared queue's probe this worker took and has not answered.
+    held: Option<health::HeldProbe>,
 }
 
 /// The empty config watch shows before anything is applied.
@@ -419,17 +421,36 @@ impl Watcher {
         if self.is_shared(pool) {
             return queues
                 .get(&crate::render::pool_socket_path(pool))
-                .map(|q| q.waiting())
+                .map(|q| self.waiting_in(pool, q))
                 .unwrap_or(0);
         }
         ns.iter()
             .map(|n| {
                 queues
                     .get(&sock_path(pool, *n))
-                    .map(|q| q.waiting())
+                    .map(|q| self.waiting_in(pool, q))
                     .unwrap_or(0)
             })
             .sum()
+    }
+
+    /// Requests waiting in one socket's queue of `pool`. A FastCGI worker
+    /// without `keep_conn` holds one connection, the request it is serving,
+    /// and php-cgi leaves that request's closing (empty) STDIN record unread
+    /// while the script runs: its unread bytes are a busy worker, not a
+    /// request waiting, so only the listener's backlog counts there.
+    pub(super) fn waiting_in(&self, pool: &str, q: &sockdiag::Queue) -> u32 {
+        let one_connection = self
+            .cfg
+            .pools
+            .get(pool)
+            .and_then(|p| p.fastcgi.as_ref())
+            .is_some_and(|f| !f.keep_conn);
+        if one_connection {
+            q.backlog
+        } else {
+            q.waiting()
+        }
     }
 
     fn is_shared(&self, pool: &str) -> bool {
@@ -491,6 +512,7 @@ impl Watcher {
         let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
             return false; // an operator's apply/scale is running; next tick
         };
+        self.release_held_probes();
         let mut intent = match state::read_intent(&self.paths) {
             Ok(Some(i)) => i,
             Ok(None) => return false,

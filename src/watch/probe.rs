@@ -3,7 +3,9 @@
 //! whichever worker accepts answers, and names itself in
 //! `X-Cgipool-Worker`), the same way nginx reaches it (HTTP, or a FastCGI
 //! request for `protocol = "fastcgi"` pools, whose answers name no worker).
-//! A 2xx answer within the timeout is healthy.
+//! A 2xx answer within the timeout is healthy. A failed probe can hand its
+//! connection, still open, back to the caller (`probe_keeping`): on a shared
+//! queue, the worker holding the other end of it is the one that failed.
 use std::time::Duration;
 
 use super::fcgi;
@@ -26,6 +28,8 @@ pub struct Probed {
     /// Err says why it is unhealthy.
     pub result: Result<(), String>,
     pub worker: Option<String>,
+    /// No answer came within the timeout (the request may still be running).
+    pub unanswered: bool,
 }
 
 /// Probes one socket; Err says why it is unhealthy.
@@ -46,38 +50,56 @@ pub async fn probe_named(
     timeout: Duration,
     fastcgi: Option<&FastCgiProbe>,
 ) -> Probed {
+    probe_keeping(socket, path, timeout, fastcgi).await.0
+}
+
+/// Probes one socket; on a failure after connecting, also returns the
+/// connection, still open (whoever accepted it still holds its other end).
+pub async fn probe_keeping(
+    socket: &str,
+    path: &str,
+    timeout: Duration,
+    fastcgi: Option<&FastCgiProbe>,
+) -> (Probed, Option<UnixStream>) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let failed = |why: String, unanswered: bool| Probed {
+        result: Err(why),
+        worker: None,
+        unanswered,
+    };
+    let no_answer = || format!("no answer within {}ms", timeout.as_millis());
+    let mut s = match tokio::time::timeout_at(deadline, UnixStream::connect(socket)).await {
+        Err(_) => return (failed(no_answer(), true), None),
+        Ok(Err(e)) => return (failed(format!("connect: {e}"), false), None),
+        Ok(Ok(s)) => s,
+    };
     let answer = async {
         match fastcgi {
-            Some(f) => fastcgi_status(socket, path, f)
+            Some(f) => fastcgi_status(&mut s, path, f)
                 .await
                 .map(|code| (code, None)),
-            None => status(socket, path).await,
+            None => status(&mut s, path).await,
         }
     };
-    match tokio::time::timeout(timeout, answer).await {
-        Err(_) => Probed {
-            result: Err(format!("no answer within {}ms", timeout.as_millis())),
-            worker: None,
-        },
-        Ok(Err(e)) => Probed {
-            result: Err(e),
-            worker: None,
-        },
+    let probed = match tokio::time::timeout_at(deadline, answer).await {
+        Err(_) => failed(no_answer(), true),
+        Ok(Err(e)) => failed(e, false),
         Ok(Ok((code, worker))) if (200..300).contains(&code) => Probed {
             result: Ok(()),
             worker,
+            unanswered: false,
         },
         Ok(Ok((code, worker))) => Probed {
             result: Err(format!("answered {code}")),
             worker,
+            unanswered: false,
         },
-    }
+    };
+    let kept = probed.result.is_err().then_some(s);
+    (probed, kept)
 }
 
-async fn status(socket: &str, path: &str) -> Result<(u16, Option<String>), String> {
-    let mut s = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn status(s: &mut UnixStream, path: &str) -> Result<(u16, Option<String>), String> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: cgipool-watch\r\nUser-Agent: cgipool-watch\r\nConnection: close\r\n\r\n");
     s.write_all(request.as_bytes())
         .await
@@ -116,10 +138,7 @@ const FASTCGI_HEAD_LIMIT: usize = 16 * 1024;
 /// The status of one FastCGI request for `path` (split like nginx does for
 /// the pool's location: SCRIPT_NAME under the route, SCRIPT_FILENAME in the
 /// document root).
-async fn fastcgi_status(socket: &str, path: &str, f: &FastCgiProbe) -> Result<u16, String> {
-    let mut s = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn fastcgi_status(s: &mut UnixStream, path: &str, f: &FastCgiProbe) -> Result<u16, String> {
     let (script_path, query) = path.split_once('?').unwrap_or((path, ""));
     let script_name = format!("{}{script_path}", f.route);
     let uri = format!("{}{path}", f.route);
@@ -237,7 +256,8 @@ mod tests {
             probe_named(&p, "/healthz", Duration::from_secs(2), None).await,
             Probed {
                 result: Err("answered 500".into()),
-                worker: Some("p@2".into())
+                worker: Some("p@2".into()),
+                unanswered: false,
             }
         );
         let _listener = server.await.unwrap();
@@ -246,6 +266,67 @@ mod tests {
             .await
             .unwrap_err()
             .contains("no answer"));
+    }
+
+    /// A failed probe hands back its connection, still open: the kernel
+    /// names the socket that accepted it (what watch looks for in the
+    /// workers' file tables), and none while nobody has accepted it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_probe_keeps_its_connection() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let inode = |fd: i32| {
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino() as u32
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let p = path.to_string_lossy().into_owned();
+        let f = FastCgiProbe {
+            route: "/php".into(),
+            document_root: None,
+        };
+        let t = Duration::from_millis(200);
+        // Nobody accepts: no answer, and no peer yet.
+        let (probed, kept) = probe_keeping(&p, "/health.php", t, Some(&f)).await;
+        assert!(probed.unanswered && probed.result.is_err(), "{probed:?}");
+        let waiting = kept.expect("the connection is kept");
+        let s = super::super::sockdiag::by_inode(&[inode(waiting.as_raw_fd())]).unwrap();
+        assert_eq!(s[0].peer, None, "nobody accepted it");
+        // Accepted (the one waiting, then the next) and never answered.
+        let (first, _) = listener.accept().unwrap();
+        drop(waiting);
+        drop(first);
+        listener.set_nonblocking(true).unwrap();
+        let accept = async {
+            loop {
+                if let Ok((c, _)) = listener.accept() {
+                    return c;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let ((probed, kept), taken) =
+            tokio::join!(probe_keeping(&p, "/health.php", t, Some(&f)), accept);
+        assert!(probed.unanswered, "{probed:?}");
+        let kept = kept.expect("the connection is kept");
+        let s = super::super::sockdiag::by_inode(&[inode(kept.as_raw_fd())]).unwrap();
+        assert_eq!(s[0].peer, Some(inode(taken.as_raw_fd())));
+        // A passing probe keeps nothing.
+        let answered = tokio::net::UnixListener::bind(dir.path().join("ok.sock")).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut c, _) = answered.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = c.read(&mut buf).await.unwrap();
+            c.write_all(b"HTTP/1.1 204 OK\r\n\r\n").await.unwrap();
+        });
+        let ok = dir.path().join("ok.sock").to_string_lossy().into_owned();
+        let (probed, kept) = probe_keeping(&ok, "/h", Duration::from_secs(2), None).await;
+        assert_eq!(probed.result, Ok(()));
+        assert!(kept.is_none());
+        server.await.unwrap();
     }
 
     /// A FastCGI responder on a real socket: it gets the probe's request

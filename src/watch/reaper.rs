@@ -138,7 +138,7 @@ impl Reaper {
 /// Socket inodes in a process's file table, if it belongs to `unit`
 /// (read from `/proc`; a process that is gone, or whose PID now belongs to
 /// another unit, has none).
-fn socket_inodes(pid: u32, unit: &str) -> Vec<u32> {
+pub(super) fn socket_inodes(pid: u32, unit: &str) -> Vec<u32> {
     let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return Vec::new();
     };

@@ -18,6 +18,11 @@
 //! - **A worker's connections** (`by_inode`): the reaper finds the socket
 //!   inodes in a worker's `/proc/PID/fd` and asks the kernel for exactly
 //!   those, one request each: only cgipool's own sockets.
+//! - **Who accepted a connection** (`by_inode` on watch's own end of a
+//!   probe's connection): its peer, the accepted socket's inode (0, read as
+//!   none, while the connection waits in the listener's queue or once the
+//!   accepting side closed it), which the health probe of a shared queue
+//!   looks for in the workers' `/proc/PID/fd`.
 //!
 //! Every answer is checked: its sequence number and port, a datagram larger
 //! than the buffer (MSG_TRUNC), a dump the kernel marks as interrupted, an
@@ -80,6 +85,9 @@ pub struct Socket {
     pub rqueue: u32,
     /// The peer closed the connection (or shut down its writing side).
     pub peer_closed: bool,
+    /// The inode of the other end of a connection, once it has one (an
+    /// accepted socket; asked for by `by_inode` only).
+    pub peer: Option<u32>,
 }
 
 /// Reads every listening or connected AF_UNIX socket bound to a path under
@@ -239,7 +247,7 @@ impl Netlink {
         let request = UnixRequest {
             state_flags: StateFlags::all(),
             inode,
-            show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
+            show_flags: ShowFlags::NAME | ShowFlags::RQLEN | ShowFlags::PEER,
             cookie: [0xff; 8],
         };
         let seq = self.send(request, NLM_F_REQUEST)?;
@@ -292,6 +300,7 @@ fn socket(r: &UnixResponse) -> Result<Socket> {
         connected: r.header.state == TCP_ESTABLISHED,
         rqueue,
         peer_closed: r.shutdown_state().unwrap_or(0) & RCV_SHUTDOWN != 0,
+        peer: r.peer().filter(|&p| p != 0),
     })
 }
 
@@ -366,6 +375,20 @@ mod tests {
             s[0].path.as_deref(),
             Some(path.to_str().unwrap()),
             "an accepted connection carries its listener's path"
+        );
+        let client_ino = inode_of(&client);
+        let c = by_inode(&[client_ino]).unwrap();
+        assert_eq!(
+            c[0].peer,
+            Some(ino),
+            "the client's peer is the accepted socket"
+        );
+        assert_eq!(s[0].peer, Some(client_ino));
+        let waiting = UnixStream::connect(&path).unwrap();
+        assert_eq!(
+            by_inode(&[inode_of(&waiting)]).unwrap()[0].peer,
+            None,
+            "a connection nobody accepted yet has no peer inode"
         );
         let listener_ino = inode_of(&listener);
         assert!(by_inode(&[listener_ino]).unwrap()[0].listening);

@@ -112,7 +112,7 @@ impl Watcher {
                         } else {
                             queues
                                 .get(&sock_path(&p.name, i))
-                                .map(|q| q.waiting())
+                                .map(|q| self.waiting_in(&p.name, q))
                                 .unwrap_or(0)
                         };
                         let mut view = WorkerView {

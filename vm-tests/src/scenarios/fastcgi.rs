@@ -384,9 +384,9 @@ fn php_health_probe(m: &mut Machine) -> Result<()> {
         &php_pool(
             "php",
             "/php",
-            // A FastCGI answer names no worker: a probe through a shared
-            // queue can blame none, so per-worker sockets here (the probe
-            // then reaches each worker and takes the sick one out).
+            // Per-worker sockets: the probe reaches each worker and takes
+            // the sick one out of nginx (a shared queue's probe:
+            // fastcgi_php_shared_probe_names_the_worker).
             "min = 2\nqueue = \"per-worker\"\nhealth_path = \"/health.php\"\nhealth_interval = \"1s\"\nunhealthy_after = 3",
         ),
     )?;

@@ -6,6 +6,7 @@ mod core;
 mod deb;
 pub mod edge;
 mod fastcgi;
+mod fastcgi_watch;
 mod figures;
 mod harness;
 mod hosts;
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(control::scenarios());
     v.extend(deb::scenarios());
     v.extend(fastcgi::scenarios());
+    v.extend(fastcgi_watch::scenarios());
     v.extend(queue::scenarios());
     v.extend(reaper::scenarios());
     v.extend(figures::scenarios());
