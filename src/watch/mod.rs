@@ -18,6 +18,7 @@ mod figures;
 mod health;
 mod notify;
 mod probe;
+mod queues;
 mod reaper;
 pub mod scaler;
 mod server;
@@ -25,7 +26,7 @@ mod sockdiag;
 mod view;
 
 use crate::apply;
-use crate::config::{self, Config, Pool, Queue};
+use crate::config::{self, Config, Pool};
 use crate::exec::interrupt::Interrupt;
 use crate::plan;
 use crate::state::{self, Decision, Intent, Paths, RUN_DIR, WATCH_SOCKET};
@@ -408,87 +409,6 @@ impl Watcher {
             out.insert(pool.clone(), up);
         }
         (out, in_grace)
-    }
-
-    /// Requests waiting for a worker of `pool`: on its one socket (shared
-    /// queue), or on each wanted worker's socket.
-    fn waiting(
-        &self,
-        pool: &str,
-        ns: &BTreeSet<u32>,
-        queues: &BTreeMap<String, sockdiag::Queue>,
-    ) -> u32 {
-        if self.is_shared(pool) {
-            return queues
-                .get(&crate::render::pool_socket_path(pool))
-                .map(|q| self.waiting_in(pool, q))
-                .unwrap_or(0);
-        }
-        ns.iter()
-            .map(|n| {
-                queues
-                    .get(&sock_path(pool, *n))
-                    .map(|q| self.waiting_in(pool, q))
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
-
-    /// Requests waiting in one socket's queue of `pool`. A FastCGI worker
-    /// without `keep_conn` holds one connection, the request it is serving,
-    /// and php-cgi leaves that request's closing (empty) STDIN record unread
-    /// while the script runs: its unread bytes are a busy worker, not a
-    /// request waiting, so only the listener's backlog counts there.
-    pub(super) fn waiting_in(&self, pool: &str, q: &sockdiag::Queue) -> u32 {
-        let one_connection = self
-            .cfg
-            .pools
-            .get(pool)
-            .and_then(|p| p.fastcgi.as_ref())
-            .is_some_and(|f| !f.keep_conn);
-        if one_connection {
-            q.backlog
-        } else {
-            q.waiting()
-        }
-    }
-
-    fn is_shared(&self, pool: &str) -> bool {
-        self.cfg
-            .pools
-            .get(pool)
-            .map(|p| p.queue == Queue::Shared)
-            .unwrap_or(false)
-    }
-
-    fn queues_summary(
-        &self,
-        pool: &str,
-        ns: &BTreeSet<u32>,
-        queues: &BTreeMap<String, sockdiag::Queue>,
-    ) -> String {
-        if self.is_shared(pool) {
-            let q = queues
-                .get(&crate::render::pool_socket_path(pool))
-                .copied()
-                .unwrap_or_default();
-            return format!(
-                "{pool} (shared, {} workers) backlog={} pending={}",
-                ns.len(),
-                q.backlog,
-                q.pending
-            );
-        }
-        ns.iter()
-            .map(|n| {
-                let q = queues
-                    .get(&sock_path(pool, *n))
-                    .copied()
-                    .unwrap_or_default();
-                format!("{pool}@{n} backlog={} pending={}", q.backlog, q.pending)
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     async fn refresh_details(&mut self, systemd: &Systemd, units: &BTreeMap<String, UnitState>) {
