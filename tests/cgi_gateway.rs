@@ -18,8 +18,11 @@ case "$QUERY_STRING" in
   count) printf 'Content-Type: text/plain\n\n'; echo "read $(wc -c | tr -d ' ') of $CONTENT_LENGTH" ;;
   hang) echo "hanging" >&2; sleep 30 & sleep 30 ;;
   slow) echo "slow: started" >&2
-        # Until the test creates "release" next to this program.
-        while [ ! -e "${0%/*}/release" ]; do sleep 0.05; done
+        # Until the test creates "release" next to this program (a bounded
+        # count of looks, not a time: no answer if it never comes).
+        n=0; while [ ! -e "${0%/*}/release" ]; do
+          n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
+        done
         printf 'Content-Type: text/plain\n\nslow\n' ;;
   flood) echo "flooding" >&2; printf 'Content-Type: text/plain\n\n'; exec yes ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
@@ -46,7 +49,9 @@ impl Gateway {
         let child = Command::new(env!("CARGO_BIN_EXE_cgipool"))
             .arg("cgi-gateway")
             .args(
-                [("--timeout", "2s"), ("--body-limit", "1m")]
+                // A request deadline no request outlives on a loaded
+                // machine; the tests of the deadline pass `--timeout 10s`.
+                [("--timeout", "600s"), ("--body-limit", "1m")]
                     .iter()
                     .filter(|(flag, _)| !extra.contains(flag))
                     .flat_map(|(flag, value)| [flag, value]),
@@ -108,6 +113,8 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // A `slow` program left running by a failed test ends too.
+        let _ = std::fs::write(self.dir.path().join("release"), b"");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -118,6 +125,32 @@ fn get(path: &str, extra: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: t\r\nX-Request-ID: {}\r\n{extra}\r\n",
         id(path)
     )
+}
+
+/// The request deadline of the tests that are about it: long enough for a
+/// loaded machine to start the program and let it speak before the cut
+/// (what these tests check it said), the one wall-clock assumption left.
+const TIMEOUT_FLAG: &str = "10s";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a request was cut at the deadline (`--timeout 10s`), the gateway
+/// still serves: a GET on a new connection gets 200, or, when the loaded
+/// machine started the program too late, a 504 no earlier than the
+/// deadline (a gateway that gave up on requests would answer at once).
+fn still_serves(gw: &Gateway, target: &str) {
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(&get(target, ""), b"");
+    let r = c.response();
+    match r.status {
+        200 => assert_eq!(r.body, "hello GET\n", "{r:?}"),
+        504 => assert!(
+            started.elapsed() >= TIMEOUT,
+            "504 after {:?}, before the deadline: {r:?}",
+            started.elapsed()
+        ),
+        _ => panic!("{target}: {r:?}"),
+    }
 }
 
 fn id(path: &str) -> String {
@@ -188,17 +221,17 @@ fn close_when_the_request_says_so() {
 
 #[test]
 fn timeouts_and_refusals_close_the_connection() {
-    let gw = Gateway::start();
+    let gw = Gateway::start_with(&["--timeout", TIMEOUT_FLAG]);
     let mut c = gw.connect();
     let started = Instant::now();
     c.send(&get("/?hang", ""), b"");
     let r = c.response();
     assert_eq!(r.status, 504, "{r:?}");
-    // The 504 at all proves the cut; not before the 2 s timeout (timed from
+    // The 504 at all proves the cut; not before the 10 s timeout (timed from
     // before the send, so never longer than the gateway's own clock).
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "504 after {:?}, before the 2 s timeout",
+        started.elapsed() >= TIMEOUT,
+        "504 after {:?}, before the 10 s timeout",
         started.elapsed()
     );
     assert!(c.closed(), "kept the connection of a timed-out request");
@@ -214,9 +247,7 @@ fn timeouts_and_refusals_close_the_connection() {
     assert_eq!((r.status, r.header("Connection")), (413, Some("close")));
     assert!(c.closed());
     // And the gateway still serves.
-    let mut c = gw.connect();
-    c.send(&get("/after", ""), b"");
-    assert_eq!(c.response().status, 200);
+    still_serves(&gw, "/after");
 }
 
 /// Requests waiting on several connections are all served (the gateway
@@ -281,7 +312,7 @@ fn sigterm_serves_what_waits_then_exits() {
 /// and the gateway serves the next request.
 #[test]
 fn a_program_that_keeps_writing_times_out() {
-    let gw = Gateway::start();
+    let gw = Gateway::start_with(&["--timeout", TIMEOUT_FLAG]);
     let mut c = gw.connect();
     let started = Instant::now();
     c.send(&get("/?flood", ""), b"");
@@ -289,13 +320,19 @@ fn a_program_that_keeps_writing_times_out() {
     // without the last chunk.
     let status_line = c.line();
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    // Read to the end, keeping only the tail (seconds of `yes`).
     let mut rest = Vec::new();
-    let _ = c.reader.read_to_end(&mut rest);
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n @ 1..) = c.reader.read(&mut buf) {
+        rest.extend_from_slice(&buf[..n]);
+        let keep = rest.len().saturating_sub(16);
+        rest.drain(..keep);
+    }
     // The end of the connection at all proves the cut; not before the
-    // 2 s timeout (timed from before the send).
+    // 10 s timeout (timed from before the send).
     assert!(
-        started.elapsed() >= Duration::from_secs(2),
-        "cut off after {:?}, before the 2 s timeout",
+        started.elapsed() >= TIMEOUT,
+        "cut off after {:?}, before the 10 s timeout",
         started.elapsed()
     );
     assert!(
@@ -311,9 +348,7 @@ fn a_program_that_keeps_writing_times_out() {
             || log.contains("aborted: client: the request's deadline passed"),
         "{log}"
     );
-    let mut c = gw.connect();
-    c.send(&get("/after", ""), b"");
-    assert_eq!(c.response().status, 200);
+    still_serves(&gw, "/after");
 }
 
 /// A connection that says nothing does not hold the gateway: a request on
@@ -384,10 +419,10 @@ fn a_partial_head_gets_408_at_the_head_timeout() {
 }
 
 /// A client that stops reading a large response is cut at the request's
-/// deadline (2 s here), and the next request is served.
+/// deadline (10 s here), and the next request is served.
 #[test]
 fn a_stalled_reader_is_cut_at_the_deadline() {
-    let gw = Gateway::start();
+    let gw = Gateway::start_with(&["--timeout", TIMEOUT_FLAG]);
     let mut stalled = gw.connect();
     let started = Instant::now();
     stalled.send(&get("/?flood", ""), b"");
@@ -396,12 +431,14 @@ fn a_stalled_reader_is_cut_at_the_deadline() {
     next.send(&get("/next", ""), b"");
     let r = next.response();
     let cut = started.elapsed();
-    assert_eq!(r.status, 200, "{r:?}");
+    // 504 only when the loaded machine started the program too late (its
+    // own deadline, also timed from after `started`).
+    assert!(matches!(r.status, 200 | 504), "{r:?}");
     // Served at all proves the cut (one request at a time); not before
-    // the 2 s deadline (timed from before the stalled request's send).
+    // the 10 s deadline (timed from before the stalled request's send).
     assert!(
-        cut >= Duration::from_secs(2),
-        "the next request was served after {cut:?}, before the stalled reader's 2 s deadline"
+        cut >= TIMEOUT,
+        "the next request was served after {cut:?}, before the stalled reader's 10 s deadline"
     );
     let log = gw.wait_log("GET /?flood 200");
     assert!(log.contains("deadline passed"), "{log}");
@@ -557,7 +594,7 @@ fn a_body_over_the_limit_gets_413_early() {
 fn many_idle_connections_do_not_starve_a_request() {
     // A long head deadline: a gateway that served the request only after
     // the partial heads timed out would answer them (408) first.
-    let gw = Gateway::start_with(&["--head-timeout", "60s"]);
+    let gw = Gateway::start_with(&["--head-timeout", "600s"]);
     let mut idle = Vec::new();
     for i in 0..200 {
         let mut c = gw.connect();

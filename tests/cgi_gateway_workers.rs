@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 const PROGRAM: &str = r#"#!/bin/sh
 case "$QUERY_STRING" in
   long) echo "long: started" >&2
-        # Until the test creates "release" next to this program.
-        while [ ! -e "${0%/*}/release" ]; do sleep 0.05; done
+        # Until the test creates "release" next to this program (a bounded
+        # count of looks, not a time: no answer if it never comes).
+        n=0; while [ ! -e "${0%/*}/release" ]; do
+          n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
+        done
         printf 'Content-Type: text/plain\n\nlong\n' ;;
   fail) echo "failing" >&2; exit 3 ;;
   *) printf 'Content-Type: text/plain\n\nhello\n' ;;
@@ -56,7 +59,7 @@ impl Pool {
                 .arg(r#"exec 3<&0 </dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#)
                 .arg("sh")
                 .arg(env!("CARGO_BIN_EXE_cgipool"))
-                .args(["cgi-gateway", "--timeout", "20s", "--"])
+                .args(["cgi-gateway", "--timeout", "600s", "--"])
                 .arg(&program)
                 .env("CGIPOOL_WORKER", format!("gw@{i}"))
                 .envs(env.iter().copied())
@@ -126,6 +129,8 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        // A `long` program left running by a failed test ends too.
+        let _ = std::fs::write(self.dir.path().join("release"), b"");
         for c in &mut self.gateways {
             let _ = c.kill();
             let _ = c.wait();
