@@ -141,29 +141,68 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let systemd = UnixDatagram::bind(&path).unwrap();
+        // Bounded: a sender that never sends fails here, not forever.
+        systemd
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let socket = UnixDatagram::unbound().unwrap();
         let addr = SocketAddr::from_pathname(&path).unwrap();
         let shared = Arc::new((Mutex::new(Latest::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
+        // Before anything can be sent: every datagram goes out after this.
+        let started = std::time::Instant::now();
         std::thread::spawn(move || send_loop(&socket, &addr, &theirs));
         let r = Reporter {
             shared: Some(shared),
         };
         r.busy(0, "GET", "/a b", Some("id1"));
         let mut buf = [0u8; 4096];
-        let n = systemd.recv(&mut buf).unwrap();
-        let first = std::str::from_utf8(&buf[..n]).unwrap().to_string();
-        let report = worker_status::parse(first.strip_prefix("STATUS=").unwrap()).unwrap();
-        assert_eq!(report.current.unwrap().uri, "/a b");
-        // Many changes within one interval: one more datagram, the last state.
+        let mut recv = || {
+            let n = systemd.recv(&mut buf).expect("a report within 60 s");
+            let line = std::str::from_utf8(&buf[..n]).unwrap().to_string();
+            let report = worker_status::parse(line.strip_prefix("STATUS=").unwrap()).unwrap();
+            (line, report)
+        };
+        let (_, first) = recv();
+        assert_eq!(first.current.unwrap().uri, "/a b");
+        // Many changes: the reports that follow (how many depends on how
+        // fast the changes come on this machine) end with the last state.
         for i in 1..=50 {
             r.idle(i);
         }
-        systemd
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let n = systemd.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"STATUS=cgipool requests=50 idle");
+        let updated = started.elapsed();
+        let mut reports = 1u32;
+        let mut requests = 0;
+        let last = loop {
+            let (line, report) = recv();
+            reports += 1;
+            assert!(
+                report.requests >= requests,
+                "an older state after a newer one: {line}"
+            );
+            requests = report.requests;
+            if requests == 50 {
+                break line;
+            }
+            assert!(reports <= 51, "more reports than states, none the last one");
+        };
+        assert_eq!(last, "STATUS=cgipool requests=50 idle");
+        // At most once per interval: the reports went out one MIN_INTERVAL
+        // apart at least, all after `started` (a lower bound on the time
+        // they took, however slow the machine is).
+        let took = started.elapsed();
+        assert!(
+            took >= MIN_INTERVAL * (reports - 1),
+            "{reports} reports within {took:?}, less than {MIN_INTERVAL:?} apart"
+        );
+        // The latest state, not each one: the reports before the last went
+        // out while the changes were still coming (after the first and one
+        // MIN_INTERVAL apart), so there are at most as many as intervals
+        // passed by then.
+        assert!(
+            MIN_INTERVAL * reports.saturating_sub(2) <= updated,
+            "{reports} reports for changes made within {updated:?}: states queued, not coalesced"
+        );
         systemd.set_read_timeout(Some(MIN_INTERVAL * 3)).unwrap();
         assert!(systemd.recv(&mut buf).is_err(), "nothing more to say");
     }

@@ -132,3 +132,42 @@ impl Client {
         matches!(self.reader.read_to_end(&mut rest), Ok(0))
     }
 }
+
+/// Sends SIGTERM to the gateway `pid` and returns once its signal thread
+/// (named `signals`, blocked in sigwait) has taken it and gone back to
+/// waiting, so the gateway's stop flag is set: what the test does next
+/// happens after the gateway knows it is stopping, on a machine of any
+/// load. (The kernel's own counters, no clock: SIGTERM no longer pending
+/// and one more voluntary context switch of that thread.)
+pub fn sigterm_and_wait_taken(pid: u32) {
+    let task = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("listing the gateway's threads")
+        .map(|e| e.expect("a thread").path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim_end() == "signals"))
+        .unwrap_or_else(|| panic!("gateway {pid} has no thread named \"signals\""));
+    let field = |name: &str| -> u64 {
+        let status = std::fs::read_to_string(task.join("status")).expect("reading its status");
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim();
+        if name == "ShdPnd:" {
+            u64::from_str_radix(value, 16).expect("a signal mask")
+        } else {
+            value.parse().expect("a count")
+        }
+    };
+    let before = field("voluntary_ctxt_switches:");
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    let sigterm = 1u64 << (nix::sys::signal::Signal::SIGTERM as u32 - 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while field("ShdPnd:") & sigterm != 0 || field("voluntary_ctxt_switches:") <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway's signal thread did not take SIGTERM within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
