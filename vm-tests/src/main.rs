@@ -51,14 +51,7 @@ fn run_scenario(env: &Env, tier: Tier, s: &Scenario) -> Result<()> {
                 "nginx-T.txt",
                 "transcript.txt",
             ] {
-                let p = dir.join(f);
-                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                if len == 0 {
-                    bail!(
-                        "self-test: the expected failure ({e:#}) left no {} behind",
-                        p.display()
-                    );
-                }
+                left_behind(&dir.join(f), &e)?;
             }
             println!(
                 "self-test: expected failure seen ({}); artifacts in {}",
@@ -113,17 +106,10 @@ fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
         (Err(e), dirs, true) => {
             let dirs = dirs.unwrap_or_default();
             for d in &dirs {
-                let p = if d.is_dir() {
-                    d.join("transcript.txt")
+                if d.is_dir() {
+                    left_behind(&d.join("transcript.txt"), &e)?;
                 } else {
-                    d.clone()
-                };
-                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                if len == 0 {
-                    bail!(
-                        "self-test: the expected failure ({e:#}) left no {} behind",
-                        p.display()
-                    );
+                    left_behind(d, &e)?;
                 }
             }
             println!(
@@ -134,6 +120,18 @@ fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A self-test's expected failure `e` must have left `artifact`, not empty.
+fn left_behind(artifact: &std::path::Path, e: &anyhow::Error) -> Result<()> {
+    let len = std::fs::metadata(artifact).map(|m| m.len()).unwrap_or(0);
+    if len == 0 {
+        bail!(
+            "self-test: the expected failure ({e:#}) left no {} behind",
+            artifact.display()
+        );
+    }
+    Ok(())
 }
 
 fn first_line(s: &str) -> &str {

@@ -22,7 +22,7 @@ use stats::*;
 
 use crate::machine::{Env, Machine, Options, Tier};
 use crate::scenarios::common::install;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
@@ -124,14 +124,7 @@ pub fn run(env: &Env, smoke: bool) -> Result<()> {
         &format!("bench-{}", mode.name()),
         Options::default(),
     )?;
-    let result = measure_all(&mut m, mode);
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let dir = m.collect_artifacts();
-            bail!("{e:#}\nartifacts: {}", dir.display());
-        }
-    };
+    let report = m.keeping_artifacts(|m| measure_all(m, mode))?;
     m.save_transcript();
     drop(m);
     let (md, json) = render(&report, mode, t0.elapsed());

@@ -141,14 +141,7 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     let out_dir = root.join("target/bench-only");
     eprintln!("bench (only cgi: {rounds} rounds of {secs} s): booting an nspawn container");
     let mut m = Machine::start(env, Tier::Nspawn, "bench-only-cgi", Options::default())?;
-    let result = measure(&mut m, secs, rounds, &extra);
-    let (rows, runs, diag) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let dir = m.collect_artifacts();
-            bail!("{e:#}\nartifacts: {}", dir.display());
-        }
-    };
+    let (rows, runs, diag) = m.keeping_artifacts(|m| measure(m, secs, rounds, &extra))?;
     m.save_transcript();
     drop(m);
     let mut md = render(&rows, &runs, secs, rounds, &extra, t0.elapsed());

@@ -534,6 +534,14 @@ impl Machine {
         self.dir.clone()
     }
 
+    /// Runs `f` on this machine; an error keeps the artifacts and says where.
+    pub fn keeping_artifacts<T>(&mut self, f: impl FnOnce(&mut Machine) -> Result<T>) -> Result<T> {
+        f(self).map_err(|e| {
+            let dir = self.collect_artifacts();
+            anyhow!("{e:#}\nartifacts: {}", dir.display())
+        })
+    }
+
     pub fn save_transcript(&self) {
         let _ = fs::write(self.dir.join("transcript.txt"), &self.transcript);
     }
