@@ -21,7 +21,6 @@ use setup::*;
 use stats::*;
 
 use crate::machine::{Env, Machine, Options, Tier};
-use crate::scenarios::common::install;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -180,17 +179,7 @@ struct Report {
 }
 
 fn measure_all(m: &mut Machine, mode: Mode) -> Result<Report> {
-    // The image forwards every journal line to the console the harness logs;
-    // under load that pty stops draining, journald blocks on it, and every
-    // worker then blocks writing its per-request log line to stderr. A
-    // production host does not forward to a console: turn it off.
-    m.write_text(
-        "/etc/systemd/journald.conf.d/zz-bench.conf",
-        "[Journal]\nForwardToConsole=no\n",
-    )?;
-    m.succeed("systemctl restart systemd-journald")?;
-    install(m)?;
-    m.write_text(&format!("{GUEST_DIR}/report.lua"), REPORT_LUA)?;
+    prepare_guest(m)?;
     m.write_text(&format!("{GUEST_DIR}/measure.py"), MEASURE_PY)?;
     m.write_text(&format!("{GUEST_DIR}/recover.py"), RECOVER_PY)?;
     m.write_text(&format!("{GUEST_DIR}/scale.py"), SCALE_PY)?;

@@ -20,7 +20,7 @@ use super::runs::wrk;
 use super::setup::*;
 use super::stats::mean;
 use crate::machine::{shell_quote, Env, Machine, Options, Tier};
-use crate::scenarios::common::{apply, install, write_config};
+use crate::scenarios::common::{apply, write_config};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -164,14 +164,7 @@ fn measure(
     rounds: u32,
     extra: &[Extra],
 ) -> Result<(Vec<Row>, Vec<Measured>, String)> {
-    // As the full run: no journal lines forwarded to the console.
-    m.write_text(
-        "/etc/systemd/journald.conf.d/zz-bench.conf",
-        "[Journal]\nForwardToConsole=no\n",
-    )?;
-    m.succeed("systemctl restart systemd-journald")?;
-    install(m)?;
-    m.write_text(&format!("{GUEST_DIR}/report.lua"), REPORT_LUA)?;
+    prepare_guest(m)?;
     let by_key = |k: &str| TARGETS.iter().find(|t| t.key == k);
     let (Some(fcgi), Some(pool)) = (by_key("fcgiwrap"), by_key("pool_cgi")) else {
         bail!("the bench has no fcgiwrap or pool_cgi row");

@@ -2,7 +2,7 @@
 //! workers of the proof of concept and the nginx server of the baselines;
 //! what it reads of the machine.
 use crate::machine::{shell_quote, Machine};
-use crate::scenarios::common::{apply, write_config};
+use crate::scenarios::common::{apply, install, write_config};
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -15,6 +15,23 @@ pub(super) const MIXED_PY: &str = include_str!("../../../bench/guest/mixed.py");
 
 /// Where the guest-side helpers live (/run: no unit's PrivateTmp hides it).
 pub(super) const GUEST_DIR: &str = "/run/bench";
+
+/// What every bench guest needs first: no journal lines forwarded to the
+/// console (the image forwards every line to the console the harness logs;
+/// under load that pty stops draining, journald blocks on it, and every
+/// worker then blocks writing its per-request log line to stderr; a
+/// production host does not forward to a console), the payload installed,
+/// and wrk's report script.
+pub(super) fn prepare_guest(m: &mut Machine) -> Result<()> {
+    m.write_text(
+        "/etc/systemd/journald.conf.d/zz-bench.conf",
+        "[Journal]\nForwardToConsole=no\n",
+    )?;
+    m.succeed("systemctl restart systemd-journald")?;
+    install(m)?;
+    m.write_text(&format!("{GUEST_DIR}/report.lua"), REPORT_LUA)?;
+    Ok(())
+}
 pub(super) const WORKER: &str = "/usr/local/lib/cgipool/search";
 /// The trivial C CGI program (cgi-src/hello_cgi.c) behind fcgiwrap and
 /// behind the `protocol = "cgi"` pool.
