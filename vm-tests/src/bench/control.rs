@@ -32,7 +32,7 @@ const POOL: &str = "cp";
 /// baselines stop and start the pools' units behind the intent's back, and a
 /// converge of watch would cancel their jobs (seen: "Job for
 /// cgipool-cp@30.service canceled").
-fn cp_config(n: u32) -> String {
+pub(super) fn cp_config(n: u32) -> String {
     let mut cfg = String::from("[watch]\nenabled = false\n\n");
     for (i, (pool, k)) in split(n).into_iter().enumerate() {
         if i == 0 {
@@ -198,7 +198,7 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
 /// shows, a batched stop and a batched start of the same 2N units, then
 /// `cgipool down` (N → 0). Failing steps are findings (reported), and the
 /// round goes on from a clean state.
-fn size_round(m: &mut Machine, mode: Mode, n: u32) -> Result<Value> {
+pub(super) fn size_round(m: &mut Machine, mode: Mode, n: u32) -> Result<Value> {
     let mut r = json!({ "round": 1, "workers": n });
     write_config(m, &cp_config(n))?;
     let up = measure(m, &apply_cmd())?;
@@ -266,6 +266,11 @@ fn stop_all_after_failure(m: &mut Machine) -> Result<()> {
 
 pub(super) fn wait_active(m: &mut Machine, pool: &str, n: u32) -> Result<()> {
     wait_active_within(m, pool, n, Duration::from_secs(60))
+}
+
+/// Every worker of the control-plane pools at N, within the jobs' limit.
+pub(super) fn wait_active_within_default(m: &mut Machine, n: u32) -> Result<()> {
+    wait_active_within(m, POOLS_GLOB, n, jobs_limit(n))
 }
 
 fn wait_active_within(m: &mut Machine, pool: &str, n: u32, limit: Duration) -> Result<()> {

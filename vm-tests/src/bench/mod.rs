@@ -8,6 +8,7 @@
 //! goals never make the run fail: only broken machinery does.
 mod control;
 mod only;
+mod only_down;
 mod report;
 mod runs;
 mod setup;
@@ -103,8 +104,11 @@ impl Mode {
 
 pub fn run(env: &Env, smoke: bool) -> Result<()> {
     // `CGIPOOL_BENCH_ONLY=cgi`: the CGI rows only (bench/only.rs).
-    if only::only()?.is_some() {
-        return only::run_cgi(env);
+    // `CGIPOOL_BENCH_ONLY=down`: `cgipool down` only (bench/only_down.rs).
+    match only::only()?.as_deref() {
+        Some("down") => return only_down::run_down(env),
+        Some(_) => return only::run_cgi(env),
+        None => {}
     }
     let mode = Mode::new(smoke)?;
     let t0 = Instant::now();

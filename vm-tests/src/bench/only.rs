@@ -62,12 +62,16 @@ pub(super) fn only() -> Result<Option<String>> {
     match std::env::var("CGIPOOL_BENCH_ONLY") {
         Err(_) => Ok(None),
         Ok(v) if v.is_empty() => Ok(None),
-        Ok(v) if v == "cgi" => Ok(Some(v)),
-        Ok(v) => bail!("CGIPOOL_BENCH_ONLY={v:?}: the only subset is \"cgi\""),
+        Ok(v) if v == "cgi" || v == "down" => Ok(Some(v)),
+        Ok(v) => bail!("CGIPOOL_BENCH_ONLY={v:?}: the subsets are \"cgi\" and \"down\""),
     }
 }
 
-fn env_u32(name: &str, default: u32, range: std::ops::RangeInclusive<u32>) -> Result<u32> {
+pub(super) fn env_u32(
+    name: &str,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32> {
     match std::env::var(name) {
         Err(_) => Ok(default),
         Ok(v) => v

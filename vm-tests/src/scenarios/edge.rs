@@ -325,13 +325,21 @@ impl Load {
         })
     }
 
+    /// Runs `cmd` under the load. The load must still run when it is
+    /// done: a step that ends after wrk did was never under load, and the
+    /// run's zero failures would say nothing about it.
     pub fn step(&mut self, m: &mut Machine, what: &str, cmd: &str) -> Result<()> {
         m.succeed(cmd)
             .with_context(|| format!("{what} under load"))?;
-        self.timeline.push(format!(
-            "{:5.1}s {what}",
-            self.start.elapsed().as_secs_f64()
-        ));
+        let at = self.start.elapsed().as_secs_f64();
+        self.timeline.push(format!("{at:5.1}s {what}"));
+        let running = m.execute("pgrep -x wrk", Duration::from_secs(10))?;
+        ensure!(
+            running.rc == 0,
+            "{what} ended {at:.1}s into a load of {}s, after wrk had finished: it was not under load (steps so far:\n  {})",
+            self.secs,
+            self.timeline.join("\n  ")
+        );
         Ok(())
     }
 
