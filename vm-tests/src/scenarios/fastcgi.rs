@@ -391,8 +391,13 @@ fn php_health_probe(m: &mut Machine) -> Result<()> {
         ),
     )?;
     apply_and_route(m, "http://127.0.0.1/php/hello.php")?;
-    // A few probe rounds pass: no failure is logged.
-    std::thread::sleep(Duration::from_secs(3));
+    // Three probe rounds reach each worker (each call leaves a line in the
+    // worker's journal) and pass: no failure is logged.
+    m.wait_until_succeeds(
+        "for n in 1 2; do test $(journalctl -u cgipool-php@$n.service -o cat | grep -c 'health.php called') -ge 3 || exit 1; done",
+        "three probes to reach each worker",
+        Duration::from_secs(20),
+    )?;
     let journal = m.journal("cgipool-watch.service")?;
     ensure!(
         !journal.contains("probe /health.php failed"),
