@@ -98,6 +98,10 @@ pub(crate) struct Watcher {
     routed: Option<plan::Workers>,
     decisions: BTreeMap<String, Decision>,
     scale_events: BTreeMap<String, u64>,
+    /// Steps (looks at the host: every tick, and after signals) completed
+    /// since watch started; /pool-status shows it, so a test can wait for
+    /// watch to have looked again instead of sleeping.
+    steps: u64,
     details: BTreeMap<String, ServiceDetails>,
     details_at: Option<Instant>,
     /// ActiveState/SubState per service from the latest ListUnitsByPatterns.
@@ -177,6 +181,7 @@ pub async fn run(opts: Options) -> Result<()> {
         down_since: HashMap::new(),
         routed: None,
         scale_events: BTreeMap::new(),
+        steps: 0,
         details: BTreeMap::new(),
         details_at: None,
         states: BTreeMap::new(),
@@ -216,6 +221,7 @@ pub async fn run(opts: Options) -> Result<()> {
             bail!("the status server stopped");
         }
         w.step(&systemd, sample).await?;
+        w.steps += 1;
         if let Ok(mut s) = snapshot.lock() {
             *s = w.snapshot_view();
         }

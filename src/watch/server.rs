@@ -258,6 +258,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         Snapshot {
             generated_at: 1,
+            steps: 7,
             pools: vec![PoolView {
                 pool: "a\"b".into(),
                 min: 1,

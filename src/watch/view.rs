@@ -12,6 +12,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Snapshot {
     pub generated_at: u64,
+    /// Steps watch completed since it started (each a look at the host).
+    pub steps: u64,
     pub pools: Vec<PoolView>,
 }
 
@@ -168,6 +170,7 @@ impl Watcher {
             .forget_pools_except(&self.cfg.pools.keys().cloned().collect());
         Snapshot {
             generated_at: now_unix(),
+            steps: self.steps,
             pools,
         }
     }

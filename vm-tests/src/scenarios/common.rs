@@ -48,6 +48,32 @@ pub fn status_json(m: &mut Machine) -> Result<serde_json::Value> {
     serde_json::from_str(&out).with_context(|| format!("cgipool status --json is not JSON: {out}"))
 }
 
+/// How many steps (looks at the host) watch completed since it started,
+/// from its /pool-status on its own socket.
+pub fn watch_steps(m: &mut Machine) -> Result<u64> {
+    let out = m.succeed(
+        "curl -sf --unix-socket /run/cgipool/watch.sock http://watch/pool-status | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"steps\"])'",
+    )?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("watch's steps: {out:?}"))
+}
+
+/// Waits until watch has completed `n` more steps than it had: what a
+/// test waits for before it checks that watch changed nothing.
+pub fn wait_watch_steps(m: &mut Machine, n: u64) -> Result<()> {
+    let from = watch_steps(m)?;
+    m.wait_until_succeeds(
+        &format!(
+            "test $(curl -sf --unix-socket /run/cgipool/watch.sock http://watch/pool-status | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"steps\"])') -ge {}",
+            from + n
+        ),
+        &format!("watch to complete {n} more steps (it had {from})"),
+        Duration::from_secs(20),
+    )?;
+    Ok(())
+}
+
 /// The names in the unit directory that cgipool generated, sorted.
 pub fn unit_dir_listing(m: &mut Machine) -> Result<Vec<String>> {
     let out = m.succeed(&format!(

@@ -285,7 +285,8 @@ fn kill_resumes_without_change(m: &mut Machine) -> Result<()> {
         "the restarted watch to report in",
         Duration::from_secs(10),
     )?;
-    std::thread::sleep(Duration::from_secs(2)); // give a wrong decision the chance to happen
+    // Watch looks at the host a few more times: the chances of a wrong decision.
+    common::wait_watch_steps(m, 4)?;
     assert_pool_running(m, "search", 2)?;
     assert_pool_running(m, "auth", 2)?;
     ensure!(
