@@ -8,6 +8,7 @@ mod config;
 mod escape;
 mod exec;
 mod files;
+mod hosts;
 mod nginx;
 mod paths;
 mod plan;

@@ -10,6 +10,7 @@
 //! SIGTERM between steps, or SIGKILL anywhere) is finished by the next one.
 pub mod host;
 pub mod interrupt;
+pub mod ssh_host;
 mod unit_list;
 
 #[cfg(test)]
