@@ -76,7 +76,12 @@ async fn other_hosts(
             &cfg.pools
                 .values()
                 .filter(|p| p.on_host(&h.name))
-                .map(|p| (p.name.clone(), counts.get(&p.name).copied().unwrap_or(p.min)))
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        counts.get(&p.name).copied().unwrap_or(p.min),
+                    )
+                })
                 .collect(),
         );
         let read = async {

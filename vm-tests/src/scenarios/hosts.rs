@@ -279,6 +279,25 @@ fn apply_serves_from_both(lab: &mut Lab) -> Result<()> {
     install_whoami(lab, &["front", "web1", "web2"])?;
     let config = hosts_config(lab, &["web1", "web2"], "");
     common::write_config(lab.machine("front"), &config)?;
+    // --dry-run: every host's plan, then the front's; nothing written anywhere.
+    let plan = lab
+        .machine("front")
+        .succeed(&format!("cgipool apply --dry-run {CONFIG}"))?;
+    for h in ["web1", "web2"] {
+        let heading = format!("host {h} (root@{}):", lab.address(h));
+        ensure!(
+            plan.contains(&heading),
+            "the dry run has no {heading:?}:\n{plan}"
+        );
+    }
+    ensure!(
+        plan.contains("front:") && plan.contains("cgipool-hello.socket"),
+        "the dry run:\n{plan}"
+    );
+    for h in ["front", "web1", "web2"] {
+        let left = common::unit_dir_listing(lab.machine(h))?;
+        ensure!(left.is_empty(), "the dry run wrote {left:?} on {h}");
+    }
     let out = common::apply(lab.machine("front"))?;
     for h in ["web1", "web2"] {
         ensure!(
@@ -308,7 +327,10 @@ fn apply_serves_from_both(lab: &mut Lab) -> Result<()> {
         "pool hello on host web1: 1 healthy of 1 wanted",
         "pool hello on host web2: 1 healthy of 1 wanted",
     ] {
-        ensure!(status.contains(line), "cgipool status lacks {line:?}:\n{status}");
+        ensure!(
+            status.contains(line),
+            "cgipool status lacks {line:?}:\n{status}"
+        );
     }
 
     // Requests through the front are answered on every host (nginx takes
