@@ -114,6 +114,15 @@ async fn converge_on(
     remotes: &mut [SshHost],
 ) -> Result<Outcome> {
     let cfg = intent.config()?;
+    let mut d = desired(&cfg, &intent.counts, &intent.unit_dir);
+    d.exclude = opts.exclude.clone();
+    d.leave_failed = opts.leave_failed;
+    let mut host = real_host(&cfg, &intent.unit_dir, paths, opts).await?;
+    if !remotes.is_empty() {
+        // The front's nginx takes the new files before any host changes.
+        let plan = exec::plan_only(&mut host, &d).await?;
+        exec::check_nginx(&mut host, &plan, stop).await?;
+    }
     hosts::converge_all(
         remotes,
         &cfg,
@@ -123,10 +132,6 @@ async fn converge_on(
         stop,
     )
     .await?;
-    let mut d = desired(&cfg, &intent.counts, &intent.unit_dir);
-    d.exclude = opts.exclude.clone();
-    d.leave_failed = opts.leave_failed;
-    let mut host = real_host(&cfg, &intent.unit_dir, paths, opts).await?;
     exec::converge(&mut host, &d, stop).await
 }
 
@@ -196,14 +201,22 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
         return Ok(());
     }
     let lock = state::lock(&paths, opts.job_timeout)?;
-    // Every host answers before anything is recorded or changed.
-    let mut remotes = hosts::connect_all(&req.cfg, &req.unit_dir, opts.job_timeout).await?;
     let recorded = match state::read_intent(&paths) {
         Ok(i) => i,
         Err(e) => {
             println!("note: {e:#}; recording a new intent");
             None
         }
+    };
+    // Every host answers before anything is recorded or changed: those of
+    // the config, and those the applied config had that it no longer names.
+    let mut remotes = hosts::connect_all(&req.cfg, &req.unit_dir, opts.job_timeout).await?;
+    let before = recorded
+        .as_ref()
+        .and_then(|i| i.config().ok().map(|c| (c, i.unit_dir.clone())));
+    let mut gone = match &before {
+        Some((old, dir)) => hosts::connect_gone(old, &req.cfg, dir, opts.job_timeout).await?,
+        None => Vec::new(),
     };
     let previous = previous_counts(recorded.as_ref(), &req.unit_dir)?;
     let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
@@ -226,6 +239,8 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
         }
         outcome => outcome?,
     };
+    // The front no longer routes to the hosts the config dropped.
+    hosts::down_all(&mut gone, stop).await?;
     finish(outcome)
 }
 

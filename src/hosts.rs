@@ -18,7 +18,30 @@ use std::time::Duration;
 /// Connects to every host of `cfg` at once; fails naming every host that
 /// did not answer (its systemd over ssh, and its unit directory over ssh).
 pub async fn connect_all(cfg: &Config, unit_dir: &Path, timeout: Duration) -> Result<Vec<SshHost>> {
-    let tries = cfg.hosts.values().map(|h| async move {
+    connect(cfg.hosts.values(), unit_dir, timeout).await
+}
+
+/// Connects to the hosts of the applied config `old` that `new` no longer
+/// names (their units go once the front stops routing to them).
+pub async fn connect_gone(
+    old: &Config,
+    new: &Config,
+    unit_dir: &Path,
+    timeout: Duration,
+) -> Result<Vec<SshHost>> {
+    let gone = old
+        .hosts
+        .values()
+        .filter(|h| !new.hosts.contains_key(&h.name));
+    connect(gone, unit_dir, timeout).await
+}
+
+async fn connect<'a>(
+    hosts: impl Iterator<Item = &'a Host>,
+    unit_dir: &Path,
+    timeout: Duration,
+) -> Result<Vec<SshHost>> {
+    let tries = hosts.map(|h| async move {
         SshHost::connect(&h.name, &h.address, unit_dir, timeout)
             .await
             .with_context(|| format!("host {} ({}) cannot be reached", h.name, h.address))
@@ -165,7 +188,7 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    const CFG: &str = "[nginx]\nfront_address = \"10.0.0.10\"\n[host.web1]\naddress = \"root@10.0.0.11\"\n\
+    const CFG: &str = "[watch]\nenabled = false\n[nginx]\nfront_address = \"10.0.0.10\"\n[host.web1]\naddress = \"root@10.0.0.11\"\n\
         [pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nhosts = [\"web1\", \"local\"]\nport = 9001\nmin = 2\n\
         [pool.b]\nexec = \"/bin/b\"\nroute = \"/b\"\nhosts = [\"web1\"]\nport = 9002\nmin = 1\n\
         [pool.c]\nexec = \"/bin/c\"\nroute = \"/c\"\nmin = 1\n";

@@ -74,6 +74,9 @@ mod tests {
     /// A pool on two worker hosts and the front, one on a worker host only,
     /// one on the front only.
     pub(in crate::render) const HOSTS: &str = r#"
+[watch]
+enabled = false
+
 [nginx]
 front_address = "10.231.0.10"
 
@@ -129,7 +132,7 @@ min = 1
         assert!(front
             .entries
             .contains_key(Path::new("cgipool-hello.socket")));
-        assert!(front
+        assert!(!front
             .entries
             .contains_key(Path::new("cgipool-watch.service")));
         assert!(!front

@@ -402,6 +402,42 @@ fn apply_serves_from_both(lab: &mut Lab) -> Result<()> {
         "a second apply changed something: {again}"
     );
 
+    // scale: the count is per host, every host follows.
+    lab.machine("front").succeed("cgipool scale hello 2")?;
+    for h in ["front", "web1", "web2"] {
+        let state = lab
+            .machine(h)
+            .unit_property("cgipool-hello@2.service", "ActiveState")?;
+        ensure!(
+            state == "active",
+            "{h}: after scale, cgipool-hello@2.service is {state}"
+        );
+    }
+
+    // A config without web2: the front stops routing to it, then web2 is
+    // left with nothing of cgipool's.
+    let config = hosts_config(lab, &["web1"], "");
+    common::write_config(lab.machine("front"), &config)?;
+    common::apply(lab.machine("front"))?;
+    let web2_addr = lab.address("web2");
+    let upstreams = lab
+        .machine("front")
+        .succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
+    ensure!(
+        !upstreams.contains(&web2_addr) && upstreams.contains(&web1),
+        "the front's upstreams after dropping web2:\n{upstreams}"
+    );
+    let left = common::unit_dir_listing(lab.machine("web2"))?;
+    ensure!(
+        left.is_empty(),
+        "web2 keeps {left:?} after the config dropped it"
+    );
+    let by = answered_by(lab, 6)?;
+    ensure!(
+        by.iter().all(|w| !w.starts_with("web2/")),
+        "web2 still answers after the config dropped it: {by:?}"
+    );
+
     // down: nothing of cgipool's on any host, no route on the front.
     lab.machine("front")
         .succeed(&format!("cgipool down {CONFIG}"))?;
