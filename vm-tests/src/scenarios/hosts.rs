@@ -28,6 +28,12 @@ pub fn scenarios() -> Vec<LabScenario> {
             run: unreachable_changes_nothing,
         },
         LabScenario {
+            name: "hosts_failed_worker_keeps_front",
+            machines: &["front", "web1"],
+            expect_failure: false,
+            run: failed_worker_keeps_front,
+        },
+        LabScenario {
             name: "hosts_selftest_failure_tears_down",
             machines: &["front", "web1"],
             expect_failure: true,
@@ -536,6 +542,55 @@ fn unreachable_changes_nothing(lab: &mut Lab) -> Result<()> {
     ensure!(
         by.iter().any(|w| w == "web1/hello@1") && by.iter().any(|w| w == "front/hello@1"),
         "after the failed apply the front and web1 do not both answer: {by:?}"
+    );
+    Ok(())
+}
+
+/// A pool whose workers cannot start on web1: apply fails naming web1
+/// before the front changes (no route to workers that never came up), and
+/// the next good apply takes web1's broken units away again.
+fn failed_worker_keeps_front(lab: &mut Lab) -> Result<()> {
+    lab.enable_ssh("front", &["web1"])?;
+    install_whoami(lab, &["front", "web1"])?;
+    let good = hosts_config(lab, &["web1"], "");
+    common::write_config(lab.machine("front"), &good)?;
+    common::apply(lab.machine("front"))?;
+    let front_before = common::host_fingerprint(lab.machine("front"))?;
+
+    let broken = format!(
+        "{good}\n[pool.broken]\nexec = \"/usr/local/lib/cgipool/missing\"\nroute = \"/api/broken\"\nhosts = [\"web1\"]\nport = 9102\nmin = 1\nmax = 1\n"
+    );
+    common::write_config(lab.machine("front"), &broken)?;
+    let out = lab
+        .machine("front")
+        .fail(&format!("cgipool apply {CONFIG}"))?;
+    ensure!(
+        out.rc == 1 && out.stderr.contains("host web1"),
+        "apply with workers that cannot start on web1: exit {}, stderr {}",
+        out.rc,
+        out.stderr
+    );
+    ensure!(
+        common::host_fingerprint(lab.machine("front"))? == front_before,
+        "the front's unit directory or nginx files changed although web1's workers failed"
+    );
+    let by = answered_by(lab, 4)?;
+    ensure!(
+        by.iter().any(|w| w == "web1/hello@1") && by.iter().any(|w| w == "front/hello@1"),
+        "after the failed apply the front and web1 do not both answer: {by:?}"
+    );
+
+    // The good config again: web1's broken pool goes, nothing else moves.
+    common::write_config(lab.machine("front"), &good)?;
+    common::apply(lab.machine("front"))?;
+    let left = common::unit_dir_listing(lab.machine("web1"))?;
+    ensure!(
+        !left.iter().any(|l| l.contains("broken")),
+        "web1 keeps the broken pool's units: {left:?}"
+    );
+    ensure!(
+        common::host_fingerprint(lab.machine("front"))? == front_before,
+        "the front changed although the config it ends with is the one it started with"
     );
     Ok(())
 }
