@@ -5,8 +5,10 @@
 use crate::config::Config;
 use crate::exec::host::RealHost;
 use crate::exec::interrupt::Interrupt;
+use crate::exec::ssh_host::SshHost;
 use crate::exec::{self, Outcome};
 use crate::files;
+use crate::hosts;
 use crate::plan::{self, Desired, Routes, Workers};
 use crate::render;
 use crate::state::{self, Decision, Intent, Lock, Paths};
@@ -25,16 +27,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The desired state of `cfg` at `counts` in `unit_dir`. Pure.
 pub fn desired(cfg: &Config, counts: &BTreeMap<String, u32>, unit_dir: &Path) -> Desired {
+    // The front's workers (every pool's, without `[host]` sections).
+    let front = crate::hosts::front_counts(cfg, counts);
     Desired {
         units: render::units(cfg, unit_dir, counts),
-        instances: plan::numbered(counts),
+        instances: plan::numbered(&front),
         routes: Some(routes(cfg.clone())),
         exclude: BTreeSet::new(),
         leave_failed: false,
         shared: cfg
             .pools
             .values()
-            .filter(|p| p.queue == crate::config::Queue::Shared)
+            .filter(|p| p.queue == crate::config::Queue::Shared && front.contains_key(&p.name))
             .map(|p| p.name.clone())
             .collect(),
     }
@@ -96,10 +100,38 @@ pub async fn converge(
     stop: &Interrupt,
 ) -> Result<Outcome> {
     let cfg = intent.config()?;
+    let mut remotes = hosts::connect_all(&cfg, &intent.unit_dir, opts.job_timeout).await?;
+    converge_on(paths, intent, opts, stop, &mut remotes).await
+}
+
+/// Converges the other hosts (each checked) and then the front, which
+/// routes to them last.
+async fn converge_on(
+    paths: &Paths,
+    intent: &Intent,
+    opts: &Options,
+    stop: &Interrupt,
+    remotes: &mut [SshHost],
+) -> Result<Outcome> {
+    let cfg = intent.config()?;
     let mut d = desired(&cfg, &intent.counts, &intent.unit_dir);
     d.exclude = opts.exclude.clone();
     d.leave_failed = opts.leave_failed;
     let mut host = real_host(&cfg, &intent.unit_dir, paths, opts).await?;
+    if !remotes.is_empty() {
+        // The front's nginx takes the new files before any host changes.
+        let plan = exec::plan_only(&mut host, &d).await?;
+        exec::check_nginx(&mut host, &plan, stop).await?;
+    }
+    hosts::converge_all(
+        remotes,
+        &cfg,
+        &intent.counts,
+        &intent.unit_dir,
+        opts.leave_failed,
+        stop,
+    )
+    .await?;
     exec::converge(&mut host, &d, stop).await
 }
 
@@ -157,7 +189,14 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
         let previous = previous_counts(previous.as_ref(), &req.unit_dir)?;
         let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
         let d = desired(&req.cfg, &counts, &req.unit_dir);
+        let mut remotes = hosts::connect_all(&req.cfg, &req.unit_dir, opts.job_timeout).await?;
+        for (name, plan) in hosts::plans(&mut remotes, &req.cfg, &counts, &req.unit_dir).await? {
+            print!("{name}:\n{plan}");
+        }
         let mut host = real_host(&req.cfg, &req.unit_dir, &paths, opts).await?;
+        if !remotes.is_empty() {
+            println!("front:");
+        }
         print!("{}", exec::plan_only(&mut host, &d).await?);
         return Ok(());
     }
@@ -168,6 +207,16 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
             println!("note: {e:#}; recording a new intent");
             None
         }
+    };
+    // Every host answers before anything is recorded or changed: those of
+    // the config, and those the applied config had that it no longer names.
+    let mut remotes = hosts::connect_all(&req.cfg, &req.unit_dir, opts.job_timeout).await?;
+    let before = recorded
+        .as_ref()
+        .and_then(|i| i.config().ok().map(|c| (c, i.unit_dir.clone())));
+    let mut gone = match &before {
+        Some((old, dir)) => hosts::connect_gone(old, &req.cfg, dir, opts.job_timeout).await?,
+        None => Vec::new(),
     };
     let previous = previous_counts(recorded.as_ref(), &req.unit_dir)?;
     let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
@@ -184,12 +233,14 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
             at_unix: 0,
         },
     )?;
-    let outcome = match converge(&paths, &lock, &intent, opts, stop).await {
+    let outcome = match converge_on(&paths, &intent, opts, stop, &mut remotes).await {
         Err(e) if e.downcast_ref::<exec::NginxRejected>().is_some() => {
             return Err(record_again(&paths, &lock, recorded, e));
         }
         outcome => outcome?,
     };
+    // The front no longer routes to the hosts the config dropped.
+    hosts::down_all(&mut gone, stop).await?;
     finish(outcome)
 }
 
@@ -316,6 +367,8 @@ pub async fn down(
             None => bail!("nothing is recorded on this host and no config was given"),
         },
     };
+    // Every host answers before the intent is forgotten.
+    let mut remotes = hosts::connect_all(&cfg, &unit_dir, opts.job_timeout).await?;
     state::remove_intent(&paths, &lock)?;
     let mut empty = cfg.clone();
     empty.pools.clear();
@@ -326,5 +379,10 @@ pub async fn down(
         ..desired(&empty, &BTreeMap::new(), &unit_dir)
     };
     let mut host = real_host(&cfg, &unit_dir, &paths, opts).await?;
-    finish(exec::converge(&mut host, &d, stop).await?)
+    if !remotes.is_empty() {
+        println!("front:");
+    }
+    // The front stops routing first, then the other hosts stop their workers.
+    finish(exec::converge(&mut host, &d, stop).await?)?;
+    hosts::down_all(&mut remotes, stop).await
 }

@@ -302,6 +302,7 @@ fn config_page(source: &str) -> Result<String> {
         ("`[nginx]`", "[nginx]"),
         ("`[watch]`", "[watch]"),
         ("pool", "[pool.NAME] and [defaults]"),
+        ("`[host.NAME]`", "[host.NAME]"),
     ];
     r.control("SH", ["KEYS"]);
     for (section, title) in groups {

@@ -8,6 +8,7 @@ mod config;
 mod escape;
 mod exec;
 mod files;
+mod hosts;
 mod nginx;
 mod paths;
 mod plan;
@@ -306,7 +307,15 @@ fn render_offline(cfg: &config::Config, out: &Path) -> Result<()> {
     for (rel, entry) in &tree.entries {
         files::write_entry(&units_dir, rel, entry)?;
     }
-    let active = counts
+    // Many hosts: each `[host.NAME]`'s units in hosts/NAME/units.
+    for h in cfg.hosts.values() {
+        let tree = render::host_units(cfg, h, Path::new(apply::SYSTEM_UNIT_DIR), &counts);
+        let dir = out.join("hosts").join(&h.name).join("units");
+        for (rel, entry) in &tree.entries {
+            files::write_entry(&dir, rel, entry)?;
+        }
+    }
+    let active = hosts::front_counts(cfg, &counts)
         .iter()
         .map(|(n, &c)| (n.clone(), (1..=c).collect()))
         .collect();

@@ -186,6 +186,12 @@ impl fmt::Display for RemoteHost {
 impl RemoteHost {
     /// What ssh runs as: its arguments after the program name.
     pub fn ssh_args(&self) -> Vec<String> {
+        self.ssh_args_running("systemd-stdio-bridge")
+    }
+
+    /// ssh's arguments to run `command` (one string, which the remote login
+    /// shell interprets: quote what goes into it) on the host.
+    pub fn ssh_args_running(&self, command: &str) -> Vec<String> {
         let mut args = vec![
             "-xT".to_string(),
             "-o".to_string(),
@@ -202,7 +208,7 @@ impl RemoteHost {
             Some(user) => format!("{user}@{}", self.host),
             None => self.host.clone(),
         });
-        args.push("systemd-stdio-bridge".to_string());
+        args.push(command.to_string());
         args
     }
 

@@ -1,6 +1,7 @@
 //! status: what systemd says about each pool and worker, read over D-Bus,
 //! next to the count each pool runs in the recorded intent (or, with none,
 //! what the unit directory's pool targets want), and the config it came from.
+use crate::config::LOCAL_HOST;
 use crate::files;
 use crate::plan;
 use crate::state::{self, Decision, Paths};
@@ -13,6 +14,11 @@ use std::path::Path;
 #[derive(Debug, Serialize)]
 pub struct PoolStatus {
     pub pool: String,
+    /// Where these workers run: "local" (the front) or a `[host.NAME]`.
+    pub host: String,
+    /// Why the host's workers could not be read (an unreachable host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub wanted: usize,
     pub healthy: usize,
     /// What `cgipool watch` last decided for this pool, and why.
@@ -34,10 +40,87 @@ pub struct WorkerStatus {
 pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStatus>> {
     let systemd = Systemd::connect().await?;
     let paths = Paths::host();
-    let wanted = match state::read_intent(&paths).ok().flatten() {
-        Some(intent) => plan::numbered(&intent.counts),
-        None => plan::instances_on_disk(&files::read_unit_dir(unit_dir)?.entries),
+    let intent = state::read_intent(&paths).ok().flatten();
+    let cfg = intent.as_ref().and_then(|i| i.config().ok());
+    let wanted = match (&intent, &cfg) {
+        (Some(intent), Some(cfg)) => {
+            plan::numbered(&crate::hosts::front_counts(cfg, &intent.counts))
+        }
+        (Some(intent), None) => plan::numbered(&intent.counts),
+        _ => plan::instances_on_disk(&files::read_unit_dir(unit_dir)?.entries),
     };
+    let mut out = pools_of(&systemd, LOCAL_HOST, &wanted, only).await?;
+    let decisions = state::last_decisions(&paths);
+    let figures = watch_figures(Path::new(state::WATCH_SOCKET));
+    for p in &mut out {
+        p.last_decision = decisions.get(&p.pool).cloned();
+        p.figures = figures.as_ref().and_then(|f| f.get(&p.pool)).cloned();
+    }
+    if let (Some(intent), Some(cfg)) = (&intent, &cfg) {
+        out.extend(other_hosts(cfg, &intent.counts, only).await);
+    }
+    Ok(out)
+}
+
+/// The pools of every `[host.NAME]` of the applied config, read over the
+/// remote transport; a host that does not answer shows its pools with the
+/// error and no worker.
+async fn other_hosts(
+    cfg: &crate::config::Config,
+    counts: &BTreeMap<String, u32>,
+    only: Option<&str>,
+) -> Vec<PoolStatus> {
+    let mut out = Vec::new();
+    for h in cfg.hosts.values() {
+        let wanted: plan::Workers = plan::numbered(
+            &cfg.pools
+                .values()
+                .filter(|p| p.on_host(&h.name))
+                .map(|p| {
+                    (
+                        p.name.clone(),
+                        counts.get(&p.name).copied().unwrap_or(p.min),
+                    )
+                })
+                .collect(),
+        );
+        let read = async {
+            let conn = h.address.connect(REMOTE_TIMEOUT).await?;
+            let systemd = Systemd::over(conn).await?;
+            pools_of(&systemd, &h.name, &wanted, only).await
+        };
+        match read.await {
+            Ok(pools) => out.extend(pools),
+            Err(e) => out.extend(
+                wanted
+                    .iter()
+                    .filter(|(p, _)| only.map(|o| o == p.as_str()).unwrap_or(true))
+                    .map(|(p, ns)| PoolStatus {
+                        pool: p.clone(),
+                        host: h.name.clone(),
+                        error: Some(format!("{e:#}")),
+                        wanted: ns.len(),
+                        healthy: 0,
+                        last_decision: None,
+                        figures: None,
+                        workers: Vec::new(),
+                    }),
+            ),
+        }
+    }
+    out
+}
+
+/// How long `status` waits for another host's system bus.
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pools and workers one host's systemd reports, next to the wanted ones.
+async fn pools_of(
+    systemd: &Systemd,
+    host: &str,
+    wanted: &plan::Workers,
+    only: Option<&str>,
+) -> Result<Vec<PoolStatus>> {
     let units = systemd.list(&["cgipool-*@*.service"]).await?;
     let details = systemd.service_details(&units).await?;
     let mut pools: BTreeMap<String, PoolStatus> = wanted
@@ -47,6 +130,8 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
                 p.clone(),
                 PoolStatus {
                     pool: p.clone(),
+                    host: host.to_string(),
+                    error: None,
                     wanted: ns.len(),
                     healthy: 0,
                     last_decision: None,
@@ -67,6 +152,8 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         }
         let entry = pools.entry(pool.to_string()).or_insert_with(|| PoolStatus {
             pool: pool.to_string(),
+            host: host.to_string(),
+            error: None,
             wanted: 0,
             healthy: 0,
             last_decision: None,
@@ -85,11 +172,7 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
         .into_values()
         .filter(|p| only.map(|o| o == p.pool).unwrap_or(true))
         .collect();
-    let decisions = state::last_decisions(&paths);
-    let figures = watch_figures(Path::new(state::WATCH_SOCKET));
     for p in &mut out {
-        p.last_decision = decisions.get(&p.pool).cloned();
-        p.figures = figures.as_ref().and_then(|f| f.get(&p.pool)).cloned();
         p.workers.sort_by_key(|w| {
             plan::parse_instance(&w.service.unit)
                 .map(|(_, n, _)| n)
@@ -238,15 +321,26 @@ pub fn table(pools: &[PoolStatus]) -> String {
         let _ = writeln!(out, "no cgipool pools on this host");
     }
     for p in pools {
+        let on = if p.host == LOCAL_HOST {
+            String::new()
+        } else {
+            format!(" on host {}", p.host)
+        };
         let _ = writeln!(
             out,
-            "pool {}: {} healthy of {} wanted",
+            "pool {}{on}: {} healthy of {} wanted",
             p.pool, p.healthy, p.wanted
         );
+        if let Some(e) = &p.error {
+            let _ = writeln!(out, "  (cannot read the host: {e})");
+            continue;
+        }
         match &p.figures {
             Some(f) => {
                 let _ = writeln!(out, "  {}", figures_line(f));
             }
+            // watch follows the front's workers only.
+            None if p.host != LOCAL_HOST => {}
             None => {
                 let _ = writeln!(
                     out,

@@ -4,13 +4,14 @@
 use super::diag::{entries, get_str, type_err, unknown_key, Cx, Src};
 use super::values::env_key_ok;
 
-pub(super) const TOP_KEYS: &[&str] = &["nginx", "watch", "defaults", "pool"];
+pub(super) const TOP_KEYS: &[&str] = &["nginx", "watch", "defaults", "pool", "host"];
 pub(super) const NGINX_KEYS: &[&str] = &[
     "upstreams",
     "locations",
     "unit",
     "socket_group",
     "check_address",
+    "front_address",
 ];
 pub(super) const WATCH_SECTION_KEYS: &[&str] = &["enabled"];
 pub(super) const POOL_KEYS: &[&str] = &[
@@ -51,6 +52,8 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "unhealthy_after",
     "max_requests",
     "slow_request",
+    "hosts",
+    "port",
     // protocol = "fastcgi" (config::fastcgi)
     "listen_fd",
     "keep_conn",

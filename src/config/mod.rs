@@ -27,6 +27,7 @@ use toml_edit::TableLike;
 mod diag;
 mod duration;
 mod fastcgi;
+mod hosts;
 mod keys;
 mod model;
 mod pool;
@@ -37,7 +38,9 @@ mod values;
 
 pub use diag::{ConfigError, Diagnostic};
 pub use duration::{duration_usec, format_nginx_usec};
-pub use model::{Config, FastCgi, ListenFd, Nginx, Pool, Protocol, Queue, DEFAULT_CONFIG};
+pub use model::{
+    Config, FastCgi, Host, ListenFd, Nginx, Pool, Protocol, Queue, DEFAULT_CONFIG, LOCAL_HOST,
+};
 pub(crate) use values::abs_path_problem;
 
 use diag::Cx;

@@ -20,6 +20,22 @@ pub struct Config {
     pub nginx: Nginx,
     pub watch_enabled: bool,
     pub pools: BTreeMap<String, Pool>,
+    /// The `[host.NAME]` sections: hosts other than the front.
+    pub hosts: BTreeMap<String, Host>,
+}
+
+/// The name of the front (the host running `cgipool apply` and nginx) in a
+/// pool's `hosts`.
+pub const LOCAL_HOST: &str = "local";
+
+/// A host other than the front (`[host.NAME]`, config::hosts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    /// How ssh and the remote transport reach it.
+    pub address: crate::remote::RemoteHost,
+    /// The IP address its workers listen on and nginx connects to.
+    pub listen: std::net::IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +47,9 @@ pub struct Nginx {
     /// host:port where cgipool reaches nginx over HTTP on loopback to read
     /// `/.cgipool/generation` after a reload.
     pub check_address: String,
+    /// The front's IP address as other hosts see it: their worker sockets
+    /// accept connections from it only (`IPAddressAllow=`).
+    pub front_address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,6 +161,23 @@ pub struct Pool {
     pub slow_request: Option<String>,
     /// Some iff `protocol = "fastcgi"`.
     pub fastcgi: Option<FastCgi>,
+    /// Where the workers run: [`LOCAL_HOST`] and `[host.NAME]` names; each
+    /// host runs the pool's count of workers (min/max are per host).
+    pub hosts: Vec<String>,
+    /// The TCP port the workers listen on on hosts other than the front.
+    pub port: Option<u16>,
+}
+
+impl Pool {
+    /// True when some of the workers run on a host other than the front.
+    pub fn is_remote(&self) -> bool {
+        self.hosts.iter().any(|h| h != LOCAL_HOST)
+    }
+
+    /// True when `host` ([`LOCAL_HOST`] for the front) runs workers of this pool.
+    pub fn on_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h == host)
+    }
 }
 
 pub const MAX_POOL_NAME: usize = 32;

@@ -64,6 +64,8 @@ pub(super) struct PoolFields {
     max_connections: Option<u32>,
     max_requests: Option<u32>,
     slow_request: Option<String>,
+    hosts: Option<Vec<String>>,
+    port: Option<u16>,
     gateway_at: Option<(Option<Range<usize>>, String)>,
     notify_at: Option<(bool, Option<Range<usize>>, String)>,
     fastcgi: FastCgiFields,
@@ -293,6 +295,8 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
             ),
             None => type_err(cx, src, "an integer"),
         },
+        "hosts" => f.hosts = get_str_list(cx, src).map(|l| l.into_iter().map(|(s, _)| s).collect()),
+        "port" => f.port = get_u32(cx, src, 1024, 65535).and_then(|p| u16::try_from(p).ok()),
         k if fastcgi::FASTCGI_KEYS.contains(&k) => fastcgi::apply_field(cx, &mut f.fastcgi, src),
         _ => {}
     }
@@ -448,6 +452,10 @@ pub(super) fn parse_pool(
         max_requests: f.max_requests,
         slow_request: f.slow_request,
         fastcgi,
+        hosts: f
+            .hosts
+            .unwrap_or_else(|| vec![super::model::LOCAL_HOST.to_string()]),
+        port: f.port,
     })
 }
 

@@ -21,6 +21,7 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
     let mut watch = None;
     let mut defaults = Vec::new();
     let mut pool_section = None;
+    let mut host_section = None;
     for src in &top {
         match src.name.as_str() {
             "nginx" => nginx = Some(src.clone()),
@@ -30,11 +31,14 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
                 None => type_err(cx, src, "a table"),
             },
             "pool" => pool_section = Some(src.clone()),
+            "host" => host_section = Some(src.clone()),
             _ => unknown_key(cx, src, TOP_KEYS, "the top level"),
         }
     }
 
+    let nginx_at = nginx.as_ref().and_then(|n| n.key_span.clone());
     let nginx = parse_nginx(cx, nginx.as_ref());
+    let hosts = super::hosts::parse_hosts(cx, host_section.as_ref());
     let watch_enabled = parse_watch(cx, watch.as_ref());
     if watch_enabled == Some(true) {
         if let Err(msg) = super::values::own_binary() {
@@ -80,6 +84,7 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
 
     let mut pools = BTreeMap::new();
     let mut routes: BTreeMap<String, (String, Src<'_>)> = BTreeMap::new();
+    let mut pool_sources = BTreeMap::new();
     match &pool_section {
         None => cx.err(
             Some(0..0),
@@ -134,6 +139,10 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
                                 routes.insert(pool.route.clone(), (raw_name.clone(), rs));
                             }
                         }
+                        pool_sources.insert(
+                            raw_name.clone(),
+                            pool_sources_of(psrc, ptable, &default_values),
+                        );
                         pools.insert(raw_name, pool);
                     }
                 }
@@ -142,12 +151,44 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
     }
 
     let nginx = nginx?;
+    super::hosts::check_pools(
+        cx,
+        &hosts,
+        &pools,
+        &pool_sources,
+        nginx.front_address,
+        nginx_at,
+        watch_enabled != Some(false),
+    );
     Some(Config {
         source: source.to_path_buf(),
         nginx,
         watch_enabled: watch_enabled?,
         pools,
+        hosts,
     })
+}
+
+/// Where a pool's `hosts` and `port` were written (its own table, else `[defaults]`).
+fn pool_sources_of<'d>(
+    psrc: &Src<'d>,
+    ptable: &'d dyn TableLike,
+    defaults: &[&Src<'d>],
+) -> super::hosts::PoolSources<'d> {
+    let own = entries(&psrc.key, ptable);
+    let find = |name: &str| {
+        own.iter().find(|s| s.name == name).cloned().or_else(|| {
+            defaults
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| (*s).clone())
+        })
+    };
+    super::hosts::PoolSources {
+        hosts: find("hosts"),
+        port: find("port"),
+        header: psrc.key_span.clone().or_else(|| psrc.span()),
+    }
 }
 
 fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
@@ -157,6 +198,7 @@ fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
         unit: "nginx.service".to_string(),
         socket_group: "www-data".to_string(),
         check_address: "127.0.0.1:80".to_string(),
+        front_address: None,
     };
     let Some(sec) = sec else { return Some(n) };
     let Some(t) = sec.item.as_table_like() else {
@@ -215,6 +257,20 @@ fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
                             src.span(),
                             &src.key,
                             format!("invalid address {s:?}: expected a loopback host:port such as \"127.0.0.1:80\""),
+                        ),
+                    }
+                }
+            }
+            "front_address" => {
+                if let Some(s) = get_str(cx, &src) {
+                    match s.parse::<std::net::IpAddr>() {
+                        Ok(ip) if !ip.is_unspecified() && !ip.is_loopback() => {
+                            n.front_address = Some(ip)
+                        }
+                        _ => cx.err(
+                            src.span(),
+                            &src.key,
+                            format!("invalid address {s:?}: expected the front's IP address as the other hosts see it, e.g. \"10.0.0.10\""),
                         ),
                     }
                 }

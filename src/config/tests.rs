@@ -47,6 +47,7 @@ fn demo_parses_with_defaults() {
             unit: "nginx.service".into(),
             socket_group: "www-data".into(),
             check_address: "127.0.0.1:80".into(),
+            front_address: None,
         }
     );
     assert!(c.watch_enabled);
@@ -96,6 +97,8 @@ fn demo_parses_with_defaults() {
             max_requests: None,
             slow_request: None,
             fastcgi: None,
+            hosts: vec!["local".into()],
+            port: None,
         }
     );
 }

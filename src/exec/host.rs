@@ -97,30 +97,7 @@ impl Host for RealHost {
     }
 
     async fn not_active(&mut self, services: &[String]) -> Result<Vec<String>> {
-        if services.is_empty() {
-            return Ok(Vec::new());
-        }
-        let patterns: Vec<&str> = services.iter().map(String::as_str).collect();
-        let units = self.systemd.list(&patterns).await?;
-        let details = self.systemd.service_details(&units).await?;
-        let mut bad: Vec<String> = details
-            .iter()
-            .filter(|d| d.active_state != "active")
-            .map(|d| {
-                format!(
-                    "{} is {}/{} (result {})",
-                    d.unit, d.active_state, d.sub_state, d.result
-                )
-            })
-            .collect();
-        let seen: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
-        bad.extend(
-            services
-                .iter()
-                .filter(|s| !seen.contains(s.as_str()))
-                .map(|s| format!("{s} is not loaded")),
-        );
-        Ok(bad)
+        not_active(&self.systemd, services).await
     }
 
     async fn nginx(&mut self) -> Result<Option<ObservedNginx>> {
@@ -165,4 +142,32 @@ impl Host for RealHost {
     async fn write_pending(&mut self, pending: &Pending) -> Result<()> {
         crate::state::write_pending(&self.paths, pending)
     }
+}
+
+/// For each service that is not active now on `systemd`'s host, why.
+pub async fn not_active(systemd: &Systemd, services: &[String]) -> Result<Vec<String>> {
+    if services.is_empty() {
+        return Ok(Vec::new());
+    }
+    let patterns: Vec<&str> = services.iter().map(String::as_str).collect();
+    let units = systemd.list(&patterns).await?;
+    let details = systemd.service_details(&units).await?;
+    let mut bad: Vec<String> = details
+        .iter()
+        .filter(|d| d.active_state != "active")
+        .map(|d| {
+            format!(
+                "{} is {}/{} (result {})",
+                d.unit, d.active_state, d.sub_state, d.result
+            )
+        })
+        .collect();
+    let seen: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    bad.extend(
+        services
+            .iter()
+            .filter(|s| !seen.contains(s.as_str()))
+            .map(|s| format!("{s} is not loaded")),
+    );
+    Ok(bad)
 }

@@ -10,6 +10,7 @@
 //! SIGTERM between steps, or SIGKILL anywhere) is finished by the next one.
 pub mod host;
 pub mod interrupt;
+pub mod ssh_host;
 mod unit_list;
 
 #[cfg(test)]
@@ -170,8 +171,9 @@ async fn converge_steps(
 }
 
 /// Phase 1: the nginx files the plan expects pass `nginx -t` before any
-/// unit changes (and are put back right after: routing comes later).
-async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Result<()> {
+/// unit changes (and are put back right after: routing comes later). Many
+/// hosts: apply runs it on the front before any other host changes, too.
+pub(crate) async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Result<()> {
     let Some(route) = plan.route.as_ref().filter(|_| plan.nginx_check) else {
         return Ok(());
     };

@@ -12,9 +12,11 @@ use crate::config::Config;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod hosts;
 mod nginx;
 mod units;
 
+pub use hosts::{host_units, on_host, remote_servers};
 pub use nginx::{nginx, NginxFiles};
 pub use units::units;
 
@@ -275,8 +277,21 @@ max_requests = 7000
     }
 
     /// Rendered files of one case, keyed by their path under tests/golden/CASE.
-    fn rendered(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> BTreeMap<String, String> {
+    pub(super) fn rendered(
+        cfg: &Config,
+        active: &BTreeMap<String, Vec<u32>>,
+    ) -> BTreeMap<String, String> {
         let tree = units(cfg, Path::new("/etc/systemd/system"), &BTreeMap::new());
+        let mut out = tree_files(&tree);
+        let ng = nginx(cfg, active);
+        out.insert("nginx/upstreams.conf".to_string(), ng.upstreams);
+        out.insert("nginx/locations.conf".to_string(), ng.locations);
+        out.insert("nginx/generation".to_string(), ng.generation + "\n");
+        out
+    }
+
+    /// A unit tree's files under `units/`, its links in `units.links`.
+    pub(super) fn tree_files(tree: &UnitTree) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         let mut links = String::new();
         for (path, entry) in &tree.entries {
@@ -290,10 +305,6 @@ max_requests = 7000
             }
         }
         out.insert("units.links".to_string(), links);
-        let ng = nginx(cfg, active);
-        out.insert("nginx/upstreams.conf".to_string(), ng.upstreams);
-        out.insert("nginx/locations.conf".to_string(), ng.locations);
-        out.insert("nginx/generation".to_string(), ng.generation + "\n");
         out
     }
 
@@ -316,7 +327,7 @@ max_requests = 7000
     }
 
     /// Compare with tests/golden/CASE; `UPDATE_GOLDEN=1 cargo test` rewrites.
-    fn check_golden(case: &str, files: &BTreeMap<String, String>) {
+    pub(super) fn check_golden(case: &str, files: &BTreeMap<String, String>) {
         let dir = golden_dir(case);
         if std::env::var_os("UPDATE_GOLDEN").is_some() {
             let _ = fs::remove_dir_all(&dir);

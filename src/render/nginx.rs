@@ -26,6 +26,8 @@ struct UpstreamView<'a> {
     /// How often the shared socket is listed ([`SHARED_ENTRIES`]).
     shared_entries: u32,
     workers: Vec<u32>,
+    /// `ip:port` of the pool's queue on each host other than the front.
+    remote: Vec<String>,
     /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
     /// server (64k fails at 100 servers), so the zone grows with `max`.
     zone_kb: u32,
@@ -127,7 +129,8 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         let mut workers = active.get(name).cloned().unwrap_or_default();
         workers.sort_unstable();
         workers.dedup();
-        let is_active = !workers.is_empty();
+        let remote = super::remote_servers(cfg, pool);
+        let is_active = !workers.is_empty() || !remote.is_empty();
         if is_active {
             let zone_kb = 64 + pool.max;
             upstreams.push(UpstreamView {
@@ -135,6 +138,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
                 shared: pool.queue == Queue::Shared,
                 shared_entries: SHARED_ENTRIES,
                 workers,
+                remote,
                 zone_kb,
             });
         }

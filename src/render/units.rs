@@ -81,6 +81,16 @@ struct SharedSocketTemplate<'a> {
     socket_group: &'a str,
 }
 
+/// A pool's shared queue on a host other than the front (render::hosts).
+#[derive(Template)]
+#[template(path = "pool-tcp.socket")]
+struct TcpSocketTemplate<'a> {
+    pool: &'a Pool,
+    /// `ip:port`, brackets around IPv6.
+    listen: String,
+    front: std::net::IpAddr,
+}
+
 #[derive(Template)]
 #[template(path = "pool.target")]
 struct TargetTemplate<'a> {
@@ -90,7 +100,20 @@ struct TargetTemplate<'a> {
 /// All unit files and `.wants/` links for `cfg`. `counts` gives the number
 /// of workers per pool (the caller clamps to [min, max]); a pool missing
 /// from `counts` gets `pool.min`.
+/// Only the pools whose `hosts` include the front are rendered (all of them
+/// in a config without `[host]` sections); see [`super::host_units`] for the others.
 pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> UnitTree {
+    let front = super::on_host(cfg, crate::config::LOCAL_HOST);
+    units_with(&front, unit_dir, counts, None)
+}
+
+/// The units of every pool in `cfg`, with TCP queues when `tcp` is given.
+pub(super) fn units_with(
+    cfg: &Config,
+    unit_dir: &Path,
+    counts: &BTreeMap<String, u32>,
+    tcp: Option<&super::hosts::TcpListen>,
+) -> UnitTree {
     let header = header();
     let mut entries = BTreeMap::new();
     for (name, pool) in &cfg.pools {
@@ -121,7 +144,14 @@ pub fn units(cfg: &Config, unit_dir: &Path, counts: &BTreeMap<String, u32>) -> U
             )),
         );
         let socket_group = &cfg.nginx.socket_group;
-        let socket_unit = if shared {
+        let socket_unit = if let (Some(tcp), Some(port)) = (tcp, pool.port) {
+            TcpSocketTemplate {
+                pool,
+                listen: std::net::SocketAddr::new(tcp.listen, port).to_string(),
+                front: tcp.front,
+            }
+            .render()
+        } else if shared {
             SharedSocketTemplate { pool, socket_group }.render()
         } else {
             SocketTemplate { pool, socket_group }.render()

@@ -2,6 +2,7 @@
 //! lab network (lab.rs), the front reaching the workers' systemd over ssh
 //! and systemd-stdio-bridge.
 use crate::lab::Lab;
+use crate::scenarios::common::{self, CONFIG};
 use crate::LabScenario;
 use anyhow::{ensure, Result};
 use std::time::{Duration, Instant};
@@ -13,6 +14,24 @@ pub fn scenarios() -> Vec<LabScenario> {
             machines: &["front", "web1", "web2"],
             expect_failure: false,
             run: transport,
+        },
+        LabScenario {
+            name: "hosts_apply_serves_from_both",
+            machines: &["front", "web1", "web2"],
+            expect_failure: false,
+            run: apply_serves_from_both,
+        },
+        LabScenario {
+            name: "hosts_unreachable_changes_nothing",
+            machines: &["front", "web1"],
+            expect_failure: false,
+            run: unreachable_changes_nothing,
+        },
+        LabScenario {
+            name: "hosts_failed_worker_keeps_front",
+            machines: &["front", "web1"],
+            expect_failure: false,
+            run: failed_worker_keeps_front,
         },
         LabScenario {
             name: "hosts_selftest_failure_tears_down",
@@ -191,6 +210,387 @@ fn transport(lab: &mut Lab) -> Result<()> {
         "a host starting with '-': exit {}, stderr {}",
         out.rc,
         out.stderr
+    );
+    Ok(())
+}
+
+/// A worker that names its host: hello.py with the host name in front of
+/// the instance (`web1/hello@1`), installed on every machine.
+const WHOAMI: &str = "/usr/local/lib/cgipool/whoami";
+
+fn install_whoami(lab: &mut Lab, names: &[&str]) -> Result<()> {
+    for name in names {
+        let m = lab.machine(name);
+        common::install(m)?;
+        m.write_text(
+            WHOAMI,
+            "#!/bin/sh\nCGIPOOL_WORKER=\"$(uname -n)/$CGIPOOL_WORKER\" exec /usr/local/lib/cgipool/hello.py \"$@\"\n",
+        )?;
+        m.succeed(&format!("chmod 0755 {WHOAMI}"))?;
+    }
+    Ok(())
+}
+
+/// One pool on the front, web1 and web2 (`hosts`), `port` its TCP queue
+/// on the workers' hosts; extra `[host]` sections and lines after it.
+fn hosts_config(lab: &Lab, hosts: &[&str], extra: &str) -> String {
+    let mut text = format!(
+        "[watch]\nenabled = false\n\n[nginx]\nfront_address = \"{}\"\n\n",
+        lab.address("front")
+    );
+    for h in hosts {
+        text.push_str(&format!(
+            "[host.{h}]\naddress = \"root@{}\"\n\n",
+            lab.address(h)
+        ));
+    }
+    let list: Vec<String> = std::iter::once("local")
+        .chain(hosts.iter().copied())
+        .map(|h| format!("{h:?}"))
+        .collect();
+    text.push_str(&format!(
+        "[pool.hello]\nexec = \"{WHOAMI}\"\nroute = \"/api/hello\"\nhosts = [{}]\nport = 9101\nmin = 1\nmax = 2\n{extra}\n",
+        list.join(", ")
+    ));
+    text
+}
+
+/// The worker (`host/hello@n`) that answered each of `n` requests through
+/// the front's nginx; every one must be a 200.
+fn answered_by(lab: &mut Lab, n: usize) -> Result<Vec<String>> {
+    let mut by = Vec::new();
+    for _ in 0..n {
+        let (code, headers, body) = common::request(
+            lab.machine("front"),
+            "-H 'Connection: close' http://127.0.0.1/api/hello",
+        )?;
+        ensure!(
+            code == 200,
+            "a request through the front got {code}: {headers}\n{body}"
+        );
+        let worker = common::header(&headers, "X-Cgipool-Worker")
+            .unwrap_or("")
+            .to_string();
+        by.push(worker);
+    }
+    Ok(by)
+}
+
+/// One config, workers on the front, web1 and web2: apply from the front
+/// starts them on every host, nginx on the front routes to all three, a
+/// worker's TCP queue takes connections from the front only, and `down`
+/// leaves nothing of cgipool's on any host.
+fn apply_serves_from_both(lab: &mut Lab) -> Result<()> {
+    lab.enable_ssh("front", &["web1", "web2"])?;
+    install_whoami(lab, &["front", "web1", "web2"])?;
+    let config = hosts_config(lab, &["web1", "web2"], "");
+    common::write_config(lab.machine("front"), &config)?;
+    // --dry-run: every host's plan, then the front's; nothing written anywhere.
+    let plan = lab
+        .machine("front")
+        .succeed(&format!("cgipool apply --dry-run {CONFIG}"))?;
+    for h in ["web1", "web2"] {
+        let heading = format!("host {h} (root@{}):", lab.address(h));
+        ensure!(
+            plan.contains(&heading),
+            "the dry run has no {heading:?}:\n{plan}"
+        );
+    }
+    ensure!(
+        plan.contains("front:") && plan.contains("cgipool-hello.socket"),
+        "the dry run:\n{plan}"
+    );
+    for h in ["front", "web1", "web2"] {
+        let left = common::unit_dir_listing(lab.machine(h))?;
+        ensure!(left.is_empty(), "the dry run wrote {left:?} on {h}");
+    }
+    let out = common::apply(lab.machine("front"))?;
+    for h in ["web1", "web2"] {
+        ensure!(
+            out.contains(&format!("host {h} (root@")),
+            "apply's output names no host {h}:\n{out}"
+        );
+    }
+
+    // Every host runs one worker of the pool (min = 1 per host).
+    for h in ["front", "web1", "web2"] {
+        let m = lab.machine(h);
+        let state = m.unit_property("cgipool-hello@1.service", "ActiveState")?;
+        ensure!(state == "active", "{h}: cgipool-hello@1.service is {state}");
+    }
+    let sock = lab
+        .machine("web1")
+        .succeed("systemctl show -P Listen cgipool-hello.socket")?;
+    ensure!(
+        sock.trim() == format!("{}:9101 (Stream)", lab.address("web1")),
+        "web1's queue listens on {sock:?}"
+    );
+
+    // status on the front lists every host's workers.
+    let status = lab.machine("front").succeed("cgipool status")?;
+    for line in [
+        "pool hello: 1 healthy of 1 wanted",
+        "pool hello on host web1: 1 healthy of 1 wanted",
+        "pool hello on host web2: 1 healthy of 1 wanted",
+    ] {
+        ensure!(
+            status.contains(line),
+            "cgipool status lacks {line:?}:\n{status}"
+        );
+    }
+
+    // Requests through the front are answered on every host (nginx takes
+    // its servers in turn: each host's queue is listed once).
+    let by = answered_by(lab, 12)?;
+    for h in ["front", "web1", "web2"] {
+        ensure!(
+            by.iter().any(|w| w.starts_with(&format!("{h}/hello@"))),
+            "no request was answered on {h}: {by:?}"
+        );
+    }
+
+    // web1's queue answers the front and no one else (web2 is on the same network).
+    let web1 = lab.address("web1");
+    let (code, _, _) = common::request(
+        lab.machine("front"),
+        &format!("--max-time 10 http://{web1}:9101/api/hello"),
+    )?;
+    ensure!(
+        code == 200,
+        "the front connecting to web1:9101 directly got {code}"
+    );
+    // systemd loaded the filter on web1's queue as rendered ...
+    let web1_m = lab.machine("web1");
+    let allow = web1_m.unit_property("cgipool-hello.socket", "IPAddressAllow")?;
+    let deny = web1_m.unit_property("cgipool-hello.socket", "IPAddressDeny")?;
+    let front_addr = lab.address("front");
+    ensure!(
+        allow
+            .split_whitespace()
+            .map(|a| a.trim_end_matches("/32"))
+            .collect::<Vec<_>>()
+            == [front_addr.as_str()]
+            && deny.contains("0.0.0.0/0")
+            && deny.contains("::/0"),
+        "web1's queue filters IPAddressAllow={allow:?} IPAddressDeny={deny:?}, expected the front only"
+    );
+    // ... and enforces it where systemd can attach cgroup BPF programs
+    // (nspawn's seccomp filter may refuse bpf(): then systemd loads the
+    // filter and proceeds without it). Probe first with a unit of web2's own
+    // that may not talk to anyone: if it reaches the front, nothing is
+    // enforced in these guests.
+    let front_addr = lab.address("front");
+    let web2 = lab.machine("web2");
+    let probe = web2.execute(
+        &format!("systemd-run --wait -q -p IPAddressDeny=any curl -sS -o /dev/null --connect-timeout 3 --max-time 5 http://{front_addr}/"),
+        web2.scaled(Duration::from_secs(30)),
+    )?;
+    if probe.rc != 0 {
+        let refused = web2.execute(
+            &format!("curl -sS -o /dev/null --connect-timeout 3 --max-time 5 http://{web1}:9101/api/hello"),
+            web2.scaled(Duration::from_secs(30)),
+        )?;
+        ensure!(
+            refused.rc != 0,
+            "web2 reached web1's worker port (curl exit 0): IPAddressAllow= lets more than the front in"
+        );
+    } else {
+        println!(
+            "NOT CHECKED: web2 -> web1:9101 refused: a unit with IPAddressDeny=any still reached the front, \
+             so systemd cannot enforce IP filters in these guests (cgroup BPF unavailable under nspawn)"
+        );
+    }
+
+    // A second apply changes nothing anywhere.
+    let again = common::apply(lab.machine("front"))?;
+    ensure!(
+        again.matches("no changes").count() == 3,
+        "a second apply changed something: {again}"
+    );
+
+    // scale: the count is per host, every host follows.
+    lab.machine("front").succeed("cgipool scale hello 2")?;
+    for h in ["front", "web1", "web2"] {
+        let state = lab
+            .machine(h)
+            .unit_property("cgipool-hello@2.service", "ActiveState")?;
+        ensure!(
+            state == "active",
+            "{h}: after scale, cgipool-hello@2.service is {state}"
+        );
+    }
+
+    // A config without web2: the front stops routing to it, then web2 is
+    // left with nothing of cgipool's.
+    let config = hosts_config(lab, &["web1"], "");
+    common::write_config(lab.machine("front"), &config)?;
+    common::apply(lab.machine("front"))?;
+    let web2_addr = lab.address("web2");
+    let upstreams = lab
+        .machine("front")
+        .succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
+    ensure!(
+        !upstreams.contains(&web2_addr) && upstreams.contains(&web1),
+        "the front's upstreams after dropping web2:\n{upstreams}"
+    );
+    let left = common::unit_dir_listing(lab.machine("web2"))?;
+    ensure!(
+        left.is_empty(),
+        "web2 keeps {left:?} after the config dropped it"
+    );
+    let by = answered_by(lab, 6)?;
+    ensure!(
+        by.iter().all(|w| !w.starts_with("web2/")),
+        "web2 still answers after the config dropped it: {by:?}"
+    );
+
+    // down: nothing of cgipool's on any host, no route on the front.
+    lab.machine("front")
+        .succeed(&format!("cgipool down {CONFIG}"))?;
+    for h in ["front", "web1", "web2"] {
+        let left = common::unit_dir_listing(lab.machine(h))?;
+        ensure!(left.is_empty(), "{h} keeps {left:?} after down");
+        let units = lab
+            .machine(h)
+            .succeed("systemctl list-units --all --plain --no-legend 'cgipool*'")?;
+        ensure!(
+            units.trim().is_empty(),
+            "{h} keeps units loaded after down: {units}"
+        );
+    }
+    let upstreams = lab
+        .machine("front")
+        .succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
+    ensure!(
+        !upstreams.contains("upstream"),
+        "the front still routes after down: {upstreams}"
+    );
+    Ok(())
+}
+
+/// A host in the config that nobody answers for: apply fails naming it,
+/// and neither the front nor the host that answers changes a byte.
+fn unreachable_changes_nothing(lab: &mut Lab) -> Result<()> {
+    lab.enable_ssh("front", &["web1"])?;
+    install_whoami(lab, &["front", "web1"])?;
+    let config = hosts_config(lab, &["web1"], "");
+    common::write_config(lab.machine("front"), &config)?;
+    common::apply(lab.machine("front"))?;
+    let before = [
+        common::host_fingerprint(lab.machine("front"))?,
+        common::host_fingerprint(lab.machine("web1"))?,
+    ];
+    let intent_before = lab
+        .machine("front")
+        .succeed("cat /var/lib/cgipool/intent.json")?;
+
+    // The same pool, one more worker each, and on a host that is not there.
+    let ghost = lab.unused_address();
+    let text = hosts_config(lab, &["web1"], "")
+        .replace("min = 1", "min = 2")
+        .replace(
+            "hosts = [\"local\", \"web1\"]",
+            "hosts = [\"local\", \"web1\", \"ghost\"]",
+        )
+        + &format!("\n[host.ghost]\naddress = \"root@{ghost}\"\n");
+    common::write_config(lab.machine("front"), &text)?;
+    let front = lab.machine("front");
+    let bound = front.scaled(Duration::from_secs(40));
+    let started = Instant::now();
+    let out = front.fail(&format!("cgipool apply {CONFIG}"))?;
+    let took = started.elapsed();
+    ensure!(
+        out.rc == 1,
+        "apply with an unreachable host exited {}: {}",
+        out.rc,
+        out.stderr
+    );
+    ensure!(
+        out.stderr
+            .contains(&format!("host ghost (root@{ghost}) cannot be reached"))
+            && out.stderr.contains("nothing was changed on any host"),
+        "apply's error does not name the host: {}",
+        out.stderr
+    );
+    ensure!(
+        took < bound,
+        "apply took {:.1}s to fail, over {:.1}s",
+        took.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    let after = [
+        common::host_fingerprint(lab.machine("front"))?,
+        common::host_fingerprint(lab.machine("web1"))?,
+    ];
+    ensure!(
+        before[0] == after[0],
+        "the front's unit directory or nginx files changed"
+    );
+    ensure!(
+        before[1] == after[1],
+        "web1's unit directory or nginx files changed"
+    );
+    let intent_after = lab
+        .machine("front")
+        .succeed("cat /var/lib/cgipool/intent.json")?;
+    ensure!(
+        intent_before == intent_after,
+        "the failed apply recorded an intent"
+    );
+    // Still one worker on each host, still served.
+    let by = answered_by(lab, 4)?;
+    ensure!(
+        by.iter().any(|w| w == "web1/hello@1") && by.iter().any(|w| w == "front/hello@1"),
+        "after the failed apply the front and web1 do not both answer: {by:?}"
+    );
+    Ok(())
+}
+
+/// A pool whose workers cannot start on web1: apply fails naming web1
+/// before the front changes (no route to workers that never came up), and
+/// the next good apply takes web1's broken units away again.
+fn failed_worker_keeps_front(lab: &mut Lab) -> Result<()> {
+    lab.enable_ssh("front", &["web1"])?;
+    install_whoami(lab, &["front", "web1"])?;
+    let good = hosts_config(lab, &["web1"], "");
+    common::write_config(lab.machine("front"), &good)?;
+    common::apply(lab.machine("front"))?;
+    let front_before = common::host_fingerprint(lab.machine("front"))?;
+
+    let broken = format!(
+        "{good}\n[pool.broken]\nexec = \"/usr/local/lib/cgipool/missing\"\nroute = \"/api/broken\"\nhosts = [\"web1\"]\nport = 9102\nmin = 1\nmax = 1\n"
+    );
+    common::write_config(lab.machine("front"), &broken)?;
+    let out = lab
+        .machine("front")
+        .fail(&format!("cgipool apply {CONFIG}"))?;
+    ensure!(
+        out.rc == 1 && out.stderr.contains("host web1"),
+        "apply with workers that cannot start on web1: exit {}, stderr {}",
+        out.rc,
+        out.stderr
+    );
+    ensure!(
+        common::host_fingerprint(lab.machine("front"))? == front_before,
+        "the front's unit directory or nginx files changed although web1's workers failed"
+    );
+    let by = answered_by(lab, 4)?;
+    ensure!(
+        by.iter().any(|w| w == "web1/hello@1") && by.iter().any(|w| w == "front/hello@1"),
+        "after the failed apply the front and web1 do not both answer: {by:?}"
+    );
+
+    // The good config again: web1's broken pool goes, nothing else moves.
+    common::write_config(lab.machine("front"), &good)?;
+    common::apply(lab.machine("front"))?;
+    let left = common::unit_dir_listing(lab.machine("web1"))?;
+    ensure!(
+        !left.iter().any(|l| l.contains("broken")),
+        "web1 keeps the broken pool's units: {left:?}"
+    );
+    ensure!(
+        common::host_fingerprint(lab.machine("front"))? == front_before,
+        "the front changed although the config it ends with is the one it started with"
     );
     Ok(())
 }
