@@ -198,7 +198,17 @@ impl Systemd {
     /// take longer than any fixed limit for one, and each job has systemd's
     /// own timeout). Any result but `done` is an error naming the unit. The
     /// JobRemoved stream is opened before the first job is queued.
+    /// Stop jobs go through `stop_units` (the targets' transactions).
     pub async fn run_jobs(&self, jobs: &[Job], stall: Duration) -> Result<()> {
+        if !jobs.is_empty() && jobs.iter().all(|j| j.kind == JobKind::Stop) {
+            let units: Vec<String> = jobs.iter().map(|j| j.unit.clone()).collect();
+            return self.stop_units(&units, stall).await;
+        }
+        self.queue_jobs(jobs, stall).await
+    }
+
+    /// `run_jobs`, one job (and transaction) each.
+    async fn queue_jobs(&self, jobs: &[Job], stall: Duration) -> Result<()> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -224,7 +234,7 @@ impl Systemd {
             units.iter().partition(|u| u.ends_with(".target"));
         if targets.is_empty() || rest.is_empty() {
             let jobs: Vec<Job> = units.iter().map(|u| Job::new(JobKind::Stop, u)).collect();
-            return self.run_jobs(&jobs, stall).await;
+            return self.queue_jobs(&jobs, stall).await;
         }
         let (mut rx, drain) = self.job_removed().await?;
         let mut pending: HashMap<String, Job> = HashMap::new();

@@ -7,7 +7,7 @@ use crate::nginx;
 use crate::plan::{ObservedNginx, Pending};
 use crate::render::{Entry, NginxFiles};
 use crate::state::Paths;
-use crate::systemd::{Job, JobKind, Systemd, UnitState};
+use crate::systemd::{Job, Systemd, UnitState};
 use anyhow::Result;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -88,11 +88,6 @@ impl Host for RealHost {
     }
 
     async fn run_jobs(&mut self, jobs: &[Job]) -> Result<()> {
-        // Stops go through the targets' transactions (Systemd::stop_units).
-        if jobs.iter().all(|j| j.kind == JobKind::Stop) {
-            let units: Vec<String> = jobs.iter().map(|j| j.unit.clone()).collect();
-            return self.systemd.stop_units(&units, self.job_timeout).await;
-        }
         self.systemd.run_jobs(jobs, self.job_timeout).await
     }
 
