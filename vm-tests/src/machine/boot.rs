@@ -69,6 +69,10 @@ pub(super) fn spawn_nspawn(
             Network::Namespace { path, hostname } => vec![
                 format!("--network-namespace-path={}", path.display()),
                 format!("--hostname={hostname}"),
+                // systemd's IP filters (IPAddressAllow=/Deny=) are cgroup
+                // BPF programs: the lab's guests may load them.
+                "--capability=CAP_BPF".to_string(),
+                "--system-call-filter=bpf".to_string(),
             ],
         })
         .arg(format!(
