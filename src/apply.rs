@@ -32,7 +32,7 @@ pub fn desired(cfg: &Config, counts: &BTreeMap<String, u32>, unit_dir: &Path) ->
     Desired {
         units: render::units(cfg, unit_dir, counts),
         instances: plan::numbered(&front),
-        routes: Some(routes(cfg.clone())),
+        routes: Some(routes(cfg.clone(), &BTreeMap::new())),
         exclude: BTreeSet::new(),
         leave_failed: false,
         shared: cfg
@@ -44,9 +44,17 @@ pub fn desired(cfg: &Config, counts: &BTreeMap<String, u32>, unit_dir: &Path) ->
     }
 }
 
-/// How nginx routes a set of workers of `cfg`.
-fn routes(cfg: Config) -> Routes {
-    Routes::new(move |w: &Workers| render::nginx(&cfg, &as_lists(w)))
+/// How nginx routes a set of workers of `cfg`, leaving out the other hosts
+/// `hosts_out` names per pool (watch: hosts lost, or whose pool is down).
+fn routes(cfg: Config, hosts_out: &BTreeMap<String, BTreeSet<String>>) -> Routes {
+    let mut routed = cfg;
+    for (pool, out) in hosts_out {
+        if let Some(p) = routed.pools.get_mut(pool) {
+            p.hosts
+                .retain(|h| h == crate::config::LOCAL_HOST || !out.contains(h));
+        }
+    }
+    Routes::new(move |w: &Workers| render::nginx(&routed, &as_lists(w)))
 }
 
 fn as_lists(w: &Workers) -> BTreeMap<String, Vec<u32>> {
@@ -63,6 +71,9 @@ pub struct Options {
     pub exclude: BTreeSet<String>,
     /// Leave `failed` workers alone (watch).
     pub leave_failed: bool,
+    /// Per pool, the other hosts nginx must not route to (watch: the hosts
+    /// it lost, or where the pool's socket or workers are not active).
+    pub hosts_out: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Options {
@@ -71,6 +82,7 @@ impl Options {
             job_timeout,
             exclude: BTreeSet::new(),
             leave_failed: false,
+            hosts_out: BTreeMap::new(),
         }
     }
 }
@@ -104,6 +116,20 @@ pub async fn converge(
     converge_on(paths, intent, opts, stop, &mut remotes).await
 }
 
+/// watch's converge: the front alone, routing to no host of
+/// `opts.hosts_out`. watch converges the other hosts that answer itself,
+/// each on its own (see `watch::hosts`), so a host that does not answer
+/// never holds the front. Call under the lock.
+pub async fn converge_front(
+    paths: &Paths,
+    _lock: &Lock,
+    intent: &Intent,
+    opts: &Options,
+    stop: &Interrupt,
+) -> Result<Outcome> {
+    converge_on(paths, intent, opts, stop, &mut []).await
+}
+
 /// Converges the other hosts (each checked) and then the front, which
 /// routes to them last.
 async fn converge_on(
@@ -117,6 +143,9 @@ async fn converge_on(
     let mut d = desired(&cfg, &intent.counts, &intent.unit_dir);
     d.exclude = opts.exclude.clone();
     d.leave_failed = opts.leave_failed;
+    if !opts.hosts_out.is_empty() {
+        d.routes = Some(routes(cfg.clone(), &opts.hosts_out));
+    }
     let mut host = real_host(&cfg, &intent.unit_dir, paths, opts).await?;
     if !remotes.is_empty() {
         // The front's nginx takes the new files before any host changes.
@@ -385,4 +414,50 @@ pub async fn down(
     // The front stops routing first, then the other hosts stop their workers.
     finish(exec::converge(&mut host, &d, stop).await?)?;
     hosts::down_all(&mut remotes, stop).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_watch_left_out_leave_the_upstream() {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            "[nginx]\nfront_address = \"10.0.0.10\"\n\
+             [host.web1]\naddress = \"root@10.0.0.11\"\n[host.web2]\naddress = \"root@10.0.0.12\"\n\
+             [pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nhosts = [\"web1\", \"web2\"]\nport = 9001\n",
+        )
+        .expect("parses");
+        let none = Workers::new();
+        let out = |hosts: &[&str]| {
+            BTreeMap::from([(
+                "a".to_string(),
+                hosts.iter().map(|h| h.to_string()).collect::<BTreeSet<_>>(),
+            )])
+        };
+        let all = routes(cfg.clone(), &BTreeMap::new()).render(&none);
+        assert!(
+            all.upstreams.contains("server 10.0.0.11:9001 ")
+                && all.upstreams.contains("server 10.0.0.12:9001 "),
+            "{}",
+            all.upstreams
+        );
+        let one = routes(cfg.clone(), &out(&["web2"])).render(&none);
+        assert!(
+            one.upstreams.contains("server 10.0.0.11:9001 ")
+                && !one.upstreams.contains("10.0.0.12"),
+            "{}",
+            one.upstreams
+        );
+        assert_ne!(one.generation, all.generation);
+        // Every host out and none on the front: the route answers 503.
+        let neither = routes(cfg, &out(&["web1", "web2"])).render(&none);
+        assert!(
+            !neither.upstreams.contains("upstream cgipool_a"),
+            "{}",
+            neither.upstreams
+        );
+        assert!(neither.locations.contains("no healthy workers"));
+    }
 }

@@ -126,24 +126,38 @@ pub async fn converge_all(
     stop: &Interrupt,
 ) -> Result<()> {
     for h in hosts.iter_mut() {
-        let Some(spec) = cfg.hosts.get(&h.name) else {
-            continue;
-        };
         println!("host {} ({}):", h.name, h.address);
-        let d = desired_on(cfg, spec, counts, unit_dir, leave_failed);
-        let Outcome { problems } = exec::converge(h, &d, stop)
-            .await
-            .with_context(|| format!("host {}", h.name))?;
-        if !problems.is_empty() {
-            bail!(
-                "host {}: some workers are not healthy, the front's nginx was not changed: {}",
-                h.name,
-                problems.join("; ")
-            );
-        }
+        converge_one(h, cfg, counts, unit_dir, leave_failed, stop).await?;
     }
     if !hosts.is_empty() {
         println!("front:");
+    }
+    Ok(())
+}
+
+/// Converges one host to `cfg` at `counts`; fails naming it when it could
+/// not be converged or a worker there did not come up.
+pub async fn converge_one(
+    h: &mut SshHost,
+    cfg: &Config,
+    counts: &BTreeMap<String, u32>,
+    unit_dir: &Path,
+    leave_failed: bool,
+    stop: &Interrupt,
+) -> Result<()> {
+    let Some(spec) = cfg.hosts.get(&h.name) else {
+        return Ok(());
+    };
+    let d = desired_on(cfg, spec, counts, unit_dir, leave_failed);
+    let Outcome { problems } = exec::converge(h, &d, stop)
+        .await
+        .with_context(|| format!("host {}", h.name))?;
+    if !problems.is_empty() {
+        bail!(
+            "host {}: some workers are not healthy, the front's nginx was not changed: {}",
+            h.name,
+            problems.join("; ")
+        );
     }
     Ok(())
 }

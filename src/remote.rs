@@ -30,8 +30,41 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Seconds ssh waits for the TCP connection and the server's banner.
-const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
+/// How long ssh waits for a host: for the TCP connection and the server's
+/// banner (`ConnectTimeout`), and, once connected, how often it asks a
+/// silent server whether it is still there (`ServerAliveInterval`, giving up
+/// after `ServerAliveCountMax` unanswered asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SshTimeouts {
+    pub connect_secs: u32,
+    /// None: ssh's default (no keep-alive asks; TCP decides, after minutes).
+    pub alive: Option<(u32, u32)>,
+}
+
+impl SshTimeouts {
+    /// apply, status, down: an operator waits, a slow host may take its time.
+    pub const OPERATOR: SshTimeouts = SshTimeouts {
+        connect_secs: 10,
+        alive: None,
+    };
+    /// watch: a host that lost power must be noticed within seconds (a
+    /// connect that is not answered in 2 s fails, a connection that stops
+    /// answering ends after 1 s x 2 unanswered keep-alives), so that its
+    /// workers leave nginx quickly and no ssh of a dead host lingers.
+    pub const WATCH: SshTimeouts = SshTimeouts {
+        connect_secs: 2,
+        alive: Some((1, 2)),
+    };
+
+    fn options(&self) -> Vec<String> {
+        let mut o = vec![format!("ConnectTimeout={}", self.connect_secs)];
+        if let Some((interval, count)) = self.alive {
+            o.push(format!("ServerAliveInterval={interval}"));
+            o.push(format!("ServerAliveCountMax={count}"));
+        }
+        o
+    }
+}
 
 /// A remote host as `systemctl -H` takes it: `[user@]host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,19 +219,22 @@ impl fmt::Display for RemoteHost {
 impl RemoteHost {
     /// What ssh runs as: its arguments after the program name.
     pub fn ssh_args(&self) -> Vec<String> {
-        self.ssh_args_running("systemd-stdio-bridge")
+        self.ssh_args_with("systemd-stdio-bridge", &SshTimeouts::OPERATOR)
     }
 
     /// ssh's arguments to run `command` (one string, which the remote login
-    /// shell interprets: quote what goes into it) on the host.
-    pub fn ssh_args_running(&self, command: &str) -> Vec<String> {
+    /// shell interprets: quote what goes into it) on the host, with
+    /// `timeouts`.
+    pub fn ssh_args_with(&self, command: &str, timeouts: &SshTimeouts) -> Vec<String> {
         let mut args = vec![
             "-xT".to_string(),
             "-o".to_string(),
             "BatchMode=yes".to_string(),
-            "-o".to_string(),
-            format!("ConnectTimeout={SSH_CONNECT_TIMEOUT_SECS}"),
         ];
+        for option in timeouts.options() {
+            args.push("-o".to_string());
+            args.push(option);
+        }
         if let Some(port) = self.port {
             args.push("-p".to_string());
             args.push(port.to_string());
@@ -223,9 +259,13 @@ impl RemoteHost {
     }
 
     /// The same address as zbus's value, built from the arguments (not parsed).
-    fn zbus_address(&self) -> zbus::Address {
+    fn zbus_address(&self, timeouts: &SshTimeouts) -> zbus::Address {
         use zbus::address::{transport::Unixexec, Transport};
-        let args = self.ssh_args().into_iter().map(OsString::from).collect();
+        let args = self
+            .ssh_args_with("systemd-stdio-bridge", timeouts)
+            .into_iter()
+            .map(OsString::from)
+            .collect();
         zbus::Address::new(Transport::Unixexec(Unixexec::new(
             PathBuf::from("ssh"),
             None,
@@ -237,8 +277,17 @@ impl RemoteHost {
     /// it cannot be reached, refuses the key, has no systemd-stdio-bridge, or
     /// does not answer within `timeout`.
     pub async fn connect(&self, timeout: Duration) -> Result<zbus::Connection> {
+        self.connect_with(timeout, &SshTimeouts::OPERATOR).await
+    }
+
+    /// [`RemoteHost::connect`] with ssh's `timeouts`.
+    pub async fn connect_with(
+        &self,
+        timeout: Duration,
+        timeouts: &SshTimeouts,
+    ) -> Result<zbus::Connection> {
         let address = self.bus_address();
-        let building = zbus::connection::Builder::address(self.zbus_address()).build();
+        let building = zbus::connection::Builder::address(self.zbus_address(timeouts)).build();
         match tokio::time::timeout(timeout, building).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(e).with_context(|| {
@@ -324,7 +373,7 @@ mod tests {
             "a.b-c_d@10.0.0.1",
         ] {
             let h = host(h);
-            let address = h.zbus_address();
+            let address = h.zbus_address(&SshTimeouts::OPERATOR);
             assert_eq!(address.to_string(), h.bus_address());
             let zbus::address::Transport::Unixexec(exec) = address.transport() else {
                 panic!("{address} is not a unixexec address");
@@ -339,6 +388,28 @@ mod tests {
         }
         let args = host("root@[fd00::11]:22").ssh_args();
         assert!(args.contains(&"root@fd00::11".to_string()), "{args:?}");
+    }
+
+    #[test]
+    fn watch_asks_a_silent_host_every_second_and_connects_within_two() {
+        let args = host("root@web1").ssh_args_with("true", &SshTimeouts::WATCH);
+        assert_eq!(
+            args,
+            [
+                "-xT",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "ServerAliveInterval=1",
+                "-o",
+                "ServerAliveCountMax=2",
+                "--",
+                "root@web1",
+                "true"
+            ]
+        );
     }
 
     #[test]

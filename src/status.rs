@@ -89,6 +89,19 @@ async fn other_hosts(
             let systemd = Systemd::over(conn).await?;
             pools_of(&systemd, &h.name, &wanted, only).await
         };
+        // A host that stops answering after the connect holds status no
+        // longer than one that never answered.
+        let read = async {
+            tokio::time::timeout(REMOTE_TIMEOUT, read)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "{}: its systemd did not answer within {}s",
+                        h.address,
+                        REMOTE_TIMEOUT.as_secs()
+                    ))
+                })
+        };
         match read.await {
             Ok(pools) => out.extend(pools),
             Err(e) => out.extend(

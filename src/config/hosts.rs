@@ -137,7 +137,6 @@ pub(super) fn check_pools(
     sources: &BTreeMap<String, PoolSources<'_>>,
     front_address: Option<IpAddr>,
     nginx_at: Option<std::ops::Range<usize>>,
-    watch_enabled: bool,
 ) {
     let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
     let mut any_remote = false;
@@ -179,13 +178,6 @@ pub(super) fn check_pools(
         }
         any_remote = true;
         let here = src.header.clone();
-        if watch_enabled {
-            cx.err(
-                hosts_at.clone(),
-                &hosts_key,
-                "workers on other hosts need `[watch] enabled = false` for now: watch does not follow other hosts yet",
-            );
-        }
         if pool.queue != Queue::Shared {
             cx.err(
                 hosts_at.clone(),
@@ -221,7 +213,7 @@ mod tests {
     use crate::config::tests::{errs, ok};
     use pretty_assertions::assert_eq;
 
-    const TWO: &str = "[watch]\nenabled = false\n[nginx]\nfront_address = \"10.0.0.10\"\n\n[host.web1]\naddress = \"root@10.0.0.11\"\n\n[host.web2]\naddress = \"root@web2.example:2222\"\nlisten = \"10.0.0.12\"\n\n";
+    const TWO: &str = "[nginx]\nfront_address = \"10.0.0.10\"\n\n[host.web1]\naddress = \"root@10.0.0.11\"\n\n[host.web2]\naddress = \"root@web2.example:2222\"\nlisten = \"10.0.0.12\"\n\n";
 
     fn with(pool: &str) -> String {
         format!("{TWO}[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n{pool}\n")
@@ -250,32 +242,29 @@ mod tests {
         let c = ok(&with(""));
         assert_eq!(c.pools["p"].hosts, ["local"]);
         assert!(!c.pools["p"].is_remote());
-        // watch does not follow other hosts yet.
-        let e = errs(
-            &with("hosts = [\"web1\"]\nport = 9001").replace("enabled = false", "enabled = true"),
-        );
-        assert!(
-            e.len() == 1
-                && e[0].contains(
-                    "pool.p.hosts: workers on other hosts need `[watch] enabled = false`"
-                ),
-            "{e:?}"
-        );
+        // watch follows other hosts: it may run (the default) or not.
+        for watch in ["", "[watch]\nenabled = false\n"] {
+            let c = ok(&format!(
+                "{watch}{}",
+                with("hosts = [\"web1\"]\nport = 9001")
+            ));
+            assert_eq!(c.watch_enabled, watch.is_empty());
+        }
     }
 
     #[test]
     fn bad_hosts_are_reported_where_they_are_written() {
         assert_eq!(
             errs(&format!("{TWO}[host.web3]\naddress = \"root@web3;reboot\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n")),
-            ["t.toml:14:11: host.web3.address: \"root@web3;reboot\" is not a remote host (expected user@host or user@host:port): the host name contains ';'"]
+            ["t.toml:12:11: host.web3.address: \"root@web3;reboot\" is not a remote host (expected user@host or user@host:port): the host name contains ';'"]
         );
         assert_eq!(
             errs(&with("hosts = [\"web1\", \"web9\"]\nport = 9001")),
-            ["t.toml:16:9: pool.p.hosts: no [host.web9] section (hosts: \"local\" and [\"web1\", \"web2\"])"]
+            ["t.toml:14:9: pool.p.hosts: no [host.web9] section (hosts: \"local\" and [\"web1\", \"web2\"])"]
         );
         assert_eq!(
             errs(&with("hosts = [\"web1\"]")),
-            ["t.toml:13:7: pool.p.port: missing required key `port`: the TCP port this pool's workers listen on on every other host"]
+            ["t.toml:11:7: pool.p.port: missing required key `port`: the TCP port this pool's workers listen on on every other host"]
         );
         let e = errs(&with(
             "hosts = [\"web1\"]\nport = 9001\nqueue = \"per-worker\"",
@@ -289,7 +278,7 @@ mod tests {
             e.len() == 1 && e[0].contains("pool.p.port: must be between 1024 and 65535"),
             "{e:?}"
         );
-        let e = errs("[watch]\nenabled = false\n[host.web1]\naddress = \"root@10.0.0.11\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\nhosts = [\"web1\"]\nport = 9001\n");
+        let e = errs("[host.web1]\naddress = \"root@10.0.0.11\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\nhosts = [\"web1\"]\nport = 9001\n");
         assert!(
             e.len() == 1 && e[0].contains("nginx.front_address: missing required key"),
             "{e:?}"

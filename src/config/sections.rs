@@ -158,7 +158,6 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
         &pool_sources,
         nginx.front_address,
         nginx_at,
-        watch_enabled != Some(false),
     );
     Some(Config {
         source: source.to_path_buf(),

@@ -1,7 +1,7 @@
 //! A host other than the front (`[host.NAME]`), as the executor sees it:
 //! its systemd over the remote transport (ssh, `systemd-stdio-bridge`), and
 //! its unit directory and pending record over the same ssh access, every
-//! call under `BatchMode` (see [`RemoteHost::ssh_args_running`]). nginx
+//! call under `BatchMode` (see [`RemoteHost::ssh_args_with`]). nginx
 //! runs on the front only, so every nginx call is a no-op here.
 //!
 //! Files are written the way the front writes them, atomically: the bytes go
@@ -13,7 +13,7 @@
 use super::host::{not_active, Drain, Host};
 use crate::files::{self, OnDisk};
 use crate::plan::{ObservedNginx, Pending};
-use crate::remote::RemoteHost;
+use crate::remote::{RemoteHost, SshTimeouts};
 use crate::render::{Entry, NginxFiles};
 use crate::systemd::{Job, Systemd, UnitState};
 use anyhow::{bail, Context, Result};
@@ -33,6 +33,8 @@ pub struct SshHost {
     pub systemd: Systemd,
     pub unit_dir: PathBuf,
     pub job_timeout: Duration,
+    /// ssh's own timeouts, for the bus and for every file operation.
+    pub timeouts: SshTimeouts,
 }
 
 impl SshHost {
@@ -44,7 +46,18 @@ impl SshHost {
         unit_dir: &Path,
         timeout: Duration,
     ) -> Result<SshHost> {
-        let conn = address.connect(timeout).await?;
+        SshHost::connect_with(name, address, unit_dir, timeout, SshTimeouts::OPERATOR).await
+    }
+
+    /// [`SshHost::connect`] with ssh's `timeouts` (watch's are short).
+    pub async fn connect_with(
+        name: &str,
+        address: &RemoteHost,
+        unit_dir: &Path,
+        timeout: Duration,
+        timeouts: SshTimeouts,
+    ) -> Result<SshHost> {
+        let conn = address.connect_with(timeout, &timeouts).await?;
         let systemd = Systemd::over(conn).await?;
         let mut host = SshHost {
             name: name.to_string(),
@@ -52,6 +65,7 @@ impl SshHost {
             systemd,
             unit_dir: unit_dir.to_path_buf(),
             job_timeout: timeout,
+            timeouts,
         };
         host.read_unit_dir()
             .await
@@ -62,7 +76,7 @@ impl SshHost {
     /// Runs `script` on the host (through its login shell) with `input` on
     /// its stdin; returns its stdout, or fails with its stderr.
     async fn run(&self, script: String, input: Vec<u8>) -> Result<Vec<u8>> {
-        let args = self.address.ssh_args_running(&script);
+        let args = self.address.ssh_args_with(&script, &self.timeouts);
         let who = format!("host {} ({})", self.name, self.address);
         tokio::task::spawn_blocking(move || run_ssh(&args, &input))
             .await

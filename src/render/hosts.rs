@@ -171,17 +171,52 @@ min = 1
         let ng = nginx(&c, &BTreeMap::new());
         assert!(
             ng.upstreams
-                .contains("server 10.231.0.11:9101 max_fails=0;"),
+                .contains("server 10.231.0.11:9101 max_fails=1 fail_timeout=5s;"),
             "{}",
             ng.upstreams
         );
         assert!(
-            ng.upstreams.contains("server [fd00::12]:9102 max_fails=0;"),
+            ng.upstreams
+                .contains("server [fd00::12]:9102 max_fails=1 fail_timeout=5s;"),
             "{}",
             ng.upstreams
         );
         assert!(!ng.upstreams.contains("unix:"), "{}", ng.upstreams);
+        // A dead host costs a request 1 s before nginx tries the next one,
+        // and every nginx worker skips it for 5 s (the zone shares it).
+        assert!(
+            ng.upstreams.contains("zone cgipool_hello "),
+            "{}",
+            ng.upstreams
+        );
+        assert!(
+            ng.locations.contains("proxy_connect_timeout 1s;"),
+            "{}",
+            ng.locations
+        );
         assert!(!ng.upstreams.contains("cgipool_auth"), "{}", ng.upstreams);
+    }
+
+    #[test]
+    fn watch_sees_roots_ssh_directory_only_when_other_hosts_are_configured() {
+        let dir = Path::new("/etc/systemd/system");
+        let c = cfg(
+            "/etc/cgipool/hosts.toml",
+            &HOSTS.replace("[watch]\nenabled = false\n", ""),
+        );
+        let w = unit_file(&units(&c, dir, &BTreeMap::new()), "cgipool-watch.service");
+        assert_eq!(line(&w, "ProtectHome="), ["ProtectHome=tmpfs"]);
+        assert_eq!(
+            line(&w, "BindReadOnlyPaths="),
+            ["BindReadOnlyPaths=-/root/.ssh"]
+        );
+        let demo = cfg("examples/demo.toml", crate::render::tests::DEMO);
+        let w = unit_file(
+            &units(&demo, dir, &BTreeMap::new()),
+            "cgipool-watch.service",
+        );
+        assert_eq!(line(&w, "ProtectHome="), ["ProtectHome=yes"]);
+        assert!(line(&w, "BindReadOnlyPaths=").is_empty());
     }
 
     #[test]

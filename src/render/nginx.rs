@@ -36,6 +36,10 @@ struct UpstreamView<'a> {
 struct LocationView<'a> {
     pool: &'a Pool,
     active: bool,
+    /// nginx's proxy_connect_timeout: [`REMOTE_CONNECT_TIMEOUT`] when the
+    /// upstream lists other hosts, so that a host that lost power costs a
+    /// request that much before nginx tries the next host.
+    connect_timeout: &'static str,
     /// A `protocol = "cgi"` pool (the gateway needs X-Forwarded-Port).
     cgi: bool,
     /// nginx's proxy_read_timeout/proxy_send_timeout: request_timeout, plus
@@ -84,6 +88,17 @@ impl FastCgiView {
 /// server is never retried), so this matches `proxy_next_upstream_tries 3`.
 pub const SHARED_ENTRIES: u32 = 3;
 
+/// proxy_connect_timeout of a pool on other hosts: a connect on a working
+/// network takes well under a millisecond, and a host that does not answer
+/// delays the request this long before nginx retries it on the next host.
+pub const REMOTE_CONNECT_TIMEOUT: &str = "1s";
+/// proxy_connect_timeout of a pool on the front only (unix sockets).
+pub const LOCAL_CONNECT_TIMEOUT: &str = "2s";
+/// How long every nginx worker skips another host after a failed connect
+/// (`fail_timeout`, with `max_fails=1`): watch takes a lost host out of the
+/// upstream within a few seconds, so this only bridges that time.
+pub const REMOTE_FAIL_TIMEOUT: &str = "5s";
+
 /// How much longer nginx waits for a CGI pool than the gateway's timeout.
 pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
 
@@ -91,6 +106,7 @@ pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
 #[template(path = "upstreams.conf")]
 struct UpstreamsTemplate<'a> {
     upstreams: Vec<UpstreamView<'a>>,
+    remote_fail_timeout: &'static str,
 }
 
 #[derive(Template)]
@@ -130,7 +146,8 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         workers.sort_unstable();
         workers.dedup();
         let remote = super::remote_servers(cfg, pool);
-        let is_active = !workers.is_empty() || !remote.is_empty();
+        let has_remote = !remote.is_empty();
+        let is_active = !workers.is_empty() || has_remote;
         if is_active {
             let zone_kb = 64 + pool.max;
             upstreams.push(UpstreamView {
@@ -146,6 +163,11 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         locations.push(LocationView {
             pool,
             active: is_active,
+            connect_timeout: if has_remote {
+                REMOTE_CONNECT_TIMEOUT
+            } else {
+                LOCAL_CONNECT_TIMEOUT
+            },
             cgi,
             timeout: nginx_time(
                 &pool.request_timeout,
@@ -154,7 +176,14 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
             fastcgi: pool.fastcgi.as_ref().map(|f| FastCgiView::new(pool, f)),
         });
     }
-    let upstreams = finish(&header, UpstreamsTemplate { upstreams }.render());
+    let upstreams = finish(
+        &header,
+        UpstreamsTemplate {
+            upstreams,
+            remote_fail_timeout: REMOTE_FAIL_TIMEOUT,
+        }
+        .render(),
+    );
     let mut loc = LocationsTemplate {
         locations,
         generation: "",

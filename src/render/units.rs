@@ -21,6 +21,8 @@ const TOP_TARGET_BODY: &str = include_str!("../../units/cgipool.target");
 struct WatchTemplate<'a> {
     nginx_unit: &'a str,
     binary: &'a str,
+    /// Other hosts are configured: watch reads root's ssh key.
+    remote_hosts: bool,
 }
 
 #[derive(Template)]
@@ -190,6 +192,7 @@ pub(super) fn units_with(
         let watch = WatchTemplate {
             nginx_unit: &cfg.nginx.unit,
             binary: &crate::paths::cgipool_binary().display().to_string(),
+            remote_hosts: !cfg.hosts.is_empty(),
         };
         entries.insert(
             PathBuf::from(WATCH_UNIT),

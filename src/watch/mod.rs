@@ -16,6 +16,7 @@
 mod fcgi;
 mod figures;
 mod health;
+mod hosts;
 mod notify;
 mod probe;
 mod queues;
@@ -114,6 +115,19 @@ pub(crate) struct Watcher {
     reaper: reaper::Reaper,
     /// The operator's figures kept over time (figures.rs).
     figures: figures::Figures,
+    /// The other hosts (`[host.NAME]`), followed over the remote transport.
+    hosts: hosts::Hosts,
+    /// The intent serial each other host last reached through watch
+    /// (forgotten when the host is lost: it may come back changed).
+    host_serials: BTreeMap<String, u64>,
+    /// After a host's failed converge: not before this instant, and how
+    /// many failed in a row.
+    host_retry: BTreeMap<String, (Instant, u32)>,
+    /// Hosts back from being lost that watch has not converged since: out
+    /// of nginx until it has.
+    host_returning: BTreeSet<String>,
+    /// The hosts left out of nginx the last time a converge succeeded.
+    routed_out: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -189,10 +203,16 @@ pub async fn run(opts: Options) -> Result<()> {
         unhealthy: BTreeSet::new(),
         reaper: reaper::Reaper::default(),
         figures: figures::Figures::new(state::now_unix()),
+        hosts: hosts::Hosts::new(Arc::clone(&changed)),
+        host_serials: BTreeMap::new(),
+        host_retry: BTreeMap::new(),
+        host_returning: BTreeSet::new(),
+        routed_out: None,
     };
     if let Some(i) = intent {
         w.set_intent(i);
     }
+    w.hosts.follow(&w.cfg);
     println!(
         "watch: watching {} pools ({})",
         w.cfg.pools.len(),
@@ -296,12 +316,14 @@ impl Watcher {
 
     async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
         self.refresh_intent();
+        self.hosts.follow(&self.cfg);
         let Some(intent) = self.intent.clone() else {
             return Ok(());
         };
         let units: BTreeMap<String, UnitState> =
             crate::systemd::by_name(systemd.list(&["cgipool-*@*.service"]).await?);
-        let wanted = plan::numbered(&intent.counts);
+        // The front's own workers: other hosts are followed by `hosts`.
+        let wanted = plan::numbered(&crate::hosts::front_counts(&self.cfg, &intent.counts));
         self.states = units.clone();
         let now = Instant::now();
         let (mut active, in_grace) = self.active(&units, &wanted, now);
@@ -320,6 +342,11 @@ impl Watcher {
             match sockdiag::queues(&format!("{RUN_DIR}/")) {
                 Ok(queues) => {
                     for (pool, ns) in &wanted {
+                        // Autoscaling across hosts is not done yet: the
+                        // front's queue is not the pool's whole load.
+                        if self.cfg.pools.get(pool).is_some_and(|p| p.is_remote()) {
+                            continue;
+                        }
                         let waiting = self.waiting(pool, ns, &queues);
                         let Some(scaler) = self.scalers.get_mut(pool) else {
                             continue;
@@ -363,8 +390,21 @@ impl Watcher {
         // reached (an apply was cut short, or ours failed), and when routes
         // must follow health (after a restarting worker's grace period).
         let behind = self.converged != Some(intent.serial);
+        let seen = self.hosts.seen();
+        for (name, s) in &seen {
+            if matches!(s, hosts::Seen::Lost(_)) {
+                self.host_serials.remove(name);
+                self.host_returning.insert(name.clone());
+            }
+        }
+        let out = hosts::hosts_out(&self.cfg, &seen, &self.host_returning);
         if behind {
             let why = format!("intent {} is not converged yet", intent.serial);
+            if self.converge(systemd, &why, Change::None).await {
+                self.routed = Some(active);
+            }
+        } else if self.routed_out.as_ref() != Some(&out) || self.host_due(&seen, intent.serial) {
+            let why = format!("hosts follow health ({})", hosts::describe(&out));
             if self.converge(systemd, &why, Change::None).await {
                 self.routed = Some(active);
             }
@@ -487,13 +527,16 @@ impl Watcher {
             self.routed = None;
         }
         self.set_intent(intent.clone());
+        println!("watch: {why}: converging to intent {}", intent.serial);
+        let hosts_out = self.converge_hosts(&intent).await;
         let opts = apply::Options {
             job_timeout: Duration::from_secs(90),
             exclude: self.unhealthy.clone(),
             leave_failed: true,
+            hosts_out: hosts_out.clone(),
         };
-        println!("watch: {why}: converging to intent {}", intent.serial);
-        let result = apply::converge(&self.paths, &lock, &intent, &opts, &Interrupt::never()).await;
+        let result =
+            apply::converge_front(&self.paths, &lock, &intent, &opts, &Interrupt::never()).await;
         if let Change::Restart(unit) = &change {
             let job = Job::new(JobKind::Restart, unit.as_str());
             if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
@@ -508,6 +551,7 @@ impl Watcher {
                 self.converged = Some(intent.serial);
                 self.failures = 0;
                 self.retry_at = None;
+                self.routed_out = Some(hosts_out);
                 true
             }
             Err(e) => {

@@ -27,6 +27,8 @@ pub struct Lab {
     net: LabNetwork,
     /// The scenario's name, for the network's artifacts.
     scenario: String,
+    /// Machines whose cable is pulled, with their host0's MAC address.
+    unplugged: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -96,6 +98,7 @@ impl Lab {
             machines,
             net,
             scenario: scenario.to_string(),
+            unplugged: Vec::new(),
         })
     }
 
@@ -118,6 +121,33 @@ impl Lab {
             Some(i) => address(i),
             None => panic!("the lab has no machine {name:?}"),
         }
+    }
+
+    /// Pulls machine `name`'s cable: its veth pair goes (the bridge's end,
+    /// and `host0` inside the machine with it), so that for the others it
+    /// is as if it lost power: nothing answers, not even a reset. The
+    /// machine itself keeps running. [`Lab::plug`] puts the cable back.
+    pub fn unplug(&mut self, name: &str) -> Result<()> {
+        let _ = self.address(name); // a machine of the lab
+        ensure!(
+            !self.unplugged.iter().any(|(n, _)| n == name),
+            "{name} is unplugged already"
+        );
+        let mac = self.net.mac(name)?;
+        ip(&["-n", &self.net.bridge_ns(), "link", "del", name])?;
+        self.unplugged.push((name.to_string(), mac));
+        Ok(())
+    }
+
+    /// Plugs machine `name` back in: a new veth pair, `host0` with its old
+    /// address and MAC (the others' neighbour caches stay right).
+    pub fn plug(&mut self, name: &str) -> Result<()> {
+        let Some(i) = self.unplugged.iter().position(|(n, _)| n == name) else {
+            bail!("{name} is not unplugged");
+        };
+        let (_, mac) = self.unplugged.remove(i);
+        let addr = self.address(name);
+        self.net.link(name, &addr, Some(&mac))
     }
 
     /// An address on the lab network that no machine answers.
@@ -228,9 +258,21 @@ impl LabNetwork {
     /// A namespace for machine `name` with `host0` at `addr`/24 on the
     /// bridge; returns the path nspawn joins.
     fn attach(&mut self, name: &str, addr: &str) -> Result<PathBuf> {
-        let bridge = self.bridge_ns();
-        let ns = format!("{}{name}", self.prefix);
+        let ns = self.machine_ns(name);
         self.add_namespace(&ns)?;
+        self.link(name, addr, None)?;
+        Ok(Path::new("/run/netns").join(ns))
+    }
+
+    fn machine_ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The veth pair of machine `name`: its end `name` on the bridge, its
+    /// `host0` (with `mac`, when given) at `addr`/24 in the machine's namespace.
+    fn link(&self, name: &str, addr: &str, mac: Option<&str>) -> Result<()> {
+        let bridge = self.bridge_ns();
+        let ns = self.machine_ns(name);
         ip(&[
             "-n", &bridge, "link", "add", name, "type", "veth", "peer", "name", "host0", "netns",
             &ns,
@@ -245,8 +287,21 @@ impl LabNetwork {
             "dev",
             "host0",
         ])?;
-        ip(&["-n", &ns, "link", "set", "host0", "up"])?;
-        Ok(Path::new("/run/netns").join(ns))
+        if let Some(mac) = mac {
+            ip(&["-n", &ns, "link", "set", "host0", "address", mac])?;
+        }
+        ip(&["-n", &ns, "link", "set", "host0", "up"])
+    }
+
+    /// The MAC address of machine `name`'s host0.
+    fn mac(&self, name: &str) -> Result<String> {
+        let out = ip_output(&["-n", &self.machine_ns(name), "-o", "link", "show", "host0"])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| *w == "link/ether")
+            .and_then(|_| words.next())
+            .map(String::from)
+            .with_context(|| format!("no MAC address in `ip link show host0` of {name}: {out}"))
     }
 
     fn describe(&self) -> String {
@@ -282,6 +337,11 @@ impl Drop for LabNetwork {
 
 /// Runs `ip ARGS`; fails with the command and what ip said.
 fn ip(args: &[&str]) -> Result<()> {
+    ip_output(args).map(|_| ())
+}
+
+/// Runs `ip ARGS`; returns what it printed.
+fn ip_output(args: &[&str]) -> Result<String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -294,7 +354,7 @@ fn ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Which of `namespaces` still exist (none should, once a lab is dropped).

@@ -34,6 +34,12 @@ pub fn scenarios() -> Vec<LabScenario> {
             run: failed_worker_keeps_front,
         },
         LabScenario {
+            name: "hosts_failover",
+            machines: &["front", "web1", "web2"],
+            expect_failure: false,
+            run: super::hosts_failover::failover,
+        },
+        LabScenario {
             name: "hosts_selftest_failure_tears_down",
             machines: &["front", "web1"],
             expect_failure: true,
@@ -216,9 +222,9 @@ fn transport(lab: &mut Lab) -> Result<()> {
 
 /// A worker that names its host: hello.py with the host name in front of
 /// the instance (`web1/hello@1`), installed on every machine.
-const WHOAMI: &str = "/usr/local/lib/cgipool/whoami";
+pub(super) const WHOAMI: &str = "/usr/local/lib/cgipool/whoami";
 
-fn install_whoami(lab: &mut Lab, names: &[&str]) -> Result<()> {
+pub(super) fn install_whoami(lab: &mut Lab, names: &[&str]) -> Result<()> {
     for name in names {
         let m = lab.machine(name);
         common::install(m)?;

@@ -10,6 +10,7 @@ mod fastcgi_watch;
 mod figures;
 mod harness;
 mod hosts;
+mod hosts_failover;
 mod machine_tier;
 mod queue;
 mod reaper;
