@@ -53,11 +53,14 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
     let decisions = state::last_decisions(&paths);
     let figures = watch_figures(Path::new(state::WATCH_SOCKET));
     for p in &mut out {
-        p.last_decision = decisions.get(&p.pool).cloned();
         p.figures = figures.as_ref().and_then(|f| f.get(&p.pool)).cloned();
     }
     if let (Some(intent), Some(cfg)) = (&intent, &cfg) {
         out.extend(other_hosts(cfg, &intent.counts, only).await);
+    }
+    // The count is per host: a decision shows under each host of its pool.
+    for p in &mut out {
+        p.last_decision = decisions.get(&p.pool).cloned();
     }
     Ok(out)
 }

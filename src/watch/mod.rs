@@ -34,7 +34,7 @@ use crate::state::{self, Decision, Intent, Paths, RUN_DIR, WATCH_SOCKET};
 use crate::systemd::{Job, JobKind, ServiceDetails, Systemd, UnitState};
 use anyhow::{bail, Result};
 use futures_util::StreamExt;
-use scaler::{Policy, Sample, Scaler};
+use scaler::{Policy, Scaler};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -339,48 +339,21 @@ impl Watcher {
         if sample {
             self.refresh_details(systemd, &units).await;
             self.refresh_backlogs(systemd).await;
-            match sockdiag::queues(&format!("{RUN_DIR}/")) {
-                Ok(queues) => {
-                    for (pool, ns) in &wanted {
-                        // Autoscaling across hosts is not done yet: the
-                        // front's queue is not the pool's whole load.
-                        if self.cfg.pools.get(pool).is_some_and(|p| p.is_remote()) {
-                            continue;
-                        }
-                        let waiting = self.waiting(pool, ns, &queues);
-                        let Some(scaler) = self.scalers.get_mut(pool) else {
-                            continue;
-                        };
-                        let decision = scaler.observe(Sample {
-                            at: now,
-                            workers: ns.len() as u32,
-                            waiting,
-                        });
-                        if let Some(d) = decision {
-                            println!(
-                                "watch: pool {pool}: scale {} -> {}: {}; queues: {}",
-                                d.from,
-                                d.to,
-                                d.reason,
-                                self.queues_summary(pool, ns, &queues)
-                            );
-                            let why = format!("scale {pool} {} -> {}", d.from, d.to);
-                            let change = Change::Scale {
-                                pool: pool.clone(),
-                                decision: d,
-                            };
-                            self.converge(systemd, &why, change).await;
-                            if let Some(s) = self.scalers.get_mut(pool) {
-                                s.reset(Instant::now());
-                            }
-                            return Ok(());
-                        }
-                    }
+            if let Some((pool, d, queues)) = self.sample_load(now, &wanted) {
+                println!(
+                    "watch: pool {pool}: scale {} -> {}: {}; queues: {queues}",
+                    d.from, d.to, d.reason
+                );
+                let why = format!("scale {pool} {} -> {}", d.from, d.to);
+                let change = Change::Scale {
+                    pool: pool.clone(),
+                    decision: d,
+                };
+                self.converge(systemd, &why, change).await;
+                if let Some(s) = self.scalers.get_mut(&pool) {
+                    s.reset(Instant::now());
                 }
-                // Never "nothing waiting": that would shrink pools.
-                Err(e) => {
-                    eprintln!("watch: reading the socket queues failed, no load sample: {e:#}")
-                }
+                return Ok(());
             }
         }
         if self.retry_at.map(|t| now < t).unwrap_or(false) {

@@ -15,6 +15,13 @@
 //!   dump shows. So this is one dump of the listening and connected sockets
 //!   (no datagram ones), filtered down to the prefix as each message is
 //!   parsed; nothing else is kept or logged.
+//! - **Connections to other hosts** (`tcp_connections`): how many TCP
+//!   connections this host has open (or opening) to each of some `ip:port`
+//!   addresses, one dump per address family of the sockets in SYN_SENT or
+//!   ESTABLISHED, counted by destination as each message is parsed. The
+//!   front's nginx opens one connection per request to a pool's queue on
+//!   another host (no keepalive there), so this is the requests it has
+//!   sent there and not yet had answered.
 //! - **A worker's connections** (`by_inode`): the reaper finds the socket
 //!   inodes in a worker's `/proc/PID/fd` and asks the kernel for exactly
 //!   those, one request each: only cgipool's own sockets.
@@ -38,11 +45,14 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{self, ExtensionFlags, InetRequest, SocketId},
     unix::{nlas::UnixDiagName, ShowFlags, StateFlags, UnixRequest, UnixResponse},
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket as NetlinkSocket, SocketAddr};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr as InetAddr;
 use std::os::unix::ffi::OsStrExt;
 
 const TCP_LISTEN: u8 = 10;
@@ -106,6 +116,27 @@ pub fn queues(prefix: &str) -> Result<BTreeMap<String, Queue>> {
     Ok(out)
 }
 
+/// For each of `dests`, the TCP connections this host has established or is
+/// opening to it (every one of `dests` is in the answer, 0 when none).
+pub fn tcp_connections(dests: &BTreeSet<InetAddr>) -> Result<BTreeMap<InetAddr, u32>> {
+    let mut out: BTreeMap<InetAddr, u32> = dests.iter().map(|d| (*d, 0)).collect();
+    if dests.is_empty() {
+        return Ok(out);
+    }
+    let mut nl = Netlink::open()?;
+    for family in [AF_INET, AF_INET6] {
+        if !dests.iter().any(|d| d.is_ipv4() == (family == AF_INET)) {
+            continue;
+        }
+        for dest in nl.dump_tcp(family)? {
+            if let Some(n) = out.get_mut(&dest) {
+                *n += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The sockets with these inodes that still exist (a socket closed since its
 /// inode was seen is simply not in the answer).
 pub fn by_inode(inodes: &[u32]) -> Result<Vec<Socket>> {
@@ -149,12 +180,12 @@ impl Netlink {
         })
     }
 
-    fn send(&mut self, request: UnixRequest, flags: u16) -> Result<u32> {
+    fn send(&mut self, request: SockDiagMessage, flags: u16) -> Result<u32> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
         header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, SockDiagMessage::UnixRequest(request).into());
+        let mut packet = NetlinkMessage::new(header, request.into());
         packet.finalize();
         let mut bytes = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut bytes);
@@ -220,7 +251,10 @@ impl Netlink {
             show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
             cookie: [0xff; 8],
         };
-        let seq = self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let seq = self.send(
+            SockDiagMessage::UnixRequest(request),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
         let mut out = Vec::new();
         loop {
             for msg in self.receive(seq)? {
@@ -242,6 +276,46 @@ impl Netlink {
         }
     }
 
+    /// The destinations of every TCP socket of `family` in SYN_SENT or
+    /// ESTABLISHED, one entry per socket.
+    fn dump_tcp(&mut self, family: u8) -> Result<Vec<InetAddr>> {
+        let request = InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: inet::StateFlags::SYN_SENT | inet::StateFlags::ESTABLISHED,
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        };
+        let seq = self.send(
+            SockDiagMessage::InetRequest(request),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        loop {
+            for msg in self.receive(seq)? {
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        let id = &r.header.socket_id;
+                        out.push(InetAddr::new(id.destination_address, id.destination_port));
+                    }
+                    NetlinkPayload::Error(e) => {
+                        bail!(
+                            "sock_diag answered the TCP dump with an error: {}",
+                            e.to_io()
+                        )
+                    }
+                    NetlinkPayload::Noop => {}
+                    other => bail!("unexpected sock_diag answer to a TCP dump: {other:?}"),
+                }
+            }
+        }
+    }
+
     /// One socket by inode; None when it no longer exists.
     fn exact(&mut self, inode: u32) -> Result<Option<Socket>> {
         let request = UnixRequest {
@@ -250,7 +324,7 @@ impl Netlink {
             show_flags: ShowFlags::NAME | ShowFlags::RQLEN | ShowFlags::PEER,
             cookie: [0xff; 8],
         };
-        let seq = self.send(request, NLM_F_REQUEST)?;
+        let seq = self.send(SockDiagMessage::UnixRequest(request), NLM_F_REQUEST)?;
         let answers = self.receive(seq)?;
         let Some(msg) = answers.into_iter().next() else {
             bail!("sock_diag sent an empty answer for inode {inode}");
@@ -317,6 +391,26 @@ mod tests {
             .trim_end_matches(']')
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn counts_tcp_connections_by_destination() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let elsewhere = other.local_addr().unwrap();
+        let dests: BTreeSet<InetAddr> = [addr, elsewhere].into_iter().collect();
+        let before = tcp_connections(&dests).unwrap();
+        assert_eq!(before.get(&addr), Some(&0));
+        let a = std::net::TcpStream::connect(addr).unwrap();
+        let b = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let c = std::net::TcpStream::connect(elsewhere).unwrap();
+        let now = tcp_connections(&dests).unwrap();
+        // The accepted end's destination is the client's port: not counted.
+        assert_eq!(now.get(&addr), Some(&2), "{now:?}");
+        assert_eq!(now.get(&elsewhere), Some(&1), "{now:?}");
+        drop((a, b, c, accepted));
     }
 
     #[test]
