@@ -383,6 +383,7 @@ pub async fn scale(
 pub async fn down(
     fallback: Option<Config>,
     unit_dir: &Path,
+    skip_unreachable: bool,
     opts: &Options,
     stop: &Interrupt,
 ) -> Result<()> {
@@ -396,8 +397,17 @@ pub async fn down(
             None => bail!("nothing is recorded on this host and no config was given"),
         },
     };
-    // Every host answers before the intent is forgotten.
-    let mut remotes = hosts::connect_all(&cfg, &unit_dir, opts.job_timeout).await?;
+    // Every host answers before the intent is forgotten, unless the
+    // operator said to go on without the ones that do not.
+    let (mut remotes, unreachable) =
+        hosts::connect_reachable(&cfg, &unit_dir, opts.job_timeout).await;
+    if !unreachable.is_empty() && !skip_unreachable {
+        bail!(
+            "{}; nothing was changed on any host (`cgipool down --skip-unreachable` takes down the front and the hosts that answer)",
+            unreachable.join("; ")
+        );
+    }
+    let config_path = intent.as_ref().map(|i| i.config_path.clone());
     state::remove_intent(&paths, &lock)?;
     let mut empty = cfg.clone();
     empty.pools.clear();
@@ -413,7 +423,17 @@ pub async fn down(
     }
     // The front stops routing first, then the other hosts stop their workers.
     finish(exec::converge(&mut host, &d, stop).await?)?;
-    hosts::down_all(&mut remotes, stop).await
+    hosts::down_all(&mut remotes, stop).await?;
+    for why in &unreachable {
+        let again = match &config_path {
+            Some(p) => format!("cgipool down {}", p.display()),
+            None => "cgipool down CONFIG".to_string(),
+        };
+        eprintln!(
+            "warning: {why}: cgipool's units stay there (its workers take requests from nobody: the front no longer routes to it); once it answers, `{again}` removes them"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,6 +41,28 @@ async fn connect<'a>(
     unit_dir: &Path,
     timeout: Duration,
 ) -> Result<Vec<SshHost>> {
+    let (hosts, failed) = connect_each(hosts, unit_dir, timeout).await;
+    if !failed.is_empty() {
+        bail!("{}; nothing was changed on any host", failed.join("; "));
+    }
+    Ok(hosts)
+}
+
+/// Connects to every host of `cfg` at once: the ones that answered, and
+/// why each other one did not (naming it).
+pub async fn connect_reachable(
+    cfg: &Config,
+    unit_dir: &Path,
+    timeout: Duration,
+) -> (Vec<SshHost>, Vec<String>) {
+    connect_each(cfg.hosts.values(), unit_dir, timeout).await
+}
+
+async fn connect_each<'a>(
+    hosts: impl Iterator<Item = &'a Host>,
+    unit_dir: &Path,
+    timeout: Duration,
+) -> (Vec<SshHost>, Vec<String>) {
     let tries = hosts.map(|h| async move {
         SshHost::connect(&h.name, &h.address, unit_dir, timeout)
             .await
@@ -54,10 +76,7 @@ async fn connect<'a>(
             Err(e) => failed.push(format!("{e:#}")),
         }
     }
-    if !failed.is_empty() {
-        bail!("{}; nothing was changed on any host", failed.join("; "));
-    }
-    Ok(hosts)
+    (hosts, failed)
 }
 
 /// The pools of `cfg` that run on `host` at their counts.

@@ -94,6 +94,11 @@ enum Command {
     Down {
         #[arg(default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Go on when a `[host.NAME]` does not answer: the front and the
+        /// hosts that answer are taken down, the others keep their units
+        /// (named on stderr) until `cgipool down CONFIG` reaches them.
+        #[arg(long)]
+        skip_unreachable: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -239,12 +244,23 @@ fn run(cli: Cli) -> Result<()> {
                 apply::scale(&pool, count, &config, &opts, &stop).await
             })
         }
-        Command::Down { config, target } => {
+        Command::Down {
+            config,
+            skip_unreachable,
+            target,
+        } => {
             let fallback = load(&config).ok().map(|(cfg, _, _)| cfg);
             let opts = apply::Options::operator(Duration::from_secs(target.timeout));
             runtime()?.block_on(async {
                 let stop = Interrupt::on_signals()?;
-                apply::down(fallback, &unit_dir(target.runtime), &opts, &stop).await
+                apply::down(
+                    fallback,
+                    &unit_dir(target.runtime),
+                    skip_unreachable,
+                    &opts,
+                    &stop,
+                )
+                .await
             })
         }
         Command::Status {

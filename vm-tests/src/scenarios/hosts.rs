@@ -25,7 +25,7 @@ pub fn scenarios() -> Vec<LabScenario> {
             name: "hosts_unreachable_changes_nothing",
             machines: &["front", "web1"],
             expect_failure: false,
-            run: unreachable_changes_nothing,
+            run: super::hosts_unreachable::unreachable_changes_nothing,
         },
         LabScenario {
             name: "hosts_failed_worker_keeps_front",
@@ -245,7 +245,7 @@ pub(super) fn install_whoami(lab: &mut Lab, names: &[&str]) -> Result<()> {
 
 /// One pool on the front, web1 and web2 (`hosts`), `port` its TCP queue
 /// on the workers' hosts; extra `[host]` sections and lines after it.
-fn hosts_config(lab: &Lab, hosts: &[&str], extra: &str) -> String {
+pub(super) fn hosts_config(lab: &Lab, hosts: &[&str], extra: &str) -> String {
     let mut text = format!(
         "[watch]\nenabled = false\n\n[nginx]\nfront_address = \"{}\"\n\n",
         lab.address("front")
@@ -269,7 +269,7 @@ fn hosts_config(lab: &Lab, hosts: &[&str], extra: &str) -> String {
 
 /// The worker (`host/hello@n`) that answered each of `n` requests through
 /// the front's nginx; every one must be a 200.
-fn answered_by(lab: &mut Lab, n: usize) -> Result<Vec<String>> {
+pub(super) fn answered_by(lab: &mut Lab, n: usize) -> Result<Vec<String>> {
     let mut by = Vec::new();
     for _ in 0..n {
         let (code, headers, body) = common::request(
@@ -482,84 +482,6 @@ fn apply_serves_from_both(lab: &mut Lab) -> Result<()> {
     ensure!(
         !upstreams.contains("upstream"),
         "the front still routes after down: {upstreams}"
-    );
-    Ok(())
-}
-
-/// A host in the config that nobody answers for: apply fails naming it,
-/// and neither the front nor the host that answers changes a byte.
-fn unreachable_changes_nothing(lab: &mut Lab) -> Result<()> {
-    lab.enable_ssh("front", &["web1"])?;
-    install_whoami(lab, &["front", "web1"])?;
-    let config = hosts_config(lab, &["web1"], "");
-    common::write_config(lab.machine("front"), &config)?;
-    common::apply(lab.machine("front"))?;
-    let before = [
-        common::host_fingerprint(lab.machine("front"))?,
-        common::host_fingerprint(lab.machine("web1"))?,
-    ];
-    let intent_before = lab
-        .machine("front")
-        .succeed("cat /var/lib/cgipool/intent.json")?;
-
-    // The same pool, one more worker each, and on a host that is not there.
-    let ghost = lab.unused_address();
-    let text = hosts_config(lab, &["web1"], "")
-        .replace("min = 1", "min = 2")
-        .replace(
-            "hosts = [\"local\", \"web1\"]",
-            "hosts = [\"local\", \"web1\", \"ghost\"]",
-        )
-        + &format!("\n[host.ghost]\naddress = \"root@{ghost}\"\n");
-    common::write_config(lab.machine("front"), &text)?;
-    let front = lab.machine("front");
-    let bound = front.scaled(Duration::from_secs(40));
-    let started = Instant::now();
-    let out = front.fail(&format!("cgipool apply {CONFIG}"))?;
-    let took = started.elapsed();
-    ensure!(
-        out.rc == 1,
-        "apply with an unreachable host exited {}: {}",
-        out.rc,
-        out.stderr
-    );
-    ensure!(
-        out.stderr
-            .contains(&format!("host ghost (root@{ghost}) cannot be reached"))
-            && out.stderr.contains("nothing was changed on any host"),
-        "apply's error does not name the host: {}",
-        out.stderr
-    );
-    ensure!(
-        took < bound,
-        "apply took {:.1}s to fail, over {:.1}s",
-        took.as_secs_f64(),
-        bound.as_secs_f64()
-    );
-    let after = [
-        common::host_fingerprint(lab.machine("front"))?,
-        common::host_fingerprint(lab.machine("web1"))?,
-    ];
-    ensure!(
-        before[0] == after[0],
-        "the front's unit directory or nginx files changed"
-    );
-    ensure!(
-        before[1] == after[1],
-        "web1's unit directory or nginx files changed"
-    );
-    let intent_after = lab
-        .machine("front")
-        .succeed("cat /var/lib/cgipool/intent.json")?;
-    ensure!(
-        intent_before == intent_after,
-        "the failed apply recorded an intent"
-    );
-    // Still one worker on each host, still served.
-    let by = answered_by(lab, 4)?;
-    ensure!(
-        by.iter().any(|w| w == "web1/hello@1") && by.iter().any(|w| w == "front/hello@1"),
-        "after the failed apply the front and web1 do not both answer: {by:?}"
     );
     Ok(())
 }

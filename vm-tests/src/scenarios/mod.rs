@@ -12,6 +12,7 @@ mod harness;
 mod hosts;
 mod hosts_failover;
 mod hosts_scale;
+mod hosts_unreachable;
 mod machine_tier;
 mod queue;
 mod reaper;
