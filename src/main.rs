@@ -22,7 +22,7 @@ mod worker_status;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use exec::interrupt::Interrupt;
+use exec::interrupt::{self, Interrupt};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -367,7 +367,13 @@ fn main() -> ExitCode {
                 eprintln!("cgipool: {r}");
                 return ExitCode::from(2);
             }
-            eprintln!("cgipool: {e:#}");
+            let interrupted = e.downcast_ref::<interrupt::Interrupted>().is_some();
+            match interrupt::caught() {
+                Some(signal) if !interrupted => eprintln!(
+                    "cgipool: interrupted by {signal} (which reached its ssh connections too): {e:#}; the intent, if one was recorded, stays: run the command again to finish"
+                ),
+                _ => eprintln!("cgipool: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }

@@ -30,6 +30,18 @@ impl std::error::Error for Interrupted {}
 /// The signal the process caught (0: none), set by the signal handler.
 static CAUGHT: AtomicI32 = AtomicI32::new(0);
 
+/// The signal the process caught, if any (for an error that came from
+/// it indirectly: SIGINT from a terminal, or `timeout`'s SIGTERM, reaches
+/// the whole process group, so the ssh connections to other hosts die
+/// with it and a step fails on its transport before it sees the flag).
+pub fn caught() -> Option<&'static str> {
+    match CAUGHT.load(Ordering::SeqCst) {
+        nix::libc::SIGINT => Some("SIGINT"),
+        nix::libc::SIGTERM => Some("SIGTERM"),
+        _ => None,
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Interrupt {
     inner: Arc<Inner>,

@@ -46,6 +46,12 @@ pub fn scenarios() -> Vec<LabScenario> {
             run: super::hosts_scale::autoscale,
         },
         LabScenario {
+            name: "hosts_kill_points_converge",
+            machines: &["front", "web1", "web2"],
+            expect_failure: false,
+            run: super::hosts_kill::kill_points,
+        },
+        LabScenario {
             name: "hosts_selftest_failure_tears_down",
             machines: &["front", "web1"],
             expect_failure: true,
