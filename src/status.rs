@@ -27,6 +27,10 @@ pub struct PoolStatus {
     /// The pool's figures from watch's /pool-status (None: watch did not
     /// answer), without its workers.
     pub figures: Option<serde_json::Value>,
+    /// On another host: how watch on the front sees it there (its `hosts`
+    /// entry in /pool-status: up or lost, routed, active workers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<serde_json::Value>,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -51,12 +55,18 @@ pub async fn collect(unit_dir: &Path, only: Option<&str>) -> Result<Vec<PoolStat
     };
     let mut out = pools_of(&systemd, LOCAL_HOST, &wanted, only).await?;
     let decisions = state::last_decisions(&paths);
-    let figures = watch_figures(Path::new(state::WATCH_SOCKET));
+    let snapshot = watch_snapshot(Path::new(state::WATCH_SOCKET));
+    let figures = snapshot.as_ref().and_then(pool_figures);
     for p in &mut out {
         p.figures = figures.as_ref().and_then(|f| f.get(&p.pool)).cloned();
     }
     if let (Some(intent), Some(cfg)) = (&intent, &cfg) {
         out.extend(other_hosts(cfg, &intent.counts, only).await);
+    }
+    for p in out.iter_mut().filter(|p| p.host != LOCAL_HOST) {
+        p.watch = snapshot
+            .as_ref()
+            .and_then(|s| host_view(s, &p.host, &p.pool));
     }
     // The count is per host: a decision shows under each host of its pool.
     for p in &mut out {
@@ -119,6 +129,7 @@ async fn other_hosts(
                         healthy: 0,
                         last_decision: None,
                         figures: None,
+                        watch: None,
                         workers: Vec::new(),
                     }),
             ),
@@ -152,6 +163,7 @@ async fn pools_of(
                     healthy: 0,
                     last_decision: None,
                     figures: None,
+                    watch: None,
                     workers: Vec::new(),
                 },
             )
@@ -174,6 +186,7 @@ async fn pools_of(
             healthy: 0,
             last_decision: None,
             figures: None,
+            watch: None,
             workers: Vec::new(),
         });
         if d.active_state == "active" {
@@ -198,10 +211,9 @@ async fn pools_of(
     Ok(out)
 }
 
-/// Each pool's figures from watch's /pool-status (its workers left out:
-/// systemd's own view is shown for those), or None when watch does not
-/// answer within a second.
-fn watch_figures(socket: &Path) -> Option<BTreeMap<String, serde_json::Value>> {
+/// watch's /pool-status, or None when watch does not answer within a
+/// second.
+fn watch_snapshot(socket: &Path) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     let mut conn = std::os::unix::net::UnixStream::connect(socket).ok()?;
     let limit = Some(std::time::Duration::from_secs(1));
@@ -213,7 +225,35 @@ fn watch_figures(socket: &Path) -> Option<BTreeMap<String, serde_json::Value>> {
     conn.take(16 << 20).read_to_end(&mut answer).ok()?;
     let text = String::from_utf8_lossy(&answer);
     let (_, body) = text.split_once("\r\n\r\n")?;
-    let snapshot: serde_json::Value = serde_json::from_str(body).ok()?;
+    serde_json::from_str(body).ok()
+}
+
+/// How watch sees `pool` on the other host `host`: the host's state, why
+/// it is lost, since when, and the pool's entry there.
+fn host_view(snapshot: &serde_json::Value, host: &str, pool: &str) -> Option<serde_json::Value> {
+    let h = snapshot
+        .get("hosts")?
+        .as_array()?
+        .iter()
+        .find(|h| h.get("host").and_then(|n| n.as_str()) == Some(host))?;
+    let p = h
+        .get("pools")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("pool").and_then(|n| n.as_str()) == Some(pool))?;
+    let mut v = p.clone();
+    let o = v.as_object_mut()?;
+    for k in ["state", "reason", "since_unix", "converged_serial"] {
+        if let Some(x) = h.get(k) {
+            o.insert(k.to_string(), x.clone());
+        }
+    }
+    Some(v)
+}
+
+/// Each pool's figures from watch's /pool-status (its workers left out:
+/// systemd's own view is shown for those).
+fn pool_figures(snapshot: &serde_json::Value) -> Option<BTreeMap<String, serde_json::Value>> {
     let pools = snapshot.get("pools")?.as_array()?;
     Some(
         pools
@@ -226,6 +266,35 @@ fn watch_figures(socket: &Path) -> Option<BTreeMap<String, serde_json::Value>> {
             })
             .collect(),
     )
+}
+
+/// How watch on the front sees a pool on another host, in one line.
+fn host_watch_line(w: &serde_json::Value) -> String {
+    let state = w.get("state").and_then(|s| s.as_str()).unwrap_or("?");
+    let routed = w.get("routed").and_then(|r| r.as_bool()).unwrap_or(false);
+    let ago = w
+        .get("since_unix")
+        .and_then(|s| s.as_u64())
+        .filter(|s| *s > 0)
+        .map(|s| {
+            let since = since(Some(s * 1_000_000));
+            format!(" for {}", since.trim_end_matches(" ago"))
+        })
+        .unwrap_or_default();
+    let mut line = format!(
+        "watch: host {state}{ago}, {} by the front's nginx",
+        if routed { "routed" } else { "not routed" }
+    );
+    if let Some(n) = w.get("active").and_then(|a| a.as_u64()) {
+        line.push_str(&format!(", {n} active at its last read"));
+    }
+    if let Some(n) = w.get("connections").and_then(|a| a.as_u64()) {
+        line.push_str(&format!(", {n} connections from the front"));
+    }
+    if let Some(why) = w.get("reason").and_then(|r| r.as_str()) {
+        line.push_str(&format!(" (lost: {why})"));
+    }
+    line
 }
 
 /// One line of a pool's figures (issue 18), as `cgipool status` prints them.
@@ -355,8 +424,12 @@ pub fn table(pools: &[PoolStatus]) -> String {
             Some(f) => {
                 let _ = writeln!(out, "  {}", figures_line(f));
             }
-            // watch follows the front's workers only.
-            None if p.host != LOCAL_HOST => {}
+            // Another host: how watch on the front sees it.
+            None if p.host != LOCAL_HOST => {
+                if let Some(w) = &p.watch {
+                    let _ = writeln!(out, "  {}", host_watch_line(w));
+                }
+            }
             None => {
                 let _ = writeln!(
                     out,

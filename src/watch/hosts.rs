@@ -18,7 +18,7 @@ use crate::config::{Config, LOCAL_HOST};
 use crate::exec::interrupt::Interrupt;
 use crate::exec::ssh_host::SshHost;
 use crate::remote::{RemoteHost, SshTimeouts};
-use crate::state::Intent;
+use crate::state::{now_unix, Intent};
 use crate::systemd::{Systemd, UnitState};
 use anyhow::anyhow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,7 +56,26 @@ struct Followed {
     pools: BTreeSet<String>,
 }
 
-type SeenMap = Arc<Mutex<BTreeMap<String, Seen>>>;
+/// What the tasks share with the watch loop, per host.
+#[derive(Default)]
+struct Shared {
+    seen: BTreeMap<String, Seen>,
+    /// When the verdict last changed (unix seconds).
+    since: BTreeMap<String, u64>,
+    /// Active numbered workers per pool at the last read.
+    active: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+type SeenMap = Arc<Mutex<Shared>>;
+
+/// A host's verdict, since when, and its active workers per pool, for
+/// /pool-status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReading {
+    pub seen: Seen,
+    pub since_unix: u64,
+    pub active: BTreeMap<String, u32>,
+}
 
 /// The tasks that follow the hosts of the recorded intent.
 pub struct Hosts {
@@ -69,7 +88,7 @@ impl Hosts {
     /// `changed` is notified whenever a host's verdict changes.
     pub fn new(changed: Arc<Notify>) -> Hosts {
         Hosts {
-            seen: Arc::new(Mutex::new(BTreeMap::new())),
+            seen: Arc::new(Mutex::new(Shared::default())),
             tasks: BTreeMap::new(),
             changed,
         }
@@ -103,7 +122,9 @@ impl Hosts {
             if !keep {
                 task.abort();
                 if let Ok(mut s) = seen.lock() {
-                    s.remove(name);
+                    s.seen.remove(name);
+                    s.since.remove(name);
+                    s.active.remove(name);
                 }
             }
             keep
@@ -113,7 +134,8 @@ impl Hosts {
                 continue;
             }
             if let Ok(mut s) = self.seen.lock() {
-                s.insert(name.clone(), Seen::Unknown);
+                s.seen.insert(name.clone(), Seen::Unknown);
+                s.since.insert(name.clone(), now_unix());
             }
             let task = tokio::spawn(follow(
                 name.clone(),
@@ -127,7 +149,27 @@ impl Hosts {
 
     /// Every followed host's verdict now.
     pub fn seen(&self) -> BTreeMap<String, Seen> {
-        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+        self.seen.lock().map(|s| s.seen.clone()).unwrap_or_default()
+    }
+
+    /// Every followed host's verdict, since when, and active workers.
+    pub fn readings(&self) -> BTreeMap<String, HostReading> {
+        let Ok(s) = self.seen.lock() else {
+            return BTreeMap::new();
+        };
+        s.seen
+            .iter()
+            .map(|(name, seen)| {
+                (
+                    name.clone(),
+                    HostReading {
+                        seen: seen.clone(),
+                        since_unix: s.since.get(name).copied().unwrap_or(0),
+                        active: s.active.get(name).cloned().unwrap_or_default(),
+                    },
+                )
+            })
+            .collect()
     }
 }
 
@@ -142,7 +184,16 @@ impl Drop for Hosts {
 /// Records `now` for `name`; wakes the watch loop and logs when it changed.
 fn record(seen: &SeenMap, changed: &Notify, name: &str, address: &RemoteHost, now: Seen) {
     let before = match seen.lock() {
-        Ok(mut s) => s.insert(name.to_string(), now.clone()),
+        Ok(mut s) => {
+            let before = s.seen.insert(name.to_string(), now.clone());
+            if before.as_ref() != Some(&now) {
+                s.since.insert(name.to_string(), now_unix());
+            }
+            if matches!(now, Seen::Lost(_)) {
+                s.active.remove(name);
+            }
+            before
+        }
         Err(_) => return,
     };
     if before.as_ref() == Some(&now) {
@@ -229,6 +280,10 @@ async fn read_until_lost(
             }
         };
         answered = true;
+        if let Ok(mut s) = seen.lock() {
+            s.active
+                .insert(name.to_string(), active_workers(&followed.pools, &units));
+        }
         record(
             seen,
             changed,
@@ -238,6 +293,21 @@ async fn read_until_lost(
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Active numbered workers of each of `pools` among `units`.
+fn active_workers(pools: &BTreeSet<String>, units: &[UnitState]) -> BTreeMap<String, u32> {
+    let mut out: BTreeMap<String, u32> = pools.iter().map(|p| (p.clone(), 0)).collect();
+    for u in units.iter().filter(|u| u.active_state == "active") {
+        if let Some((p, n, "service")) = crate::plan::parse_instance(&u.name) {
+            if n > 0 {
+                if let Some(c) = out.get_mut(p) {
+                    *c += 1;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The pools of `pools` whose socket and at least one numbered worker are

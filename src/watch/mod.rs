@@ -120,6 +120,9 @@ pub(crate) struct Watcher {
     /// The intent serial each other host last reached through watch
     /// (forgotten when the host is lost: it may come back changed).
     host_serials: BTreeMap<String, u64>,
+    /// The front's connections to each (pool, other host) at the last load
+    /// sample.
+    remote_connections: BTreeMap<(String, String), u32>,
     /// After a host's failed converge: not before this instant, and how
     /// many failed in a row.
     host_retry: BTreeMap<String, (Instant, u32)>,
@@ -205,6 +208,7 @@ pub async fn run(opts: Options) -> Result<()> {
         figures: figures::Figures::new(state::now_unix()),
         hosts: hosts::Hosts::new(Arc::clone(&changed)),
         host_serials: BTreeMap::new(),
+        remote_connections: BTreeMap::new(),
         host_retry: BTreeMap::new(),
         host_returning: BTreeSet::new(),
         routed_out: None,

@@ -129,6 +129,12 @@ impl Watcher {
                 };
                 hosts = remote_load(q, count, c);
                 waiting += hosts.iter().map(|h| h.waiting).sum::<u32>();
+                self.remote_connections
+                    .retain(|(p, _), _| p.as_str() != pool.as_str());
+                for h in &hosts {
+                    self.remote_connections
+                        .insert((pool.clone(), h.host.clone()), h.connections);
+                }
             }
             let Some(scaler) = self.scalers.get_mut(&pool) else {
                 continue;

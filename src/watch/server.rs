@@ -244,6 +244,57 @@ pub fn metrics(s: &Snapshot, format: Format) -> String {
     ] {
         family(name, kind, help, rows);
     }
+    let host_rows: Vec<(String, String)> = s
+        .hosts
+        .iter()
+        .filter(|h| h.state != "unknown")
+        .map(|h| {
+            (
+                format!("host=\"{}\"", label(&h.host)),
+                u8::from(h.state == "up").to_string(),
+            )
+        })
+        .collect();
+    family(
+        "cgipool_host_up",
+        "gauge",
+        "1 while another host's systemd answers watch, 0 once it is lost (hosts not read yet are left out).",
+        host_rows,
+    );
+    let host_pool =
+        |f: &dyn Fn(&super::view::HostPoolView) -> Option<String>| -> Vec<(String, String)> {
+            s.hosts
+                .iter()
+                .flat_map(|h| {
+                    h.pools.iter().filter_map(move |p| {
+                        f(p).map(|v| {
+                            (
+                                format!("host=\"{}\",pool=\"{}\"", label(&h.host), label(&p.pool)),
+                                v,
+                            )
+                        })
+                    })
+                })
+                .collect()
+        };
+    family(
+        "cgipool_host_pool_routed",
+        "gauge",
+        "1 while the front's nginx routes the pool to the host.",
+        host_pool(&|p| Some(u8::from(p.routed).to_string())),
+    );
+    family(
+        "cgipool_host_pool_active_workers",
+        "gauge",
+        "Active workers of the pool on the host at watch's last read.",
+        host_pool(&|p| Some(p.active.to_string())),
+    );
+    family(
+        "cgipool_host_pool_connections",
+        "gauge",
+        "The front's connections to the pool's queue on the host at the last load sample.",
+        host_pool(&|p| p.connections.map(|n| n.to_string())),
+    );
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
     }
@@ -281,6 +332,19 @@ mod tests {
                 }],
                 ..PoolView::default()
             }],
+            hosts: vec![crate::watch::view::HostView {
+                host: "web1".into(),
+                address: "root@10.0.0.11".into(),
+                state: "up".into(),
+                pools: vec![crate::watch::view::HostPoolView {
+                    pool: "a\"b".into(),
+                    wanted: 2,
+                    active: 2,
+                    routed: true,
+                    connections: Some(3),
+                }],
+                ..Default::default()
+            }],
         }
     }
 
@@ -304,6 +368,11 @@ mod tests {
             assert!(helps >= 9 && helps == types, "{text}");
             assert!(
                 text.contains("cgipool_worker_restarts_total{pool=\"a\\\"b\",worker=\"a@1\"} 2")
+            );
+            assert!(text.contains("cgipool_host_up{host=\"web1\"} 1"), "{text}");
+            assert!(
+                text.contains("cgipool_host_pool_connections{host=\"web1\",pool=\"a\\\"b\"} 3"),
+                "{text}"
             );
             match format {
                 Format::Prometheus => {

@@ -14,7 +14,40 @@ pub struct Snapshot {
     pub generated_at: u64,
     /// Steps watch completed since it started (each a look at the host).
     pub steps: u64,
+    /// This host's (the front's) pools and workers; a pool that runs only
+    /// on other hosts shows no worker here (see `hosts`).
     pub pools: Vec<PoolView>,
+    /// The other hosts (`[host.NAME]`) as watch follows them.
+    pub hosts: Vec<HostView>,
+}
+
+/// Another host as watch sees it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostView {
+    pub host: String,
+    pub address: String,
+    /// "up" (its systemd answers), "lost" or "unknown" (not read yet).
+    pub state: String,
+    /// Why it is lost.
+    pub reason: Option<String>,
+    /// When `state` last changed.
+    pub since_unix: u64,
+    /// The intent watch last converged it to (None: not since watch began).
+    pub converged_serial: Option<u64>,
+    pub pools: Vec<HostPoolView>,
+}
+
+/// One pool on another host.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostPoolView {
+    pub pool: String,
+    pub wanted: u32,
+    /// Active workers at watch's last read of the host.
+    pub active: u32,
+    /// The front's nginx routes to it.
+    pub routed: bool,
+    /// The front's connections to its queue at the last load sample.
+    pub connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -96,7 +129,12 @@ impl Watcher {
             .pools
             .values()
             .map(|p| {
-                let n = self.counts.get(&p.name).copied().unwrap_or(0);
+                let on_front = !p.is_remote() || p.on_host(crate::config::LOCAL_HOST);
+                let n = if on_front {
+                    self.counts.get(&p.name).copied().unwrap_or(0)
+                } else {
+                    0
+                };
                 // A shared queue is one socket: its figures are the pool's,
                 // no single worker's (those show 0 waiting).
                 let shared = self.is_shared(&p.name);
@@ -172,6 +210,49 @@ impl Watcher {
             generated_at: now_unix(),
             steps: self.steps,
             pools,
+            hosts: self.hosts_view(),
         }
+    }
+
+    fn hosts_view(&self) -> Vec<HostView> {
+        let readings = self.hosts.readings();
+        let out = self.routed_out.clone().unwrap_or_default();
+        self.cfg
+            .hosts
+            .values()
+            .map(|h| {
+                let r = readings.get(&h.name);
+                let (state, reason) = match r.map(|r| &r.seen) {
+                    Some(super::hosts::Seen::Up(_)) => ("up", None),
+                    Some(super::hosts::Seen::Lost(why)) => ("lost", Some(why.clone())),
+                    _ => ("unknown", None),
+                };
+                let pools = self
+                    .cfg
+                    .pools
+                    .values()
+                    .filter(|p| p.on_host(&h.name))
+                    .map(|p| HostPoolView {
+                        pool: p.name.clone(),
+                        wanted: self.counts.get(&p.name).copied().unwrap_or(0),
+                        active: r.and_then(|r| r.active.get(&p.name).copied()).unwrap_or(0),
+                        routed: !out.get(&p.name).is_some_and(|o| o.contains(&h.name)),
+                        connections: self
+                            .remote_connections
+                            .get(&(p.name.clone(), h.name.clone()))
+                            .copied(),
+                    })
+                    .collect();
+                HostView {
+                    host: h.name.clone(),
+                    address: h.address.to_string(),
+                    state: state.to_string(),
+                    reason,
+                    since_unix: r.map(|r| r.since_unix).unwrap_or(0),
+                    converged_serial: self.host_serials.get(&h.name).copied(),
+                    pools,
+                }
+            })
+            .collect()
     }
 }

@@ -87,6 +87,35 @@ pub(super) fn autoscale(lab: &mut Lab) -> Result<()> {
         &every_host_runs(&["web1", "web2"], 6, up_bound),
     )?;
     let grown = secs_since(started);
+    // watch's view of the other hosts, under the load: both up and routed,
+    // the front's connections to each counted.
+    load.step(
+        front,
+        "read watch's view of the hosts",
+        "cgipool status search > /tmp/status-hosts.txt && \
+         curl -sf --unix-socket /run/cgipool/watch.sock http://watch/metrics > /tmp/metrics.txt",
+    )?;
+    let status = front.succeed("cat /tmp/status-hosts.txt")?;
+    let metrics = front.succeed("cat /tmp/metrics.txt")?;
+    for h in ["web1", "web2"] {
+        ensure!(
+            status.contains(&format!("pool {POOL} on host {h}:"))
+                && metrics.contains(&format!("cgipool_host_up{{host=\"{h}\"}} 1"))
+                && metrics.contains(&format!(
+                    "cgipool_host_pool_routed{{host=\"{h}\",pool=\"{POOL}\"}} 1"
+                ))
+                && metrics.contains(&format!(
+                    "cgipool_host_pool_connections{{host=\"{h}\",pool=\"{POOL}\"}}"
+                )),
+            "watch's view of {h} under load:\n{status}\n{metrics}"
+        );
+    }
+    ensure!(
+        status.matches("watch: host up for").count() == 2
+            && status.matches("routed by the front's nginx, ").count() == 2
+            && status.contains(" active at its last read, "),
+        "cgipool status lacks watch's view of the hosts:\n{status}"
+    );
     println!(
         "both hosts reached max=6 workers {grown:.1}s into the load (bound {:.0}s)",
         up_bound.as_secs_f64()
