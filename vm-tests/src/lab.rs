@@ -162,19 +162,23 @@ impl Lab {
         self.net.link(name, &addr, Some(&mac))
     }
 
-    /// Cuts machine `name`'s power: all of it stops at once, without a
-    /// shutdown (for the others, as with [`Lab::unplug`], nothing answers
-    /// any more). Its disk and its cable stay.
+    /// Cuts machine `name`'s power: its `host0` goes down first (a NIC
+    /// without power: for the others nothing answers, not even a reset, and
+    /// the connections its processes had are never closed), then all of it
+    /// stops at once, without a shutdown. Its disk, its namespace and its
+    /// veth pair stay for [`Lab::boot`].
     pub fn power_off(&mut self, name: &str) -> Result<()> {
+        self.host0(name, "down")?;
         self.machine(name).power_off()
     }
 
     /// Boots machine `name` again after [`Lab::power_off`], on its disk and
-    /// network; waits until boot is finished and checks that `host0` kept
-    /// its address (the lab sets it from outside, in the machine's
-    /// namespace, which the power cut leaves alone; nothing in the image
-    /// configures it: systemd-networkd is not enabled).
+    /// network, and waits until boot is finished. `host0` comes up with the
+    /// address it had: the lab sets it from outside, in the machine's
+    /// namespace, and nothing in the image configures it
+    /// (systemd-networkd is not enabled); checked from inside.
     pub fn boot(&mut self, name: &str) -> Result<()> {
+        self.host0(name, "up")?;
         let addr = self.address(name);
         let m = self.machine(name);
         m.power_on()?;
@@ -184,6 +188,22 @@ impl Lab {
         ))
         .with_context(|| format!("{name}'s host0 after its boot"))?;
         Ok(())
+    }
+
+    /// Sets machine `name`'s host0 `up` or `down` (nothing while it is
+    /// unplugged: it has no host0 then).
+    fn host0(&self, name: &str, state: &str) -> Result<()> {
+        if self.unplugged.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        ip(&[
+            "-n",
+            &self.net.machine_ns(name),
+            "link",
+            "set",
+            "host0",
+            state,
+        ])
     }
 
     /// An address on the lab network that no machine answers.

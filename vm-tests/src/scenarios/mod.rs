@@ -11,6 +11,7 @@ mod figures;
 mod harness;
 mod hosts;
 mod hosts_failover;
+mod hosts_power;
 mod machine_tier;
 mod queue;
 mod reaper;
