@@ -84,7 +84,11 @@ fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
     let artifacts = result.as_ref().err().map(|_| lab.collect_artifacts(env));
     drop(lab);
     let mut left = lab::still_present(&namespaces);
-    left.extend(machine::still_mounted(&disks).iter().map(|d| d.display().to_string()));
+    left.extend(
+        machine::still_mounted(&disks)
+            .iter()
+            .map(|d| d.display().to_string()),
+    );
     if !left.is_empty() {
         let body = match &result {
             Ok(()) => "the scenario passed".to_string(),

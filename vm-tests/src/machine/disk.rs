@@ -38,7 +38,10 @@ impl Disk {
         for dir in [&disk.tmpfs, &disk.root] {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        mount(&["-t", "tmpfs", "-o", "mode=0755", "cgipool-vm-disk"], &disk.tmpfs)?;
+        mount(
+            &["-t", "tmpfs", "-o", "mode=0755", "cgipool-vm-disk"],
+            &disk.tmpfs,
+        )?;
         for dir in ["upper", "work"] {
             let dir = disk.tmpfs.join(dir);
             if let Err(e) = fs::create_dir(&dir) {
@@ -51,7 +54,10 @@ impl Disk {
             disk.tmpfs.join("upper").display(),
             disk.tmpfs.join("work").display()
         );
-        if let Err(e) = mount(&["-t", "overlay", "-o", &options, "cgipool-vm-root"], &disk.root) {
+        if let Err(e) = mount(
+            &["-t", "overlay", "-o", &options, "cgipool-vm-root"],
+            &disk.root,
+        ) {
             disk.unmount();
             return Err(e.context("overlayfs on the image's rootfs (modprobe overlay)"));
         }
@@ -156,7 +162,11 @@ pub fn remove_stale_mounts() {
             let Some(rest) = p.to_str().and_then(|s| s.strip_prefix(RUN_DIR_PREFIX)) else {
                 return false;
             };
-            match rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok()) {
+            match rest
+                .split('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok())
+            {
                 Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
                 None => false,
             }

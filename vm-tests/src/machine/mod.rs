@@ -149,7 +149,9 @@ impl Machine {
         // A lab's guests get a disk that survives a power cut; a guest of
         // its own boots on nspawn's --volatile=overlay.
         let disk = match network {
-            Network::Namespace { .. } => Some(disk::Disk::mount(&run_dir, &env.image.join("rootfs"))?),
+            Network::Namespace { .. } => {
+                Some(disk::Disk::mount(&run_dir, &env.image.join("rootfs"))?)
+            }
             Network::Private => None,
         };
         let console = fs::File::create(dir.join("console.log"))?;

@@ -99,7 +99,8 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
         report.requests, report.non_2xx, report.socket_errors
     );
     // What watch did about web2, for the record.
-    let watch = front.succeed("journalctl -q -o cat -u cgipool-watch.service | grep 'host web2' | tail -n 8")?;
+    let watch = front
+        .succeed("journalctl -q -o cat -u cgipool-watch.service | grep 'host web2' | tail -n 8")?;
     println!("watch on web2:\n{}", watch.trim_end());
     Ok(())
 }
