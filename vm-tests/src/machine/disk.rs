@@ -154,7 +154,8 @@ pub fn still_mounted(dirs: &[PathBuf]) -> Vec<PathBuf> {
 
 /// Unmounts the disks of harnesses that are gone (killed before their
 /// machines dropped): mounts under `/tmp/cgipool-vm-<pid>-*` whose pid no
-/// longer runs, deepest first. Call it once their guests are killed.
+/// longer runs, deepest first; then removes their run directories. Call it
+/// once their guests are killed.
 pub fn remove_stale_mounts() {
     let mut stale: Vec<PathBuf> = mount_points()
         .into_iter()
@@ -173,9 +174,19 @@ pub fn remove_stale_mounts() {
         })
         .collect();
     stale.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in stale {
-        if let Err(e) = umount_lazily(&p) {
+    for p in &stale {
+        if let Err(e) = umount_lazily(p) {
             eprintln!("vm-tests: removing a stale mount: {e:#}");
+        }
+    }
+    // Then their run directories, once nothing under them is mounted.
+    let mut run_dirs: Vec<&Path> = stale.iter().filter_map(|p| p.parent()).collect();
+    run_dirs.sort();
+    run_dirs.dedup();
+    let points = mount_points();
+    for dir in run_dirs {
+        if !points.iter().any(|p| p.starts_with(dir)) {
+            let _ = fs::remove_dir_all(dir);
         }
     }
 }
