@@ -42,8 +42,8 @@ pub(super) fn seen_after(m: &mut Machine, since: f64) -> Result<f64> {
 
 /// A pool on web1 and web2 only (two workers each, `request_timeout` 3 s),
 /// applied on the front, whose watch follows both hosts and whose upstream
-/// lists both; returns web2's server there (`ADDRESS:PORT`).
-pub(super) fn pool_on_web1_and_web2(lab: &mut Lab) -> Result<String> {
+/// lists both; returns their servers there.
+pub(super) fn pool_on_web1_and_web2(lab: &mut Lab) -> Result<Servers> {
     lab.enable_ssh("front", &["web1", "web2"])?;
     install_whoami(lab, &["front", "web1", "web2"])?;
     let (web1, web2) = (lab.address("web1"), lab.address("web2"));
@@ -67,27 +67,36 @@ pub(super) fn pool_on_web1_and_web2(lab: &mut Lab) -> Result<String> {
             Duration::from_secs(30),
         )?;
     }
-    let server2 = format!("{web2}:9101");
+    let servers = Servers {
+        web1: format!("{web1}:9101"),
+        web2: format!("{web2}:9101"),
+    };
     let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
     ensure!(
-        upstreams.contains(&format!("{web1}:9101")) && upstreams.contains(&server2),
+        upstreams.contains(&servers.web1) && upstreams.contains(&servers.web2),
         "the front's upstreams before web2 goes away:\n{upstreams}"
     );
-    Ok(server2)
+    Ok(servers)
 }
 
-/// Under `load`, waits until web2 (`server2`) has left the front's
+/// The pool's servers (`ADDRESS:PORT`) in the front's upstream.
+pub(super) struct Servers {
+    pub web1: String,
+    pub web2: String,
+}
+
+/// Under `load`, waits until web2 has left the front's
 /// upstream, which must take at most 3 s (scaled) from `since`, when it
 /// went away (`how`); web1 must stay. Returns the seconds it took.
 pub(super) fn web2_leaves(
     front: &mut Machine,
     load: &mut Load,
-    server2: &str,
+    servers: &Servers,
     since: f64,
     how: &str,
 ) -> Result<f64> {
     let bound = front.scaled(Duration::from_secs(3));
-    let leaves = upstream_wait(server2, false, front.scaled(Duration::from_secs(30)));
+    let leaves = upstream_wait(&servers.web2, false, front.scaled(Duration::from_secs(30)));
     load.step(
         front,
         &format!("web2 {how}; wait for it to leave the upstream"),
@@ -102,7 +111,7 @@ pub(super) fn web2_leaves(
     );
     let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
     ensure!(
-        upstreams.contains(":9101"),
+        upstreams.contains(&servers.web1),
         "web1 left the upstream with web2:\n{upstreams}"
     );
     Ok(left)
@@ -147,7 +156,7 @@ pub(super) fn web2_answers_through_front(front: &mut Machine, load: &mut Load) -
 /// fails (nginx retries the other host), `cgipool status` still lists both
 /// hosts; plugged back, web2 returns to the upstream and answers again.
 pub(super) fn failover(lab: &mut Lab) -> Result<()> {
-    let server2 = pool_on_web1_and_web2(lab)?;
+    let servers = pool_on_web1_and_web2(lab)?;
     let front = lab.machine("front");
     // watch reads root's ssh key through the one hole in ProtectHome.
     let home = front.unit_property("cgipool-watch.service", "ProtectHome")?;
@@ -180,7 +189,7 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     lab.unplug("web2")?;
     let pulled = now_unix();
     let front = lab.machine("front");
-    let left = web2_leaves(front, &mut load, &server2, pulled, "unplugged")?;
+    let left = web2_leaves(front, &mut load, &servers, pulled, "unplugged")?;
     println!(
         "web2 left the front's upstream {left:.2}s after its cable was pulled (bound {:.1}s)",
         front.scaled(Duration::from_secs(3)).as_secs_f64()
@@ -190,7 +199,7 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     lab.plug("web2")?;
     let plugged = now_unix();
     let front = lab.machine("front");
-    let returns = upstream_wait(&server2, true, front.scaled(Duration::from_secs(30)));
+    let returns = upstream_wait(&servers.web2, true, front.scaled(Duration::from_secs(30)));
     load.step(
         front,
         "web2 plugged back; wait for it to return to the upstream",

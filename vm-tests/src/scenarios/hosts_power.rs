@@ -21,7 +21,7 @@ const WORKERS: &str = "cgipool-hello.socket cgipool-hello@1.service cgipool-hell
 /// multi-user.target), its ssh host key is the one the front knows, and it
 /// returns to the upstream and answers through the front.
 pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
-    let server2 = pool_on_web1_and_web2(lab)?;
+    let servers = pool_on_web1_and_web2(lab)?;
     let web2_address = lab.address("web2");
     let host_key = lab
         .machine("web2")
@@ -40,7 +40,7 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
     lab.power_off("web2")?;
     let cut = now_unix();
     let front = lab.machine("front");
-    let left = web2_leaves(front, &mut load, &server2, cut, "powered off")?;
+    let left = web2_leaves(front, &mut load, &servers, cut, "powered off")?;
     println!(
         "web2 left the front's upstream {left:.2}s after its power was cut (bound {:.1}s)",
         front.scaled(Duration::from_secs(3)).as_secs_f64()
@@ -73,7 +73,7 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
     println!("{}", started.trim_end());
 
     let front = lab.machine("front");
-    let returns = upstream_wait(&server2, true, front.scaled(Duration::from_secs(30)));
+    let returns = upstream_wait(&servers.web2, true, front.scaled(Duration::from_secs(30)));
     load.step(
         front,
         "web2 booted again; wait for it to return to the upstream",
