@@ -4,9 +4,12 @@
 //! bridge by a veth pair, with a static address (`10.231.0.10` for the first
 //! machine, `.11` for the second, …). `enable_ssh` makes a key pair on one
 //! machine and lets it log in as root on others, as an operator would set up
-//! cgipool's hosts. Everything is torn down on drop, after a failure too; the
-//! namespaces of a harness that was killed are removed by the next start.
-use crate::machine::{shell_quote, Env, Machine, Network, Options, Tier};
+//! cgipool's hosts. Each guest boots on a disk that outlives its processes
+//! (machine/disk.rs): `power_off` cuts a machine's power, `boot` boots it
+//! again on what it had written. Everything is torn down on drop, after a
+//! failure too; the namespaces and disks of a harness that was killed are
+//! removed by the next start.
+use crate::machine::{remove_stale_mounts, shell_quote, Env, Machine, Network, Options, Tier};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,7 @@ impl Lab {
             );
         }
         remove_stale_namespaces();
+        remove_stale_mounts();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let mut net = LabNetwork {
             prefix: format!("{NETNS_PREFIX}{}-{n}-", std::process::id()),
@@ -107,6 +111,14 @@ impl Lab {
         self.net.namespaces.clone()
     }
 
+    /// Where the lab's disks are mounted (see `machine::still_mounted`).
+    pub fn disk_mount_points(&self) -> Vec<PathBuf> {
+        self.machines
+            .iter()
+            .flat_map(|(_, m)| m.disk_mount_points())
+            .collect()
+    }
+
     pub fn machine(&mut self, name: &str) -> &mut Machine {
         let names: Vec<String> = self.machines.iter().map(|(n, _)| n.clone()).collect();
         match self.machines.iter_mut().find(|(n, _)| n == name) {
@@ -148,6 +160,50 @@ impl Lab {
         let (_, mac) = self.unplugged.remove(i);
         let addr = self.address(name);
         self.net.link(name, &addr, Some(&mac))
+    }
+
+    /// Cuts machine `name`'s power: its `host0` goes down first (a NIC
+    /// without power: for the others nothing answers, not even a reset, and
+    /// the connections its processes had are never closed), then all of it
+    /// stops at once, without a shutdown. Its disk, its namespace and its
+    /// veth pair stay for [`Lab::boot`].
+    pub fn power_off(&mut self, name: &str) -> Result<()> {
+        self.host0(name, "down")?;
+        self.machine(name).power_off()
+    }
+
+    /// Boots machine `name` again after [`Lab::power_off`], on its disk and
+    /// network, and waits until boot is finished. `host0` comes up with the
+    /// address it had: the lab sets it from outside, in the machine's
+    /// namespace, and nothing in the image configures it
+    /// (systemd-networkd is not enabled); checked from inside.
+    pub fn boot(&mut self, name: &str) -> Result<()> {
+        self.host0(name, "up")?;
+        let addr = self.address(name);
+        let m = self.machine(name);
+        m.power_on()?;
+        m.succeed(&format!(
+            "ip -br addr show host0 | grep -qF {}",
+            shell_quote(&format!(" {addr}/24"))
+        ))
+        .with_context(|| format!("{name}'s host0 after its boot"))?;
+        Ok(())
+    }
+
+    /// Sets machine `name`'s host0 `up` or `down` (nothing while it is
+    /// unplugged: it has no host0 then).
+    fn host0(&self, name: &str, state: &str) -> Result<()> {
+        if self.unplugged.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        ip(&[
+            "-n",
+            &self.net.machine_ns(name),
+            "link",
+            "set",
+            "host0",
+            state,
+        ])
     }
 
     /// An address on the lab network that no machine answers.

@@ -79,16 +79,22 @@ pub struct LabScenario {
 fn run_lab_scenario(env: &Env, s: &LabScenario) -> Result<()> {
     let mut lab = lab::Lab::start(env, s.name, s.machines)?;
     let namespaces = lab.namespaces();
+    let disks = lab.disk_mount_points();
     let result = (s.run)(&mut lab);
     let artifacts = result.as_ref().err().map(|_| lab.collect_artifacts(env));
     drop(lab);
-    let left = lab::still_present(&namespaces);
+    let mut left = lab::still_present(&namespaces);
+    left.extend(
+        machine::still_mounted(&disks)
+            .iter()
+            .map(|d| d.display().to_string()),
+    );
     if !left.is_empty() {
         let body = match &result {
             Ok(()) => "the scenario passed".to_string(),
             Err(e) => format!("the scenario failed: {e:#}"),
         };
-        bail!("the lab's network namespaces are still there after its teardown: {left:?} ({body})");
+        bail!("the lab's network namespaces or disks are still there after its teardown: {left:?} ({body})");
     }
     let shown = |dirs: &[std::path::PathBuf]| {
         dirs.iter()

@@ -34,13 +34,19 @@ pub(super) fn remove_cgroup(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
+/// Starts nspawn on `disk` (a lab guest's root directory, see disk.rs), or
+/// without one on the image's rootfs under `--volatile=overlay`.
 pub(super) fn spawn_nspawn(
     env: &Env,
     run_dir: &Path,
     console: fs::File,
     network: &Network,
+    disk: Option<&Path>,
 ) -> Result<(Child, PathBuf)> {
-    let rootfs = env.image.join("rootfs");
+    let (root, volatile) = match disk {
+        Some(root) => (root.to_path_buf(), None),
+        None => (env.image.join("rootfs"), Some("--volatile=overlay")),
+    };
     // In its own cgroup v2 subtree when the host has one to give (see
     // nspawn_cgroup): the shell moves itself there, then becomes nspawn.
     let mut cmd = match nspawn_cgroup(run_dir) {
@@ -58,12 +64,8 @@ pub(super) fn spawn_nspawn(
     };
     let child = cmd
         .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
-        .args([
-            "--register=no",
-            "--keep-unit",
-            "--volatile=overlay",
-            "--console=read-only",
-        ])
+        .args(["--register=no", "--keep-unit", "--console=read-only"])
+        .args(volatile)
         .args(match network {
             Network::Private => vec!["--private-network".to_string()],
             Network::Namespace { path, hostname } => vec![
@@ -81,7 +83,7 @@ pub(super) fn spawn_nspawn(
         ))
         .arg(format!("--bind-ro={}:/payload", env.payload.display()))
         .arg("-D")
-        .arg(&rootfs)
+        .arg(&root)
         .arg("-b")
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)

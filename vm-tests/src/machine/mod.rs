@@ -16,7 +16,10 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod boot;
-use boot::{nspawn_cgroup, qemu_monitor, remove_cgroup, spawn_nspawn, spawn_qemu};
+mod disk;
+mod power;
+use boot::{qemu_monitor, spawn_nspawn, spawn_qemu};
+pub use disk::{remove_stale_mounts, still_mounted};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -53,6 +56,7 @@ pub enum Network {
 }
 
 /// Paths the harness needs, from the environment the Makefile sets.
+#[derive(Clone)]
 pub struct Env {
     pub image: PathBuf,
     pub payload: PathBuf,
@@ -104,6 +108,11 @@ pub struct Machine {
     transcript: String,
     units: BTreeSet<String>,
     calibration: String,
+    /// What booting it again needs (power.rs).
+    env: Env,
+    network: Network,
+    /// A lab guest's disk, which outlives its processes (disk.rs).
+    disk: Option<disk::Disk>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -130,12 +139,30 @@ impl Machine {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let run_dir = PathBuf::from(format!("/tmp/cgipool-vm-{}-{n}", std::process::id()));
+        let run_dir = PathBuf::from(format!(
+            "{}{}-{n}",
+            disk::RUN_DIR_PREFIX,
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&run_dir);
         fs::create_dir_all(run_dir.join("agent"))?;
+        // A lab's guests get a disk that survives a power cut; a guest of
+        // its own boots on nspawn's --volatile=overlay.
+        let disk = match network {
+            Network::Namespace { .. } => {
+                Some(disk::Disk::mount(&run_dir, &env.image.join("rootfs"))?)
+            }
+            Network::Private => None,
+        };
         let console = fs::File::create(dir.join("console.log"))?;
         let (child, agent_path) = match tier {
-            Tier::Nspawn => spawn_nspawn(env, &run_dir, console, network)?,
+            Tier::Nspawn => spawn_nspawn(
+                env,
+                &run_dir,
+                console,
+                network,
+                disk.as_ref().map(|d| d.root()),
+            )?,
             Tier::Qemu => spawn_qemu(env, &run_dir, console, opts)?,
         };
         let mut m = Machine {
@@ -151,6 +178,9 @@ impl Machine {
             transcript: String::new(),
             units: BTreeSet::new(),
             calibration: String::new(),
+            env: env.clone(),
+            network: network.clone(),
+            disk,
         };
         let boot_limit = match tier {
             Tier::Nspawn => Duration::from_secs(30),
@@ -221,14 +251,15 @@ impl Machine {
     }
 
     fn check_alive(&mut self) -> Result<()> {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the {} machine exited ({status}); see {}",
-                    self.tier.name(),
-                    self.dir.join("console.log").display()
-                );
-            }
+        let Some(child) = self.child.as_mut() else {
+            bail!("{} is powered off", self.name);
+        };
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the {} machine exited ({status}); see {}",
+                self.tier.name(),
+                self.dir.join("console.log").display()
+            );
         }
         Ok(())
     }
@@ -544,41 +575,6 @@ impl Machine {
 
     pub fn save_transcript(&self) {
         let _ = fs::write(self.dir.join("transcript.txt"), &self.transcript);
-    }
-
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = child.id() as i32;
-        let signals: &[i32] = match self.tier {
-            // nspawn: first SIGTERM halts the container, a second one terminates it at once.
-            Tier::Nspawn => &[libc::SIGTERM, libc::SIGTERM, libc::SIGKILL],
-            Tier::Qemu => &[libc::SIGTERM, libc::SIGKILL],
-        };
-        for &sig in signals {
-            unsafe { libc::kill(pid, sig) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.cleanup();
-                    return;
-                }
-                sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = child.wait();
-        self.cleanup();
-    }
-
-    /// The run directory, and an nspawn guest's cgroup subtree.
-    fn cleanup(&self) {
-        if self.tier == Tier::Nspawn {
-            if let Some(cg) = nspawn_cgroup(&self.run_dir) {
-                remove_cgroup(&cg);
-            }
-        }
-        let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
 

@@ -52,6 +52,12 @@ pub fn scenarios() -> Vec<LabScenario> {
             run: super::hosts_kill::kill_points,
         },
         LabScenario {
+            name: "hosts_power_cycle",
+            machines: &["front", "web1", "web2"],
+            expect_failure: false,
+            run: super::hosts_power::power_cycle,
+        },
+        LabScenario {
             name: "hosts_selftest_failure_tears_down",
             machines: &["front", "web1"],
             expect_failure: true,

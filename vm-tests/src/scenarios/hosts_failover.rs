@@ -9,10 +9,10 @@ use crate::scenarios::edge::Load;
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
-const UPSTREAMS: &str = "/etc/nginx/conf.d/cgipool-upstreams.conf";
+pub(super) const UPSTREAMS: &str = "/etc/nginx/conf.d/cgipool-upstreams.conf";
 
 /// The wall clock in seconds (host and nspawn guests share the kernel's).
-fn now_unix() -> f64 {
+pub(super) fn now_unix() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -22,7 +22,7 @@ fn now_unix() -> f64 {
 /// A guest command that waits (at most `limit`) until `server` is in the
 /// front's upstreams file (`present`) or not, then writes the wall clock
 /// into `/tmp/seen-at`.
-fn upstream_wait(server: &str, present: bool, limit: Duration) -> String {
+pub(super) fn upstream_wait(server: &str, present: bool, limit: Duration) -> String {
     let until = if present { "until" } else { "while" };
     format!(
         "timeout {} sh -c '{until} grep -qF {server} {UPSTREAMS}; do sleep 0.05; done; date +%s.%N > /tmp/seen-at'",
@@ -31,7 +31,7 @@ fn upstream_wait(server: &str, present: bool, limit: Duration) -> String {
 }
 
 /// Seconds from `since` (wall clock) to what `upstream_wait` wrote.
-fn seen_after(m: &mut Machine, since: f64) -> Result<f64> {
+pub(super) fn seen_after(m: &mut Machine, since: f64) -> Result<f64> {
     let at = m.succeed("cat /tmp/seen-at")?;
     let at: f64 = at
         .trim()
@@ -40,13 +40,10 @@ fn seen_after(m: &mut Machine, since: f64) -> Result<f64> {
     Ok(at - since)
 }
 
-/// A pool on web1 and web2 only, served through the front under wrk
-/// (`Connection: close`, GETs): web2's cable is pulled (for the front it
-/// is as if it lost power: no answer, no reset); watch on the front loses
-/// it and takes it out of nginx's upstream within 3 s (scaled), no request
-/// fails (nginx retries the other host), `cgipool status` still lists both
-/// hosts; plugged back, web2 returns to the upstream and answers again.
-pub(super) fn failover(lab: &mut Lab) -> Result<()> {
+/// A pool on web1 and web2 only (two workers each, `request_timeout` 3 s),
+/// applied on the front, whose watch follows both hosts and whose upstream
+/// lists both; returns their servers there.
+pub(super) fn pool_on_web1_and_web2(lab: &mut Lab) -> Result<Servers> {
     lab.enable_ssh("front", &["web1", "web2"])?;
     install_whoami(lab, &["front", "web1", "web2"])?;
     let (web1, web2) = (lab.address("web1"), lab.address("web2"));
@@ -63,6 +60,104 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     common::apply(lab.machine("front"))?;
     let front = lab.machine("front");
     front.wait_for_unit("cgipool-watch.service")?;
+    for h in ["web1", "web2"] {
+        front.wait_until_succeeds(
+            &format!("journalctl -q -u cgipool-watch.service | grep -q 'host {h} (root@.*): converged to intent'"),
+            &format!("watch to follow {h}"),
+            Duration::from_secs(30),
+        )?;
+    }
+    let servers = Servers {
+        web1: format!("{web1}:9101"),
+        web2: format!("{web2}:9101"),
+    };
+    let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
+    ensure!(
+        upstreams.contains(&servers.web1) && upstreams.contains(&servers.web2),
+        "the front's upstreams before web2 goes away:\n{upstreams}"
+    );
+    Ok(servers)
+}
+
+/// The pool's servers (`ADDRESS:PORT`) in the front's upstream.
+pub(super) struct Servers {
+    pub web1: String,
+    pub web2: String,
+}
+
+/// Under `load`, waits until web2 has left the front's
+/// upstream, which must take at most 3 s (scaled) from `since`, when it
+/// went away (`how`); web1 must stay. Returns the seconds it took.
+pub(super) fn web2_leaves(
+    front: &mut Machine,
+    load: &mut Load,
+    servers: &Servers,
+    since: f64,
+    how: &str,
+) -> Result<f64> {
+    let bound = front.scaled(Duration::from_secs(3));
+    let leaves = upstream_wait(&servers.web2, false, front.scaled(Duration::from_secs(30)));
+    load.step(
+        front,
+        &format!("web2 {how}; wait for it to leave the upstream"),
+        &leaves,
+    )?;
+    let left = seen_after(front, since)?;
+    ensure!(
+        left <= bound.as_secs_f64(),
+        "web2 left the upstream {left:.2}s after it was {how}, over {:.1}s ({})",
+        bound.as_secs_f64(),
+        front.limit_note(Duration::from_secs(3))
+    );
+    let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
+    ensure!(
+        upstreams.contains(&servers.web1),
+        "web1 left the upstream with web2:\n{upstreams}"
+    );
+    Ok(left)
+}
+
+/// Under `load`, `cgipool status` on the front still lists both hosts:
+/// web1 healthy, web2 (`how`) with the reason it cannot be read.
+pub(super) fn status_lists_web2_unreadable(
+    front: &mut Machine,
+    load: &mut Load,
+    how: &str,
+) -> Result<()> {
+    load.step(
+        front,
+        &format!("cgipool status, web2 {how}"),
+        "cgipool status > /tmp/status.txt",
+    )?;
+    let status = front.succeed("cat /tmp/status.txt")?;
+    ensure!(
+        status.contains("pool hello on host web1: 2 healthy of 2 wanted")
+            && status.contains("pool hello on host web2: 0 healthy of 2 wanted")
+            && status.contains("cannot read the host"),
+        "cgipool status while web2 is {how}:\n{status}"
+    );
+    Ok(())
+}
+
+/// Under `load`, one of (at most) 60 requests through the front is
+/// answered by a worker of web2's.
+pub(super) fn web2_answers_through_front(front: &mut Machine, load: &mut Load) -> Result<()> {
+    load.step(
+        front,
+        "web2 answers through the front again",
+        "for i in $(seq 1 60); do curl -sS -D - -o /dev/null -H 'Connection: close' http://127.0.0.1/api/hello | grep -qi '^x-cgipool-worker: web2/' && exit 0; done; exit 1",
+    )
+}
+
+/// A pool on web1 and web2 only, served through the front under wrk
+/// (`Connection: close`, GETs): web2's cable is pulled (for the front it
+/// is as if it lost power: no answer, no reset); watch on the front loses
+/// it and takes it out of nginx's upstream within 3 s (scaled), no request
+/// fails (nginx retries the other host), `cgipool status` still lists both
+/// hosts; plugged back, web2 returns to the upstream and answers again.
+pub(super) fn failover(lab: &mut Lab) -> Result<()> {
+    let servers = pool_on_web1_and_web2(lab)?;
+    let front = lab.machine("front");
     // watch reads root's ssh key through the one hole in ProtectHome.
     let home = front.unit_property("cgipool-watch.service", "ProtectHome")?;
     ensure!(
@@ -81,19 +176,6 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
         "systemd-analyze security cgipool-watch.service (hosts configured):\n{}",
         score.trim_end()
     );
-    for h in ["web1", "web2"] {
-        front.wait_until_succeeds(
-            &format!("journalctl -q -u cgipool-watch.service | grep -q 'host {h} (root@.*): converged to intent'"),
-            &format!("watch to follow {h}"),
-            Duration::from_secs(30),
-        )?;
-    }
-    let server2 = format!("{web2}:9101");
-    let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
-    ensure!(
-        upstreams.contains(&format!("{web1}:9101")) && upstreams.contains(&server2),
-        "the front's upstreams before the failover:\n{upstreams}"
-    );
 
     let secs = front.scaled(Duration::from_secs(30)).as_secs();
     let mut load = Load::start(front, 8, secs, "http://127.0.0.1/api/hello")?;
@@ -107,48 +189,17 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     lab.unplug("web2")?;
     let pulled = now_unix();
     let front = lab.machine("front");
-    let bound = front.scaled(Duration::from_secs(3));
-    let leaves = upstream_wait(&server2, false, front.scaled(Duration::from_secs(30)));
-    load.step(
-        front,
-        "web2 unplugged; wait for it to leave the upstream",
-        &leaves,
-    )?;
-    let left = seen_after(front, pulled)?;
+    let left = web2_leaves(front, &mut load, &servers, pulled, "unplugged")?;
     println!(
         "web2 left the front's upstream {left:.2}s after its cable was pulled (bound {:.1}s)",
-        bound.as_secs_f64()
+        front.scaled(Duration::from_secs(3)).as_secs_f64()
     );
-    ensure!(
-        left <= bound.as_secs_f64(),
-        "web2 left the upstream {left:.2}s after it went away, over {:.1}s ({})",
-        bound.as_secs_f64(),
-        front.limit_note(Duration::from_secs(3))
-    );
-    let upstreams = front.succeed(&format!("cat {UPSTREAMS}"))?;
-    ensure!(
-        upstreams.contains(&format!("{web1}:9101")),
-        "web1 left the upstream with web2:\n{upstreams}"
-    );
-
-    // status still lists both hosts; web2 with the reason it cannot be read.
-    load.step(
-        front,
-        "cgipool status, web2 unplugged",
-        "cgipool status > /tmp/status.txt",
-    )?;
-    let status = front.succeed("cat /tmp/status.txt")?;
-    ensure!(
-        status.contains("pool hello on host web1: 2 healthy of 2 wanted")
-            && status.contains("pool hello on host web2: 0 healthy of 2 wanted")
-            && status.contains("cannot read the host"),
-        "cgipool status while web2 is unplugged:\n{status}"
-    );
+    status_lists_web2_unreadable(front, &mut load, "unplugged")?;
 
     lab.plug("web2")?;
     let plugged = now_unix();
     let front = lab.machine("front");
-    let returns = upstream_wait(&server2, true, front.scaled(Duration::from_secs(30)));
+    let returns = upstream_wait(&servers.web2, true, front.scaled(Duration::from_secs(30)));
     load.step(
         front,
         "web2 plugged back; wait for it to return to the upstream",
@@ -156,11 +207,7 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     )?;
     let back = seen_after(front, plugged)?;
     println!("web2 returned to the front's upstream {back:.2}s after its cable was plugged back");
-    load.step(
-        front,
-        "web2 answers through the front again",
-        "for i in $(seq 1 60); do curl -sS -D - -o /dev/null -H 'Connection: close' http://127.0.0.1/api/hello | grep -qi '^x-cgipool-worker: web2/' && exit 0; done; exit 1",
-    )?;
+    web2_answers_through_front(front, &mut load)?;
     let report = load.finish(front, "failover under load", 500)?;
     println!(
         "failover: {} requests, {} non-2xx, {} socket errors",

@@ -12,6 +12,7 @@ mod harness;
 mod hosts;
 mod hosts_failover;
 mod hosts_kill;
+mod hosts_power;
 mod hosts_scale;
 mod hosts_unreachable;
 mod machine_tier;
