@@ -47,6 +47,12 @@ impl SshTimeouts {
         connect_secs: 10,
         alive: None,
     };
+    /// status: an operator looks, and a host that does not answer within
+    /// 3 s is shown as unreadable (watch's own view of it is shown too).
+    pub const STATUS: SshTimeouts = SshTimeouts {
+        connect_secs: 3,
+        alive: Some((1, 3)),
+    };
     /// watch: a host that lost power must be noticed within seconds (a
     /// connect that is not answered in 2 s fails, a connection that stops
     /// answering ends after 1 s x 2 unanswered keep-alives), so that its
@@ -218,6 +224,7 @@ impl fmt::Display for RemoteHost {
 
 impl RemoteHost {
     /// What ssh runs as: its arguments after the program name.
+    #[cfg(test)]
     pub fn ssh_args(&self) -> Vec<String> {
         self.ssh_args_with("systemd-stdio-bridge", &SshTimeouts::OPERATOR)
     }
@@ -250,9 +257,19 @@ impl RemoteHost {
 
     /// The D-Bus address of the host's system bus:
     /// `unixexec:path=ssh,argv1=-xT,…,argvN=systemd-stdio-bridge`.
+    #[cfg(test)]
     pub fn bus_address(&self) -> String {
+        self.bus_address_with(&SshTimeouts::OPERATOR)
+    }
+
+    /// [`RemoteHost::bus_address`] with ssh's `timeouts`.
+    pub fn bus_address_with(&self, timeouts: &SshTimeouts) -> String {
         let mut address = String::from("unixexec:path=ssh");
-        for (i, arg) in self.ssh_args().iter().enumerate() {
+        for (i, arg) in self
+            .ssh_args_with("systemd-stdio-bridge", timeouts)
+            .iter()
+            .enumerate()
+        {
             address.push_str(&format!(",argv{}={}", i + 1, escape_value(arg)));
         }
         address
@@ -286,7 +303,7 @@ impl RemoteHost {
         timeout: Duration,
         timeouts: &SshTimeouts,
     ) -> Result<zbus::Connection> {
-        let address = self.bus_address();
+        let address = self.bus_address_with(timeouts);
         let building = zbus::connection::Builder::address(self.zbus_address(timeouts)).build();
         match tokio::time::timeout(timeout, building).await {
             Ok(Ok(conn)) => Ok(conn),

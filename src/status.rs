@@ -83,8 +83,8 @@ async fn other_hosts(
     counts: &BTreeMap<String, u32>,
     only: Option<&str>,
 ) -> Vec<PoolStatus> {
-    let mut out = Vec::new();
-    for h in cfg.hosts.values() {
+    // Every host at once: one that does not answer costs its timeout once.
+    let reads = cfg.hosts.values().map(|h| async move {
         let wanted: plan::Workers = plan::numbered(
             &cfg.pools
                 .values()
@@ -98,7 +98,10 @@ async fn other_hosts(
                 .collect(),
         );
         let read = async {
-            let conn = h.address.connect(REMOTE_TIMEOUT).await?;
+            let conn = h
+                .address
+                .connect_with(REMOTE_TIMEOUT, &crate::remote::SshTimeouts::STATUS)
+                .await?;
             let systemd = Systemd::over(conn).await?;
             pools_of(&systemd, &h.name, &wanted, only).await
         };
@@ -116,30 +119,34 @@ async fn other_hosts(
                 })
         };
         match read.await {
-            Ok(pools) => out.extend(pools),
-            Err(e) => out.extend(
-                wanted
-                    .iter()
-                    .filter(|(p, _)| only.map(|o| o == p.as_str()).unwrap_or(true))
-                    .map(|(p, ns)| PoolStatus {
-                        pool: p.clone(),
-                        host: h.name.clone(),
-                        error: Some(format!("{e:#}")),
-                        wanted: ns.len(),
-                        healthy: 0,
-                        last_decision: None,
-                        figures: None,
-                        watch: None,
-                        workers: Vec::new(),
-                    }),
-            ),
+            Ok(pools) => pools,
+            Err(e) => wanted
+                .iter()
+                .filter(|(p, _)| only.map(|o| o == p.as_str()).unwrap_or(true))
+                .map(|(p, ns)| PoolStatus {
+                    pool: p.clone(),
+                    host: h.name.clone(),
+                    error: Some(format!("{e:#}")),
+                    wanted: ns.len(),
+                    healthy: 0,
+                    last_decision: None,
+                    figures: None,
+                    watch: None,
+                    workers: Vec::new(),
+                })
+                .collect(),
         }
-    }
-    out
+    });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
-/// How long `status` waits for another host's system bus.
-const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `status` waits for another host's system bus and its answers
+/// (ssh's own connect timeout is shorter: SshTimeouts::STATUS).
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The pools and workers one host's systemd reports, next to the wanted ones.
 async fn pools_of(
@@ -418,6 +425,9 @@ pub fn table(pools: &[PoolStatus]) -> String {
         );
         if let Some(e) = &p.error {
             let _ = writeln!(out, "  (cannot read the host: {e})");
+            if let Some(w) = &p.watch {
+                let _ = writeln!(out, "  {}", host_watch_line(w));
+            }
             continue;
         }
         match &p.figures {
