@@ -11,6 +11,7 @@ mod figures;
 mod harness;
 mod hosts;
 mod hosts_failover;
+mod hosts_fastcgi;
 mod hosts_scale;
 mod hosts_unreachable;
 mod machine_tier;
