@@ -119,7 +119,7 @@ pub(super) fn fastcgi_failover(lab: &mut Lab) -> Result<()> {
         )?;
     }
 
-    let secs = front.scaled(Duration::from_secs(30)).as_secs();
+    let secs = front.scaled(Duration::from_secs(20)).as_secs();
     let mut load = Load::start(front, 8, secs, URL)?;
     load.step(front, "web2 answers under load", &answered_by("web2"))?;
 
@@ -144,11 +144,6 @@ pub(super) fn fastcgi_failover(lab: &mut Lab) -> Result<()> {
         bound.as_secs_f64(),
         front.limit_note(Duration::from_secs(3))
     );
-    load.step(
-        front,
-        "web1 answers every request",
-        &format!("for i in $(seq 1 10); do curl -sS -H 'Connection: close' {URL} | grep -qx web1 || exit 1; done"),
-    )?;
 
     lab.plug("web2")?;
     let plugged = now_unix();
