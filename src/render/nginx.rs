@@ -37,8 +37,9 @@ struct LocationView<'a> {
     pool: &'a Pool,
     active: bool,
     /// nginx's proxy_connect_timeout (fastcgi_connect_timeout of a FastCGI
-    /// pool): [`REMOTE_CONNECT_TIMEOUT`] when the upstream lists other hosts, so that a host that lost power costs a
-    /// request that much before nginx tries the next host.
+    /// pool): [`REMOTE_CONNECT_TIMEOUT`] when the upstream lists other
+    /// hosts, so that a host that lost power costs a request that much
+    /// before nginx tries the next host.
     connect_timeout: &'static str,
     /// A `protocol = "cgi"` pool (the gateway needs X-Forwarded-Port).
     cgi: bool,
