@@ -36,9 +36,10 @@ struct UpstreamView<'a> {
 struct LocationView<'a> {
     pool: &'a Pool,
     active: bool,
-    /// nginx's proxy_connect_timeout: [`REMOTE_CONNECT_TIMEOUT`] when the
-    /// upstream lists other hosts, so that a host that lost power costs a
-    /// request that much before nginx tries the next host.
+    /// nginx's proxy_connect_timeout (fastcgi_connect_timeout of a FastCGI
+    /// pool): [`REMOTE_CONNECT_TIMEOUT`] when the upstream lists other
+    /// hosts, so that a host that lost power costs a request that much
+    /// before nginx tries the next host.
     connect_timeout: &'static str,
     /// A `protocol = "cgi"` pool (the gateway needs X-Forwarded-Port).
     cgi: bool,
@@ -63,10 +64,18 @@ struct FastCgiView {
     document_root: Option<String>,
     index: String,
     keep_conn: bool,
+    /// `fastcgi_next_upstream error timeout` instead of `error`: the
+    /// upstream lists other hosts. A connect that times out (after
+    /// [`REMOTE_CONNECT_TIMEOUT`]: a host that lost power) then goes to the
+    /// next host, as for HTTP pools; so does a request whose script ran past
+    /// request_timeout, if its method is idempotent (nginx never resends a
+    /// POST), and the script runs again there. On the front only, a script
+    /// that timed out is never re-run.
+    retry_timeouts: bool,
 }
 
 impl FastCgiView {
-    fn new(pool: &Pool, f: &FastCgi) -> FastCgiView {
+    fn new(pool: &Pool, f: &FastCgi, has_remote: bool) -> FastCgiView {
         let base = pool.route.trim_end_matches('/').to_string();
         let prefix = format!("{base}/");
         FastCgiView {
@@ -79,6 +88,7 @@ impl FastCgiView {
                 .map(|d| format!("{}/", d.display().to_string().trim_end_matches('/'))),
             index: f.index.clone(),
             keep_conn: f.keep_conn,
+            retry_timeouts: has_remote,
         }
     }
 }
@@ -173,7 +183,10 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
                 &pool.request_timeout,
                 if cgi { CGI_TIMEOUT_MARGIN_USEC } else { 0 },
             ),
-            fastcgi: pool.fastcgi.as_ref().map(|f| FastCgiView::new(pool, f)),
+            fastcgi: pool
+                .fastcgi
+                .as_ref()
+                .map(|f| FastCgiView::new(pool, f, has_remote)),
         });
     }
     let upstreams = finish(
@@ -214,6 +227,39 @@ mod tests {
     use crate::render::tests::{all_active, cfg, CGI, DEMO, FASTCGI, FULL};
     use pretty_assertions::assert_eq;
     use std::fs;
+
+    /// FastCGI pools on other hosts (PHP-style and flat) beside one on the
+    /// front only.
+    const FASTCGI_HOSTS: &str = r#"
+[nginx]
+front_address = "10.231.0.10"
+
+[host.web1]
+address = "root@10.231.0.11"
+
+[host.web2]
+address = "root@10.231.0.12"
+
+[pool.php]
+protocol = "fastcgi"
+exec = "/usr/bin/php-cgi"
+route = "/php"
+document_root = "/usr"
+hosts = ["web1", "web2"]
+port = 9103
+
+[pool.app]
+protocol = "fastcgi"
+exec = "/usr/local/bin/app"
+route = "/app"
+hosts = ["local", "web1"]
+port = 9104
+
+[pool.local]
+protocol = "fastcgi"
+exec = "/usr/local/bin/app"
+route = "/local"
+"#;
 
     #[test]
     fn nginx_inactive_pool_and_generation() {
@@ -350,6 +396,66 @@ mod tests {
             .contains(r#"return 503 '{"error":"no healthy workers","pool":"php"}\n';"#));
     }
 
+    /// FastCGI pools on other hosts: the connect timeout of proxy pools on
+    /// other hosts and `error timeout`, in both FastCGI locations, so that a
+    /// host that lost power costs a request 1 s, not a 504; a pool on the
+    /// front only keeps `2s` and `error`.
+    #[test]
+    fn fastcgi_on_other_hosts_fails_over() {
+        let c = cfg("x.toml", FASTCGI_HOSTS);
+        let l = nginx(&c, &all_active(&c)).locations;
+        // Each location from its opening line to the end of its settings.
+        let settings = |open: &str| -> String {
+            let block = l
+                .split(open)
+                .nth(1)
+                .unwrap_or_else(|| panic!("no {open:?}:\n{l}"));
+            block
+                .lines()
+                .take_while(|x| {
+                    !x.trim_start().starts_with("limit_")
+                        && !x.trim_start().starts_with("error_page")
+                })
+                .map(|x| format!("{}\n", x.trim()))
+                .collect()
+        };
+        for (open, remote) in [
+            ("location ~ ^/php/.+?\\.php(/|$) {", true),
+            ("location /app {", true),
+            ("location /local {", false),
+        ] {
+            let block = settings(open);
+            let (connect, next) = if remote {
+                (
+                    "fastcgi_connect_timeout 1s;",
+                    "fastcgi_next_upstream error timeout;",
+                )
+            } else {
+                (
+                    "fastcgi_connect_timeout 2s;",
+                    "fastcgi_next_upstream error;",
+                )
+            };
+            for want in [connect, next] {
+                assert!(
+                    block.lines().any(|x| x == want),
+                    "{open} lacks {want:?}:\n{block}"
+                );
+            }
+            assert_eq!(
+                block.matches("fastcgi_next_upstream ").count(),
+                1,
+                "{block}"
+            );
+        }
+        assert_eq!(REMOTE_CONNECT_TIMEOUT, "1s");
+        assert_eq!(
+            l.matches("fastcgi_next_upstream error timeout;").count(),
+            2,
+            "{l}"
+        );
+    }
+
     /// `nginx -t` on the rendered files (skipped with a notice when nginx is
     /// not installed).
     #[test]
@@ -370,6 +476,7 @@ mod tests {
             (CGI, None),
             (FASTCGI, None),
             (FASTCGI, Some(BTreeMap::new())),
+            (FASTCGI_HOSTS, None),
             (
                 FULL,
                 Some(BTreeMap::from([("search".to_string(), vec![1, 3])])),

@@ -40,6 +40,12 @@ pub fn scenarios() -> Vec<LabScenario> {
             run: super::hosts_failover::failover,
         },
         LabScenario {
+            name: "hosts_fastcgi_failover",
+            machines: &["front", "web1", "web2"],
+            expect_failure: false,
+            run: super::hosts_fastcgi::fastcgi_failover,
+        },
+        LabScenario {
             name: "hosts_autoscale",
             machines: &["front", "web1", "web2"],
             expect_failure: false,

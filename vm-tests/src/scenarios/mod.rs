@@ -11,6 +11,7 @@ mod figures;
 mod harness;
 mod hosts;
 mod hosts_failover;
+mod hosts_fastcgi;
 mod hosts_kill;
 mod hosts_power;
 mod hosts_scale;
