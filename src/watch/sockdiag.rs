@@ -251,29 +251,19 @@ impl Netlink {
             show_flags: ShowFlags::NAME | ShowFlags::RQLEN,
             cookie: [0xff; 8],
         };
-        let seq = self.send(
+        self.dump_each(
             SockDiagMessage::UnixRequest(request),
-            NLM_F_REQUEST | NLM_F_DUMP,
-        )?;
-        let mut out = Vec::new();
-        loop {
-            for msg in self.receive(seq)? {
-                match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(r)) => {
-                        let s = socket(&r)?;
-                        if s.path.as_deref().is_some_and(|p| p.starts_with(prefix)) {
-                            out.push(s);
-                        }
-                    }
-                    NetlinkPayload::Error(e) => {
-                        bail!("sock_diag answered the dump with an error: {}", e.to_io())
-                    }
-                    NetlinkPayload::Noop => {}
-                    other => bail!("unexpected sock_diag answer to a dump: {other:?}"),
+            |answer| match answer {
+                SockDiagMessage::UnixResponse(r) => {
+                    let s = socket(&r)?;
+                    Ok(s.path
+                        .as_deref()
+                        .is_some_and(|p| p.starts_with(prefix))
+                        .then_some(s))
                 }
-            }
-        }
+                other => bail!("unexpected sock_diag answer to a dump: {other:?}"),
+            },
+        )
     }
 
     /// The destinations of every TCP socket of `family` in SYN_SENT or
@@ -290,27 +280,40 @@ impl Netlink {
                 SocketId::new_v6()
             },
         };
-        let seq = self.send(
+        self.dump_each(
             SockDiagMessage::InetRequest(request),
-            NLM_F_REQUEST | NLM_F_DUMP,
-        )?;
+            |answer| match answer {
+                SockDiagMessage::InetResponse(r) => {
+                    let id = &r.header.socket_id;
+                    Ok(Some(InetAddr::new(
+                        id.destination_address,
+                        id.destination_port,
+                    )))
+                }
+                other => bail!("unexpected sock_diag answer to a TCP dump: {other:?}"),
+            },
+        )
+    }
+
+    /// Sends a dump `request` and reads every answer until the kernel says
+    /// done, keeping what `take` makes of each.
+    fn dump_each<T>(
+        &mut self,
+        request: SockDiagMessage,
+        mut take: impl FnMut(SockDiagMessage) -> Result<Option<T>>,
+    ) -> Result<Vec<T>> {
+        let seq = self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();
         loop {
             for msg in self.receive(seq)? {
                 match msg.payload {
                     NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        let id = &r.header.socket_id;
-                        out.push(InetAddr::new(id.destination_address, id.destination_port));
-                    }
+                    NetlinkPayload::InnerMessage(answer) => out.extend(take(answer)?),
                     NetlinkPayload::Error(e) => {
-                        bail!(
-                            "sock_diag answered the TCP dump with an error: {}",
-                            e.to_io()
-                        )
+                        bail!("sock_diag answered a dump with an error: {}", e.to_io())
                     }
                     NetlinkPayload::Noop => {}
-                    other => bail!("unexpected sock_diag answer to a TCP dump: {other:?}"),
+                    other => bail!("unexpected sock_diag answer to a dump: {other:?}"),
                 }
             }
         }

@@ -158,6 +158,41 @@ pub fn host_fingerprint(m: &mut Machine) -> Result<String> {
     ))
 }
 
+/// `cgipool apply CONFIG` sent `signal` (`KILL` or `TERM`, to its process
+/// group, as `timeout` does) after `delay` seconds: it exits 0 (it finished
+/// first), 137 (killed), 143 (SIGTERM before its handler was installed) or
+/// 1 (it stopped between steps, saying `interrupted_says`).
+pub fn apply_cut_short(
+    m: &mut Machine,
+    signal: &str,
+    delay: f64,
+    interrupted_says: &str,
+) -> Result<()> {
+    let o = m.execute(
+        &format!("timeout --preserve-status -s {signal} {delay:.3} cgipool apply {CONFIG}"),
+        m.scaled(Duration::from_secs(120)),
+    )?;
+    let expected: &[i32] = if signal == "KILL" {
+        &[0, 137]
+    } else {
+        &[0, 1, 143]
+    };
+    ensure!(
+        expected.contains(&o.rc),
+        "apply exited {}\n{}",
+        o.rc,
+        o.stderr
+    );
+    if o.rc == 1 {
+        ensure!(
+            o.stderr.contains(interrupted_says),
+            "an interrupted apply does not say where it stopped:\n{}",
+            o.stderr
+        );
+    }
+    Ok(())
+}
+
 /// Runs `cmd` expecting exit status 2; returns its stderr.
 pub fn expect_usage_error(m: &mut Machine, cmd: &str) -> Result<String> {
     let o = m.execute(cmd, m.scaled(Duration::from_secs(60)))?;

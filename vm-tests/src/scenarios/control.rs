@@ -60,7 +60,7 @@ fn workers(pools: &[(&str, u32)]) -> Vec<String> {
 }
 
 /// nginx serves the generation its locations file carries.
-fn assert_serves_its_files(m: &mut Machine) -> Result<()> {
+pub(super) fn assert_serves_its_files(m: &mut Machine) -> Result<()> {
     let served = m.succeed("curl -sf http://127.0.0.1/.cgipool/generation")?;
     let file = m.succeed(
         "sed -n 's/.*return 200 \"\\([0-9a-f]*\\)\\\\n\";.*/\\1/p' /etc/nginx/snippets/cgipool-locations.conf",
@@ -126,30 +126,8 @@ fn kill_points(m: &mut Machine) -> Result<()> {
             write_config(m, &demo_b())?;
             let load = Load::start(m, 16, 6, "http://127.0.0.1/api/auth?user=john")?;
             let what = format!("SIG{signal} after {delay:.2}s");
-            let o = m.execute(
-                &format!("timeout --preserve-status -s {signal} {delay:.3} cgipool apply {CONFIG}"),
-                m.scaled(Duration::from_secs(120)),
-            )?;
-            // 0: it finished first; 137: killed; 143: SIGTERM came before
-            // the handler was installed; 1: it stopped between steps.
-            let expected: &[i32] = if signal == "KILL" {
-                &[0, 137]
-            } else {
-                &[0, 1, 143]
-            };
-            ensure!(
-                expected.contains(&o.rc),
-                "{what}: apply exited {}\n{}",
-                o.rc,
-                o.stderr
-            );
-            if o.rc == 1 {
-                ensure!(
-                    o.stderr.contains("interrupted by SIGTERM while"),
-                    "{what}: an interrupted apply does not say where it stopped:\n{}",
-                    o.stderr
-                );
-            }
+            super::common::apply_cut_short(m, signal, delay, "interrupted by SIGTERM while")
+                .with_context(|| what.clone())?;
             m.succeed_within(
                 &format!("cgipool apply {CONFIG}"),
                 m.scaled(Duration::from_secs(120)),

@@ -2,6 +2,7 @@
 //! lab network (lab.rs), the front reaching the workers' systemd over ssh
 //! and systemd-stdio-bridge.
 use crate::lab::Lab;
+use crate::machine::Machine;
 use crate::scenarios::common::{self, CONFIG};
 use crate::LabScenario;
 use anyhow::{ensure, Result};
@@ -241,6 +242,20 @@ fn transport(lab: &mut Lab) -> Result<()> {
         out.rc,
         out.stderr
     );
+    Ok(())
+}
+
+/// Waits until watch on the front has converged each of `hosts` (it
+/// follows them).
+pub(super) fn wait_watch_follows(front: &mut Machine, hosts: &[&str]) -> Result<()> {
+    front.wait_for_unit("cgipool-watch.service")?;
+    for h in hosts {
+        front.wait_until_succeeds(
+            &format!("journalctl -q -u cgipool-watch.service | grep -q 'host {h} (root@.*): converged to intent'"),
+            &format!("watch to follow {h}"),
+            Duration::from_secs(30),
+        )?;
+    }
     Ok(())
 }
 

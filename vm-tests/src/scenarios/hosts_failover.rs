@@ -59,14 +59,7 @@ pub(super) fn pool_on_web1_and_web2(lab: &mut Lab) -> Result<Servers> {
     common::write_config(lab.machine("front"), &config)?;
     common::apply(lab.machine("front"))?;
     let front = lab.machine("front");
-    front.wait_for_unit("cgipool-watch.service")?;
-    for h in ["web1", "web2"] {
-        front.wait_until_succeeds(
-            &format!("journalctl -q -u cgipool-watch.service | grep -q 'host {h} (root@.*): converged to intent'"),
-            &format!("watch to follow {h}"),
-            Duration::from_secs(30),
-        )?;
-    }
+    super::hosts::wait_watch_follows(front, &["web1", "web2"])?;
     let servers = Servers {
         web1: format!("{web1}:9101"),
         web2: format!("{web2}:9101"),
@@ -115,6 +108,39 @@ pub(super) fn web2_leaves(
         "web1 left the upstream with web2:\n{upstreams}"
     );
     Ok(left)
+}
+
+/// wrk through the front (8 `Connection: close` clients, 30 s scaled),
+/// once web2's workers report requests served: web2 serves part of the
+/// load before it goes away.
+pub(super) fn load_with_web2_serving(lab: &mut Lab) -> Result<Load> {
+    let front = lab.machine("front");
+    let secs = front.scaled(Duration::from_secs(30)).as_secs();
+    let load = Load::start(front, 8, secs, "http://127.0.0.1/api/hello")?;
+    lab.machine("web2").wait_until_succeeds(
+        "systemctl show -P StatusText cgipool-hello@1.service cgipool-hello@2.service | grep -q 'requests=[1-9]'",
+        "web2's workers to report requests served",
+        Duration::from_secs(15),
+    )?;
+    Ok(load)
+}
+
+/// Under `load`, waits until web2's `server` is back in the front's
+/// upstream after it `how` at `since`; returns the seconds it took.
+pub(super) fn web2_returns(
+    front: &mut Machine,
+    load: &mut Load,
+    server: &str,
+    since: f64,
+    how: &str,
+) -> Result<f64> {
+    let returns = upstream_wait(server, true, front.scaled(Duration::from_secs(30)));
+    load.step(
+        front,
+        &format!("web2 {how}; wait for it to return to the upstream"),
+        &returns,
+    )?;
+    seen_after(front, since)
 }
 
 /// Under `load`, `cgipool status` on the front still lists both hosts:
@@ -193,14 +219,7 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
         score.trim_end()
     );
 
-    let secs = front.scaled(Duration::from_secs(30)).as_secs();
-    let mut load = Load::start(front, 8, secs, "http://127.0.0.1/api/hello")?;
-    // web2 serves part of the load before it goes away.
-    lab.machine("web2").wait_until_succeeds(
-        "systemctl show -P StatusText cgipool-hello@1.service cgipool-hello@2.service | grep -q 'requests=[1-9]'",
-        "web2's workers to report requests served",
-        Duration::from_secs(15),
-    )?;
+    let mut load = load_with_web2_serving(lab)?;
 
     lab.unplug("web2")?;
     let pulled = now_unix();
@@ -215,13 +234,7 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
     lab.plug("web2")?;
     let plugged = now_unix();
     let front = lab.machine("front");
-    let returns = upstream_wait(&servers.web2, true, front.scaled(Duration::from_secs(30)));
-    load.step(
-        front,
-        "web2 plugged back; wait for it to return to the upstream",
-        &returns,
-    )?;
-    let back = seen_after(front, plugged)?;
+    let back = web2_returns(front, &mut load, &servers.web2, plugged, "plugged back")?;
     println!("web2 returned to the front's upstream {back:.2}s after its cable was plugged back");
     web2_answers_through_front(front, &mut load)?;
     let report = load.finish(front, "failover under load", 500)?;
@@ -229,7 +242,11 @@ pub(super) fn failover(lab: &mut Lab) -> Result<()> {
         "failover: {} requests, {} non-2xx, {} socket errors",
         report.requests, report.non_2xx, report.socket_errors
     );
-    // What nginx retried on the other host (for the record, not asserted).
+    print_retries(front)
+}
+
+/// What nginx retried on the other host (for the record, not asserted).
+pub(super) fn print_retries(front: &mut Machine) -> Result<()> {
     let retried = front.succeed(
         "echo connect: $(grep -c 'while connecting to upstream' /var/log/nginx/error.log); \
          echo response: $(grep -c 'while reading response header from upstream' /var/log/nginx/error.log)",

@@ -2,11 +2,10 @@
 //! load and boots again on its disk; watch on the front takes it out of
 //! nginx's upstream within 3 s and puts it back once its workers run again.
 use super::hosts_failover::{
-    now_unix, pool_on_web1_and_web2, seen_after, status_lists_web2_unreadable, upstream_wait,
-    web2_answers_through_front, web2_leaves,
+    load_with_web2_serving, now_unix, pool_on_web1_and_web2, status_lists_web2_unreadable,
+    web2_answers_through_front, web2_leaves, web2_returns,
 };
 use crate::lab::Lab;
-use crate::scenarios::edge::Load;
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 
@@ -27,15 +26,7 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
         .machine("web2")
         .succeed("cat /etc/ssh/ssh_host_ed25519_key.pub")?;
 
-    let front = lab.machine("front");
-    let secs = front.scaled(Duration::from_secs(30)).as_secs();
-    let mut load = Load::start(front, 8, secs, "http://127.0.0.1/api/hello")?;
-    // web2 serves part of the load before it goes away.
-    lab.machine("web2").wait_until_succeeds(
-        "systemctl show -P StatusText cgipool-hello@1.service cgipool-hello@2.service | grep -q 'requests=[1-9]'",
-        "web2's workers to report requests served",
-        Duration::from_secs(15),
-    )?;
+    let mut load = load_with_web2_serving(lab)?;
 
     lab.power_off("web2")?;
     let cut = now_unix();
@@ -73,13 +64,7 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
     println!("{}", started.trim_end());
 
     let front = lab.machine("front");
-    let returns = upstream_wait(&servers.web2, true, front.scaled(Duration::from_secs(30)));
-    load.step(
-        front,
-        "web2 booted again; wait for it to return to the upstream",
-        &returns,
-    )?;
-    let back = seen_after(front, booted)?;
+    let back = web2_returns(front, &mut load, &servers.web2, booted, "booted again")?;
     println!("web2 returned to the front's upstream {back:.2}s after its boot finished");
     web2_answers_through_front(front, &mut load)?;
     // The disk survived: web2 has the host key the front's known_hosts

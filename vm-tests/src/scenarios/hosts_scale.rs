@@ -60,14 +60,7 @@ pub(super) fn autoscale(lab: &mut Lab) -> Result<()> {
     let front = lab.machine("front");
     common::write_config(front, &config)?;
     common::apply(front)?;
-    front.wait_for_unit("cgipool-watch.service")?;
-    for h in ["web1", "web2"] {
-        front.wait_until_succeeds(
-            &format!("journalctl -q -u cgipool-watch.service | grep -q 'host {h} (root@.*): converged to intent'"),
-            &format!("watch to follow {h}"),
-            Duration::from_secs(30),
-        )?;
-    }
+    super::hosts::wait_watch_follows(front, &["web1", "web2"])?;
     for h in ["web1", "web2"] {
         let n = active_on(lab.machine(h))?;
         ensure!(
