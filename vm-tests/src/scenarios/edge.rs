@@ -274,7 +274,7 @@ pub fn parse_wrk(text: &str) -> Result<WrkReport> {
 }
 
 /// The `read` figure of wrk's "Socket errors:" line.
-fn read_errors(text: &str) -> u64 {
+pub fn read_errors(text: &str) -> u64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix("Socket errors:"))
         .and_then(|rest| {

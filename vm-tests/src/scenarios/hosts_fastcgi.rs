@@ -3,7 +3,7 @@
 //! comes back. nginx retries the connects that time out on the other host
 //! (`fastcgi_next_upstream error timeout`) until watch takes the host out.
 use super::hosts_failover::{
-    now_unix, print_retries, web2_leaves, web2_returns, Servers, UPSTREAMS,
+    finish_failover, now_unix, print_retries, web2_leaves, web2_returns, Servers, UPSTREAMS,
 };
 use crate::lab::Lab;
 use crate::scenarios::common;
@@ -111,10 +111,6 @@ pub(super) fn fastcgi_failover(lab: &mut Lab) -> Result<()> {
         "web2's php-cgi answers through the front again",
         &answered_by("web2"),
     )?;
-    let report = load.finish(front, "FastCGI failover under load", 500)?;
-    println!(
-        "FastCGI failover: {} requests, {} non-2xx, {} socket errors",
-        report.requests, report.non_2xx, report.socket_errors
-    );
+    finish_failover(load, front, "FastCGI failover under load")?;
     print_retries(front)
 }

@@ -2,8 +2,8 @@
 //! load and boots again on its disk; watch on the front takes it out of
 //! nginx's upstream within 3 s and puts it back once its workers run again.
 use super::hosts_failover::{
-    load_with_web2_serving, now_unix, pool_on_web1_and_web2, status_lists_web2_unreadable,
-    web2_answers_through_front, web2_leaves, web2_returns,
+    finish_failover, load_with_web2_serving, now_unix, pool_on_web1_and_web2,
+    status_lists_web2_unreadable, web2_answers_through_front, web2_leaves, web2_returns,
 };
 use crate::lab::Lab;
 use anyhow::{ensure, Context, Result};
@@ -78,11 +78,7 @@ pub(super) fn power_cycle(lab: &mut Lab) -> Result<()> {
         key_now == host_key,
         "web2's host key changed over the power cut:\nbefore: {host_key}after: {key_now}"
     );
-    let report = load.finish(front, "power cut under load", 500)?;
-    println!(
-        "power cut: {} requests, {} non-2xx, {} socket errors",
-        report.requests, report.non_2xx, report.socket_errors
-    );
+    finish_failover(load, front, "power cut under load")?;
     // What watch did about web2, for the record.
     let watch = front
         .succeed("journalctl -q -o cat -u cgipool-watch.service | grep 'host web2' | tail -n 8")?;
