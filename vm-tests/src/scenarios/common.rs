@@ -236,3 +236,34 @@ pub fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
         k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
     })
 }
+
+/// Whether requests sent at once to `url` (on the guest) are answered by
+/// more than one worker of a shared-queue pool. One curl opens all `n`
+/// connections at once (curls forked by a shell may not overlap on a busy
+/// machine, and then the worker that polled last answers every one); a
+/// round that is answered by one worker is tried again, up to 5 rounds.
+/// Every answer must be a 200 naming its worker. Fails naming each
+/// round's worker when no round reached two.
+pub fn assert_answered_by_several(m: &mut Machine, url: &str, n: u32) -> Result<()> {
+    let mut one_worker_rounds = Vec::new();
+    for _ in 0..5 {
+        let answered = m.succeed(&format!(
+            "curl -sS --no-progress-meter --parallel --parallel-immediate --parallel-max {n} \
+             -o /dev/null -w '%{{http_code}} %header{{x-cgipool-worker}}\\n' '{url}&n=[1-{n}]'"
+        ))?;
+        let lines: Vec<&str> = answered.lines().collect();
+        ensure!(
+            lines.len() == n as usize && lines.iter().all(|l| l.len() > 4 && l.starts_with("200 ")),
+            "{n} requests at once to {url} were not all answered 200 by a worker:\n{answered}"
+        );
+        let workers: std::collections::BTreeSet<&str> = lines.iter().map(|l| &l[4..]).collect();
+        if workers.len() >= 2 {
+            return Ok(());
+        }
+        one_worker_rounds.push(format!("{workers:?}"));
+    }
+    anyhow::bail!(
+        "5 rounds of {n} requests at once to {url} were each answered by one worker: {}",
+        one_worker_rounds.join(", ")
+    )
+}
