@@ -39,6 +39,26 @@ struct ServiceTemplate<'a> {
     memory_deny_write_execute: bool,
     /// `queue = "shared"`: the worker inherits the pool's socket.
     shared: bool,
+    /// The nice value of each worker's autogroup (0: none is set); see
+    /// [`autogroup_nice`].
+    autogroup_nice: u8,
+}
+
+/// The autogroup nice that makes `workers` sessions weigh together about as
+/// much as one session at nice 0 (1024): the kernel's weights fall by about
+/// 1.25 per nice step, so each worker gets round(log1.25(workers)), at most
+/// 19. systemd starts every service in a session of its own, and while no
+/// cpu controller groups the units, the kernel schedules each session as a
+/// group of its own (`sched_autogroup_enabled`): a pool of 4 workers would
+/// weigh as 4 services against nginx's one, which under load starves nginx
+/// and, measured, tripled the CGI pool's p99 against fcgiwrap (whose
+/// workers share one session). `max` is the count used: the weights matter
+/// only when the CPU is contended, which is when the pool runs near its max.
+pub fn autogroup_nice(workers: u32) -> u8 {
+    if workers <= 1 {
+        return 0;
+    }
+    (f64::from(workers).ln() / 1.25f64.ln()).round().min(19.0) as u8
 }
 
 /// The php-cgi settings the pool's keys give (see templates/pool.service).
@@ -141,6 +161,7 @@ pub(super) fn units_with(
                         .is_some_and(|f| f.listen_fd == ListenFd::Stdin),
                     memory_deny_write_execute: !pool.fastcgi.as_ref().is_some_and(|f| f.pcre_jit),
                     shared,
+                    autogroup_nice: autogroup_nice(pool.max),
                 }
                 .render(),
             )),
@@ -221,6 +242,34 @@ mod tests {
     use crate::render::{is_generated, nginx};
     use pretty_assertions::assert_eq;
     use std::fs;
+
+    #[test]
+    fn a_pools_workers_weigh_one_session_together() {
+        // The kernel's weights by nice (kernel/sched/core.c).
+        let weight = |nice: u8| 1024.0 / 1.25f64.powi(i32::from(nice));
+        assert_eq!(autogroup_nice(0), 0);
+        assert_eq!(autogroup_nice(1), 0);
+        assert_eq!(autogroup_nice(2), 3);
+        assert_eq!(autogroup_nice(4), 6);
+        assert_eq!(autogroup_nice(1000), 19);
+        for n in 2..=50 {
+            let total = f64::from(n) * weight(autogroup_nice(n));
+            assert!(
+                (800.0..=1300.0).contains(&total),
+                "{n} workers weigh {total:.0}, not about one session (1024)"
+            );
+        }
+        let tree = units(
+            &cfg("x.toml", DEMO),
+            Path::new("/etc/systemd/system"),
+            &BTreeMap::new(),
+        );
+        let search = unit_file(&tree, "cgipool-search@.service");
+        assert_eq!(
+            line(&search, "ExecStartPost="),
+            ["ExecStartPost=-+/bin/sh -c 'echo 7 > /proc/$$MAINPID/autogroup'"] // max = 5
+        );
+    }
 
     #[test]
     fn cgi_pools_run_the_gateway() {

@@ -365,6 +365,13 @@ fn verify_and_sandbox(m: &mut Machine) -> Result<()> {
     let pid = m.unit_property("cgipool-search@1.service", "MainPID")?;
     let uid = m.succeed(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"))?;
     ensure!(uid.trim() != "0", "the worker runs as root");
+    // The pool's 5 workers (max) weigh one session together: each worker's
+    // session (autogroup) runs at nice 7 (ExecStartPost, as root).
+    let autogroup = m.succeed(&format!("cat /proc/{pid}/autogroup"))?;
+    ensure!(
+        autogroup.trim().ends_with(" nice 7"),
+        "the worker's autogroup is not at nice 7: {autogroup}"
+    );
     let mode = m.succeed("stat -c '%a %G' /run/cgipool/search/pool.sock")?;
     ensure!(
         mode.trim() == "660 www-data",
