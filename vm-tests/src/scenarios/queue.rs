@@ -226,11 +226,21 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
 /// does not work on a running pool yet: see README "Queues").
 fn switch_under_load(m: &mut Machine) -> Result<()> {
     install(m)?;
-    let per_worker = demo_with(Queue::PerWorker, "")?;
-    let shared = demo_with(Queue::Shared, "")?;
+    // 3 workers, pinned (min = max): the switch is apply's, and under 16
+    // connections watch would otherwise scale the pool meanwhile (it did, to
+    // 5, on a busy machine), leaving no fixed count to check.
+    let pinned = |text: String| -> Result<String> {
+        let pinned = text.replacen("min = 2\nmax = 5\n", "min = 3\nmax = 3\n", 1);
+        ensure!(
+            pinned != text,
+            "the demo's search pool has no `min = 2`, `max = 5`"
+        );
+        Ok(pinned)
+    };
+    let per_worker = pinned(demo_with(Queue::PerWorker, "")?)?;
+    let shared = pinned(demo_with(Queue::Shared, "")?)?;
     write_config(m, &per_worker)?;
     apply(m)?;
-    m.succeed("cgipool scale search 3")?;
     assert_pool_running(m, "search", 3)?;
     let mut load = Load::start(m, 16, 20, "http://127.0.0.1:80/api/search?q=switch")?;
     std::thread::sleep(Duration::from_secs(3));
