@@ -21,7 +21,6 @@ pub struct PoolStatus {
     pub error: Option<String>,
     pub wanted: usize,
     pub healthy: usize,
-    /// What `cgipool watch` last decided for this pool, and why.
     /// The last change of the count (by apply, scale or watch), and why.
     pub last_decision: Option<Decision>,
     /// The pool's figures from watch's /pool-status (None: watch did not
@@ -32,6 +31,24 @@ pub struct PoolStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watch: Option<serde_json::Value>,
     pub workers: Vec<WorkerStatus>,
+}
+
+impl PoolStatus {
+    /// A pool with `wanted` workers and none read yet (`error`: why they
+    /// cannot be).
+    fn unread(pool: &str, host: &str, wanted: usize, error: Option<String>) -> PoolStatus {
+        PoolStatus {
+            pool: pool.to_string(),
+            host: host.to_string(),
+            error,
+            wanted,
+            healthy: 0,
+            last_decision: None,
+            figures: None,
+            watch: None,
+            workers: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -123,17 +140,7 @@ async fn other_hosts(
             Err(e) => wanted
                 .iter()
                 .filter(|(p, _)| only.map(|o| o == p.as_str()).unwrap_or(true))
-                .map(|(p, ns)| PoolStatus {
-                    pool: p.clone(),
-                    host: h.name.clone(),
-                    error: Some(format!("{e:#}")),
-                    wanted: ns.len(),
-                    healthy: 0,
-                    last_decision: None,
-                    figures: None,
-                    watch: None,
-                    workers: Vec::new(),
-                })
+                .map(|(p, ns)| PoolStatus::unread(p, &h.name, ns.len(), Some(format!("{e:#}"))))
                 .collect(),
         }
     });
@@ -159,22 +166,7 @@ async fn pools_of(
     let details = systemd.service_details(&units).await?;
     let mut pools: BTreeMap<String, PoolStatus> = wanted
         .iter()
-        .map(|(p, ns)| {
-            (
-                p.clone(),
-                PoolStatus {
-                    pool: p.clone(),
-                    host: host.to_string(),
-                    error: None,
-                    wanted: ns.len(),
-                    healthy: 0,
-                    last_decision: None,
-                    figures: None,
-                    watch: None,
-                    workers: Vec::new(),
-                },
-            )
-        })
+        .map(|(p, ns)| (p.clone(), PoolStatus::unread(p, host, ns.len(), None)))
         .collect();
     for d in details {
         let Some((pool, n, _)) = plan::parse_instance(&d.unit) else {
@@ -185,17 +177,9 @@ async fn pools_of(
         if n == 0 && d.active_state == "inactive" {
             continue;
         }
-        let entry = pools.entry(pool.to_string()).or_insert_with(|| PoolStatus {
-            pool: pool.to_string(),
-            host: host.to_string(),
-            error: None,
-            wanted: 0,
-            healthy: 0,
-            last_decision: None,
-            figures: None,
-            watch: None,
-            workers: Vec::new(),
-        });
+        let entry = pools
+            .entry(pool.to_string())
+            .or_insert_with(|| PoolStatus::unread(pool, host, 0, None));
         if d.active_state == "active" {
             entry.healthy += 1;
         }
