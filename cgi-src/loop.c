@@ -1,8 +1,10 @@
 /* loop.c - the worker's event loop: one poll() over the listening socket
  * and up to 64 keep-alive connections, requests parsed as their bytes
  * arrive (a head has 5 s, then 408; idle connections 10 s), served one at a
- * time, responses sent with a 5 s bound; SIGTERM/SIGINT (blocked outside
- * ppoll) drain what was already received, then the loop ends.
+ * time, responses sent with a 5 s bound; after SIGTERM/SIGINT (blocked
+ * outside ppoll) the worker accepts nothing more, answers what comes on the
+ * connections it owns with "Connection: close" and ends when their peers
+ * have closed them (see drain()).
  *
  * A new connection is accepted only when the worker is free: in a round
  * that served nothing and with no request buffered on a connection it
@@ -400,15 +402,37 @@ static void loop_once(int lfd, const sigset_t *unblocked)
     expire();
 }
 
-/* After SIGTERM / max requests: serve requests already received, close. */
-static void drain(void)
+/* After SIGTERM / max requests: accept nothing more, answer every request
+ * on a connection this worker owns with "Connection: close", and leave the
+ * idle ones to their peer. nginx drops an idle kept connection after its
+ * keepalive_timeout (5 s, below IDLE_TIMEOUT_MS); a worker that closed one
+ * itself could meet a request nginx had just sent on it, which nginx may not
+ * retry (a POST fails). Ends when no connection is left; the read and idle
+ * timeouts bound it. */
+static void drain(const sigset_t *unblocked)
 {
-    for (int i = 0; i < g_nconns; i++) {
-        struct conn *c = &g_conns[i];
-        if (read_some(c) == 0)
-            try_request(c);
-        conn_close(c);
+    while (g_nconns > 0) {
+        struct pollfd pfds[MAX_CONNS];
+        int n = g_nconns;
+        for (int i = 0; i < n; i++)
+            pfds[i] = (struct pollfd){g_conns[i].fd, POLLIN, 0};
+        int ms = poll_timeout();
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        if (ppoll(pfds, (nfds_t)n, &ts, unblocked) < 0 && errno != EINTR) {
+            perror("ppoll");
+            break;
+        }
+        watchdog_tick();
+        report_flush();
+        for (int i = 0; i < n; i++)
+            if ((pfds[i].revents || g_conns[i].ready) &&
+                conn_event(&g_conns[i], pfds[i].revents))
+                conn_close(&g_conns[i]);
+        compact();
+        expire();
     }
+    for (int i = 0; i < g_nconns; i++)
+        conn_close(&g_conns[i]);
     g_nconns = 0;
 }
 
@@ -426,7 +450,7 @@ int run_loop(int lfd, const struct service *svc, unsigned long max_requests)
     while (!done())
         loop_once(lfd, &old);
     notify("STOPPING=1\nSTATUS=draining");
-    drain();
+    drain(&old);
     fprintf(stderr, "%s: exiting after %lu requests\n", worker_name(), g_served);
     return 0;
 }

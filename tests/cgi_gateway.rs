@@ -308,6 +308,46 @@ fn sigterm_serves_what_waits_then_exits() {
     assert!(gw.log().contains("cgi-gateway: stopping"), "{}", gw.log());
 }
 
+/// SIGTERM with idle kept connections: nginx may be sending a request on
+/// one right now (and does not retry a POST), so the gateway never closes
+/// one itself. A request that comes on one is answered with `Connection:
+/// close`; once the peers have closed the rest, the gateway exits 0.
+#[test]
+fn sigterm_leaves_idle_kept_connections_to_their_peer() {
+    let mut gw = Gateway::start();
+    let mut sent = gw.connect();
+    let mut quiet = gw.connect();
+    for c in [&mut sent, &mut quiet] {
+        c.send(&get("/", ""), b"");
+        let r = c.response();
+        assert_eq!((r.status, r.header("Connection")), (200, None), "{r:?}");
+    }
+    common::sigterm_and_wait_taken(gw.child.id());
+    sent.send(&get("/late", ""), b"");
+    let r = sent.response();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("Connection"), Some("close"), "{r:?}");
+    assert!(sent.closed(), "answered with close but left open");
+    assert!(
+        gw.child.try_wait().expect("wait").is_none(),
+        "exited while a kept connection was still open; log:\n{}",
+        gw.log()
+    );
+    drop(quiet);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = gw.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 60 s after its last connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}; log:\n{}", gw.log());
+}
+
 /// A program that never stops writing is still cut off at the timeout,
 /// and the gateway serves the next request.
 #[test]

@@ -545,11 +545,30 @@ class LifecycleTests(WorkerCase):
         self.assertEqual(r.json()["query"], "drain")
         self.assertEqual(r.headers["connection"], "close")
         self.assertGreaterEqual(time.monotonic() - t0, 0.6)
-        self.assertEqual(w.wait(), 0)
-        self.assertTrue(idle.wait_closed(1), "idle connection left open")
-        self.assertIn("rid=inflight", w.log())
         c.close()
         idle.close()
+        self.assertEqual(w.wait(), 0)
+        self.assertIn("rid=inflight", w.log())
+
+    def test_sigterm_leaves_idle_kept_connections_to_their_peer(self):
+        # nginx may be sending a request on an idle kept connection right
+        # now: the stopping worker never closes one itself. It answers what
+        # comes with "Connection: close", and exits once the peer closed the
+        # rest.
+        w = self.start(SEARCH)
+        sent, quiet = w.conn(), w.conn()
+        for conn in (sent, quiet):
+            self.assertEqual(conn.request(req("GET", "/healthz")).status, 200)
+        w.proc.send_signal(signal.SIGTERM)
+        self.assertFalse(sent.wait_closed(0.5), "the worker closed an idle kept connection")
+        self.assertIsNone(w.proc.poll(), "the worker exited with kept connections open")
+        r = sent.request(req("GET", "/api/search?q=late"))
+        self.assertEqual((r.status, r.headers["connection"]), (200, "close"))
+        self.assertTrue(sent.wait_closed(TIMEOUT), "answered with close but left open")
+        self.assertIsNone(w.proc.poll(), "the worker exited before its peer closed")
+        sent.close()
+        quiet.close()
+        self.assertEqual(w.wait(), 0)
 
     def test_health_knob(self):
         w = self.start(SEARCH, env={"CGIPOOL_WORKER": "search@3",

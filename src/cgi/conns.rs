@@ -167,18 +167,24 @@ impl Conns {
 
     /// Blocks until a connection has a complete request head (or one to
     /// refuse) and returns the first. After SIGTERM
-    /// ([`super::signals::stopping`]): only what is already there, then None.
+    /// ([`super::signals::stopping`]) it accepts nothing more, but never
+    /// closes an idle kept connection itself: nginx may be sending a
+    /// request on it right now, which it does not retry if it is a POST.
+    /// What arrives on one is still served (answered with `Connection:
+    /// close`); nginx closes the idle ones within its keepalive_timeout
+    /// (5 s, below IDLE_TIMEOUT, which bounds the wait). None once no
+    /// connection is left.
     pub fn next(&mut self) -> Option<Next> {
         loop {
             let stopping = super::signals::stopping();
             // What arrived meanwhile queues up behind what is already
             // ready; only wait when nothing is.
-            let block = self.ready.is_empty() && !stopping;
+            let block = self.ready.is_empty() && (!stopping || !self.waiting.is_empty());
             self.round(block, !stopping);
             if let Some(n) = self.ready.pop_front() {
                 return Some(n);
             }
-            if stopping {
+            if stopping && self.waiting.is_empty() {
                 return None;
             }
         }
@@ -223,12 +229,13 @@ impl Conns {
         };
         // Free: nothing ready. (Nothing runs while the loop runs.)
         let accept = accept && self.ready.is_empty();
-        // [wake, waiting..., listener if accepting]
+        // [wake, waiting..., listener if accepting]; once stopping, the
+        // wake pipe stays readable: its slot then waits for nothing.
         let mut fds = Vec::with_capacity(self.waiting.len() + 2);
-        fds.push(self.wake.as_fd());
-        fds.extend(self.waiting.iter().map(Conn::fd));
+        fds.push((self.wake.as_fd(), !super::signals::stopping()));
+        fds.extend(self.waiting.iter().map(|c| (c.fd(), true)));
         if accept {
-            fds.push(self.listener.as_fd());
+            fds.push((self.listener.as_fd(), true));
         }
         let ready = match readable(&fds, timeout) {
             Ok(r) => r,
@@ -393,12 +400,22 @@ impl Conns {
     }
 }
 
-/// Which of `fds` are readable (or closed) within `timeout`; EINTR counts
+/// Which of `fds` (those marked true; the others wait for nothing) are
+/// readable (or closed) within `timeout`; EINTR counts
 /// as none.
-fn readable(fds: &[BorrowedFd<'_>], timeout: PollTimeout) -> nix::Result<Vec<bool>> {
+fn readable(fds: &[(BorrowedFd<'_>, bool)], timeout: PollTimeout) -> nix::Result<Vec<bool>> {
     let mut pfds: Vec<PollFd> = fds
         .iter()
-        .map(|&fd| PollFd::new(fd, PollFlags::POLLIN))
+        .map(|&(fd, watch)| {
+            PollFd::new(
+                fd,
+                if watch {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            )
+        })
         .collect();
     match poll(&mut pfds, timeout) {
         Ok(_) | Err(Errno::EINTR) => {}

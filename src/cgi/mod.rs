@@ -277,7 +277,9 @@ pub fn run(args: Args) -> Result<()> {
                 (false, conn)
             }
         };
-        if keep && !signals::stopping() {
+        // A response that said keep-alive keeps its connection even if
+        // SIGTERM came meanwhile: Conns::next leaves it to nginx to close.
+        if keep {
             conns.keep(conn);
         } else {
             conn.close();

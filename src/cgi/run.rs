@@ -246,7 +246,8 @@ impl Run<'_> {
         h.push_str("X-Cgipool-Worker: ");
         h.push_str(worker);
         // A gateway being stopped tells nginx not to reuse the connection.
-        h.push_str(if self.keep_alive && !o.close && !stopping() {
+        o.stopping = stopping();
+        h.push_str(if self.keep_alive && !o.close && !o.stopping {
             "\r\n\r\n"
         } else {
             "\r\nConnection: close\r\n\r\n"

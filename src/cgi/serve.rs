@@ -38,6 +38,10 @@ pub(super) struct Outcome {
     /// The response was delimited by closing the connection (HTTP/1.0
     /// without a Content-Length).
     pub close: bool,
+    /// The response said `Connection: close` because the gateway is
+    /// stopping. One that said keep-alive is kept even then: nginx may
+    /// already be sending the next request on it (see [`super::conns`]).
+    pub stopping: bool,
 }
 
 impl Outcome {
@@ -55,6 +59,7 @@ impl Outcome {
             note: Vec::new(),
             complete: false,
             close: false,
+            stopping: false,
         }
     }
 }
@@ -148,7 +153,12 @@ impl Gateway {
         if self.access_log || outcome.went_wrong() {
             eprintln!("{line}");
         }
-        keep_alive && outcome.complete && !outcome.close && flushed && conn.reader.is_some()
+        keep_alive
+            && outcome.complete
+            && !outcome.close
+            && !outcome.stopping
+            && flushed
+            && conn.reader.is_some()
     }
 
     /// Everything after the head: body, program, response.

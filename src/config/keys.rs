@@ -34,6 +34,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "read_only_paths",
     "private_network",
     "access_log",
+    "keepalive",
     "reap_abandoned",
     "protocol",
     "queue",

@@ -126,6 +126,9 @@ pub struct Pool {
     /// The workers log one line per request (`CGIPOOL_ACCESS_LOG=1`);
     /// errors are logged either way.
     pub access_log: bool,
+    /// nginx keeps idle connections to the workers (`protocol = "http"`
+    /// only; render::nginx).
+    pub keepalive: bool,
     /// watch kills a worker still on a request nginx gave up on (src/watch/reaper.rs).
     pub reap_abandoned: bool,
     pub protocol: Protocol,

@@ -46,6 +46,8 @@ pub(super) struct PoolFields {
     read_only_paths: Option<Vec<PathBuf>>,
     private_network: Option<bool>,
     access_log: Option<bool>,
+    keepalive: Option<bool>,
+    keepalive_at: Option<(Option<Range<usize>>, String)>,
     reap_abandoned: Option<bool>,
     protocol: Option<Protocol>,
     queue: Option<Queue>,
@@ -203,6 +205,10 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         "read_only_paths" => f.read_only_paths = get_abs_path_list(cx, src),
         "private_network" => f.private_network = get_bool(cx, src),
         "access_log" => f.access_log = get_bool(cx, src),
+        "keepalive" => {
+            f.keepalive = get_bool(cx, src);
+            f.keepalive_at = Some((sp, key.to_string()));
+        }
         "reap_abandoned" => f.reap_abandoned = get_bool(cx, src),
         "protocol" => {
             if let Some(s) = get_str(cx, src) {
@@ -397,6 +403,13 @@ pub(super) fn parse_pool(
             "`gateway` is only for protocol = \"cgi\" pools (a FastCGI worker serves its socket itself)",
         );
     }
+    if let (Protocol::Cgi | Protocol::FastCgi, Some((span, key))) = (protocol, &f.keepalive_at) {
+        cx.err(
+            span.clone(),
+            key,
+            "`keepalive` is only for protocol = \"http\" pools (a CGI gateway gets a connection per request; a FastCGI pool has keep_conn)",
+        );
+    }
     let fastcgi = fastcgi::finish(
         cx,
         std::mem::take(&mut f.fastcgi),
@@ -433,6 +446,7 @@ pub(super) fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         access_log: f.access_log.unwrap_or(false),
+        keepalive: protocol == Protocol::Http && f.keepalive.unwrap_or(true),
         reap_abandoned: f.reap_abandoned.unwrap_or(true),
         protocol,
         queue: f.queue.unwrap_or(Queue::Shared),
@@ -537,6 +551,20 @@ mod tests {
         let e = errs(&pool_with("protocol = \"cgi\"\nreap_abandoned = false"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("pool.p.reap_abandoned"), "{e:?}");
+    }
+
+    #[test]
+    fn keepalive_is_on_for_http_pools_and_only_theirs() {
+        assert!(ok(&pool_with("")).pools["p"].keepalive);
+        assert!(!ok(&pool_with("keepalive = false")).pools["p"].keepalive);
+        assert!(!ok(&pool_with("protocol = \"cgi\"")).pools["p"].keepalive);
+        let e = errs(&pool_with("protocol = \"cgi\"\nkeepalive = true"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("pool.p.keepalive: `keepalive` is only for protocol = \"http\""),
+            "{e:?}"
+        );
+        assert!(one_err("keepalive = \"yes\"").contains("pool.p.keepalive"));
     }
 
     #[test]

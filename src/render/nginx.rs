@@ -28,6 +28,10 @@ struct UpstreamView<'a> {
     workers: Vec<u32>,
     /// `ip:port` of the pool's queue on each host other than the front.
     remote: Vec<String>,
+    /// nginx keeps idle connections to the workers: a shared queue of HTTP
+    /// workers on the front with `keepalive` (the default), and a socket
+    /// per worker unless an HTTP pool turned `keepalive` off.
+    keepalive: bool,
     /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
     /// server (64k fails at 100 servers), so the zone grows with `max`.
     zone_kb: u32,
@@ -160,9 +164,16 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         let is_active = !workers.is_empty() || has_remote;
         if is_active {
             let zone_kb = 64 + pool.max;
+            let shared = pool.queue == Queue::Shared;
+            let keepalive = if shared {
+                pool.keepalive && !has_remote
+            } else {
+                pool.protocol != Protocol::Http || pool.keepalive
+            };
             upstreams.push(UpstreamView {
                 pool,
-                shared: pool.queue == Queue::Shared,
+                shared,
+                keepalive,
                 shared_entries: SHARED_ENTRIES,
                 workers,
                 remote,
@@ -284,6 +295,32 @@ route = "/local"
         h.update(without.as_bytes());
         let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(&hex[..16], some.generation);
+    }
+
+    #[test]
+    fn keepalive_only_where_a_connection_may_be_kept() {
+        let pools = "[pool.http]\nexec = \"/bin/w\"\nroute = \"/http\"\n\
+            [pool.off]\nexec = \"/bin/w\"\nroute = \"/off\"\nkeepalive = false\n\
+            [pool.offpw]\nexec = \"/bin/w\"\nroute = \"/offpw\"\nkeepalive = false\nqueue = \"per-worker\"\n\
+            [pool.cgi]\nexec = \"/bin/w\"\nroute = \"/cgi\"\nprotocol = \"cgi\"\ngateway = \"/bin/g\"\n\
+            [pool.cgipw]\nexec = \"/bin/w\"\nroute = \"/cgipw\"\nprotocol = \"cgi\"\ngateway = \"/bin/g\"\nqueue = \"per-worker\"\n";
+        let c = cfg("x.toml", pools);
+        let up = nginx(&c, &all_active(&c)).upstreams;
+        let kept = |pool: &str| {
+            let start = up
+                .find(&format!("upstream cgipool_{pool} {{"))
+                .unwrap_or_else(|| panic!("no upstream for {pool}:\n{up}"));
+            let block = &up[start..];
+            block[..block.find('}').unwrap_or(block.len())].contains("keepalive 16;")
+        };
+        assert!(kept("http"), "a shared HTTP queue keeps connections:\n{up}");
+        assert!(kept("cgipw"), "per-worker CGI gateways keep theirs:\n{up}");
+        for pool in ["off", "offpw", "cgi"] {
+            assert!(
+                !kept(pool),
+                "{pool} must get a connection per request:\n{up}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod control;
 mod only;
 mod only_down;
+mod only_http;
 mod report;
 mod runs;
 mod setup;
@@ -105,8 +106,10 @@ impl Mode {
 pub fn run(env: &Env, smoke: bool) -> Result<()> {
     // `CGIPOOL_BENCH_ONLY=cgi`: the CGI rows only (bench/only.rs).
     // `CGIPOOL_BENCH_ONLY=down`: `cgipool down` only (bench/only_down.rs).
+    // `CGIPOOL_BENCH_ONLY=http`: the HTTP pool's rows only (bench/only_http.rs).
     match only::only()?.as_deref() {
         Some("down") => return only_down::run_down(env),
+        Some("http") => return only_http::run_http(env),
         Some(_) => return only::run_cgi(env),
         None => {}
     }

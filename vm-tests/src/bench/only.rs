@@ -40,14 +40,24 @@ server {
 ";
 
 /// One configuration of this run: fcgiwrap, the pool, or an extra pool.
-struct Row {
-    key: String,
-    label: String,
-    url: String,
+pub(super) struct Row {
+    pub(super) key: String,
+    pub(super) label: String,
+    pub(super) url: String,
+}
+
+impl Row {
+    pub(super) fn new(key: &str, label: &str, url: &str) -> Row {
+        Row {
+            key: key.into(),
+            label: label.into(),
+            url: url.into(),
+        }
+    }
 }
 
 /// One wrk run of a row.
-struct Measured {
+pub(super) struct Measured {
     row: usize,
     conns: u32,
     round: u32,
@@ -62,8 +72,8 @@ pub(super) fn only() -> Result<Option<String>> {
     match std::env::var("CGIPOOL_BENCH_ONLY") {
         Err(_) => Ok(None),
         Ok(v) if v.is_empty() => Ok(None),
-        Ok(v) if v == "cgi" || v == "down" => Ok(Some(v)),
-        Ok(v) => bail!("CGIPOOL_BENCH_ONLY={v:?}: the subsets are \"cgi\" and \"down\""),
+        Ok(v) if ["cgi", "down", "http"].contains(&v.as_str()) => Ok(Some(v)),
+        Ok(v) => bail!("CGIPOOL_BENCH_ONLY={v:?}: the subsets are \"cgi\", \"http\" and \"down\""),
     }
 }
 
@@ -148,7 +158,27 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     let (rows, runs, diag) = m.keeping_artifacts(|m| measure(m, secs, rounds, &extra))?;
     m.save_transcript();
     drop(m);
-    let mut md = render(&rows, &runs, secs, rounds, &extra, t0.elapsed());
+    let notes = format!(
+        "- extra gateways: {}\n",
+        if extra.is_empty() {
+            "none".to_string()
+        } else {
+            extra
+                .iter()
+                .map(|(n, p, _)| format!("gw{n} = {}", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    let head = Head {
+        title: "only the CGI rows (CGIPOOL_BENCH_ONLY=cgi)",
+        base: "fcgiwrap",
+        notes: &notes,
+        secs,
+        rounds,
+        took: t0.elapsed(),
+    };
+    let mut md = render(&head, &rows, &runs);
     let _ = write!(md, "\n```\n{}\n```\n", diag.trim_end());
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let path = out_dir.join("latest.md");
@@ -282,7 +312,36 @@ fn measure(
             r.key
         );
     }
-    for r in &rows {
+    let runs = measure_rows(m, &rows, secs, rounds)?;
+    // Where the time went, per route: nginx's whole request against the
+    // upstream's part (connect, header, response), p50 / p99 in ms.
+    let timing = m.succeed(
+        "python3 -c '\nimport collections\nd=collections.defaultdict(lambda:[[],[],[],[]])\nfor l in open(\"/var/log/nginx/bench-timing.log\"):\n  f=l.split()\n  if len(f)!=5 or \"-\" in f[1:] or \",\" in l: continue\n  for i in range(4): d[f[0]][i].append(float(f[i+1]))\nfor u,v in sorted(d.items()):\n  if len(v[0])<1000: continue\n  q=lambda a,p: sorted(a)[int(len(a)*p)]*1000\n  print(u,len(v[0]),\" \".join(\"%s %.0f/%.0f\"%(n,q(a,.5),q(a,.99)) for n,a in zip([\"request\",\"connect\",\"header\",\"response\"],v)))\n'",
+    )?;
+    eprintln!("{timing}");
+    // What nginx and the gateways said meanwhile (retries on a closed
+    // connection are invisible to wrk but cost latency).
+    let diag = m.succeed(
+        "echo \"cgroup controllers: $(cat /sys/fs/cgroup/cgroup.controllers) / system.slice subtree: $(cat /sys/fs/cgroup/system.slice/cgroup.subtree_control)\"; \
+         echo \"pool socket: $(systemctl show -P SubState cgipool-cgi.socket)\"; \
+         echo \"nginx error.log lines: $(wc -l < /var/log/nginx/error.log)\"; \
+         tail -n 5 /var/log/nginx/error.log; \
+         echo \"gateway journal lines: $(journalctl -b -o cat --no-pager -u 'cgipool-*@*' | wc -l)\"; \
+         journalctl -b -o cat --no-pager -u 'cgipool-*@*' | grep -v '^cgi-gateway: ' | tail -n 5",
+    )?;
+    eprintln!("{diag}");
+    Ok((rows, runs, format!("{timing}\n{diag}")))
+}
+
+/// wrk on every row after a warm-up, interleaved: `rounds` rounds, each at
+/// 16 and then 64 connections, `secs` seconds per run.
+pub(super) fn measure_rows(
+    m: &mut Machine,
+    rows: &[Row],
+    secs: u32,
+    rounds: u32,
+) -> Result<Vec<Measured>> {
+    for r in rows {
         wrk(m, &r.url, 16, 2)?;
     }
     let mut runs = Vec::new();
@@ -310,50 +369,38 @@ fn measure(
             }
         }
     }
-    // Where the time went, per route: nginx's whole request against the
-    // upstream's part (connect, header, response), p50 / p99 in ms.
-    let timing = m.succeed(
-        "python3 -c '\nimport collections\nd=collections.defaultdict(lambda:[[],[],[],[]])\nfor l in open(\"/var/log/nginx/bench-timing.log\"):\n  f=l.split()\n  if len(f)!=5 or \"-\" in f[1:] or \",\" in l: continue\n  for i in range(4): d[f[0]][i].append(float(f[i+1]))\nfor u,v in sorted(d.items()):\n  if len(v[0])<1000: continue\n  q=lambda a,p: sorted(a)[int(len(a)*p)]*1000\n  print(u,len(v[0]),\" \".join(\"%s %.0f/%.0f\"%(n,q(a,.5),q(a,.99)) for n,a in zip([\"request\",\"connect\",\"header\",\"response\"],v)))\n'",
-    )?;
-    eprintln!("{timing}");
-    // What nginx and the gateways said meanwhile (retries on a closed
-    // connection are invisible to wrk but cost latency).
-    let diag = m.succeed(
-        "echo \"cgroup controllers: $(cat /sys/fs/cgroup/cgroup.controllers) / system.slice subtree: $(cat /sys/fs/cgroup/system.slice/cgroup.subtree_control)\"; \
-         echo \"pool socket: $(systemctl show -P SubState cgipool-cgi.socket)\"; \
-         echo \"nginx error.log lines: $(wc -l < /var/log/nginx/error.log)\"; \
-         tail -n 5 /var/log/nginx/error.log; \
-         echo \"gateway journal lines: $(journalctl -b -o cat --no-pager -u 'cgipool-*@*' | wc -l)\"; \
-         journalctl -b -o cat --no-pager -u 'cgipool-*@*' | grep -v '^cgi-gateway: ' | tail -n 5",
-    )?;
-    eprintln!("{diag}");
-    Ok((rows, runs, format!("{timing}\n{diag}")))
+    Ok(runs)
 }
 
-fn render(
-    rows: &[Row],
-    runs: &[Measured],
-    secs: u32,
-    rounds: u32,
-    extra: &[Extra],
-    took: Duration,
-) -> String {
+/// What a subset's report says above its table.
+pub(super) struct Head<'a> {
+    pub(super) title: &'a str,
+    /// The first row's name, which every ratio divides by.
+    pub(super) base: &'a str,
+    /// Markdown list lines about the run.
+    pub(super) notes: &'a str,
+    pub(super) secs: u32,
+    pub(super) rounds: u32,
+    pub(super) took: Duration,
+}
+
+/// The markdown report: every row against the first (`head.base`).
+pub(super) fn render(head: &Head<'_>, rows: &[Row], runs: &[Measured]) -> String {
+    let Head {
+        title,
+        base,
+        notes,
+        secs,
+        rounds,
+        took,
+    } = *head;
     let mut md = format!(
-        "# cgipool bench: only the CGI rows (CGIPOOL_BENCH_ONLY=cgi)\n\n\
+        "# cgipool bench: {title}\n\n\
          - {rounds} round(s) of {secs} s per wrk run, interleaved; took {:.0} s\n\
-         - extra gateways: {}\n\n\
-         | configuration | conns | req/s (mean) | req/s vs fcgiwrap | p99 (mean) | p99 vs fcgiwrap | p99 per round | errors |\n\
+         {notes}\n\
+         | configuration | conns | req/s (mean) | req/s vs {base} | p99 (mean) | p99 vs {base} | p99 per round | errors |\n\
          |---|---|---|---|---|---|---|---|\n",
         took.as_secs_f64(),
-        if extra.is_empty() {
-            "none".to_string()
-        } else {
-            extra
-                .iter()
-                .map(|(n, p, _)| format!("gw{n} = {}", p.display()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
     );
     for conns in CONNS {
         let of = |row: usize| -> Vec<&Measured> {

@@ -1,0 +1,155 @@
+//! `CGIPOOL_BENCH_ONLY=http make bench`: only the HTTP pool's rows of the
+//! data path, to weigh nginx's keep-alive to a shared queue in a few
+//! minutes instead of a full run.
+//!
+//! Boots the same nspawn container, applies the same 4-worker pool of the C
+//! `search` worker as the full run (with its default, `keepalive = true`),
+//! starts the same 4 TCP workers, and runs wrk on: nginx's `return 200`
+//! (the ceiling, the first row, which the ratios divide by), the pool as
+//! `apply` writes it, the same pool's socket behind a hand-written upstream
+//! without keep-alive (what `keepalive = false` renders: a connection per
+//! request), and the 4 TCP workers with keep-alive. Interleaved rounds
+//! (`CGIPOOL_BENCH_ROUNDS`, `CGIPOOL_BENCH_SECS`) at 16 and 64
+//! connections; writes target/bench-only/latest.md, never the committed
+//! report.
+use super::only::{env_u32, measure_rows, render, Head, Row};
+use super::setup::*;
+use crate::machine::{shell_quote, Env, Machine, Options, Tier};
+use crate::scenarios::common::{apply, write_config};
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The pool's own socket without keep-alive, with cgipool's proxy settings.
+const NO_KEEPALIVE_NGINX: &str = r#"# written by vm-tests bench (only http)
+upstream bench_pool_per_request {
+    server unix:/run/cgipool/search/pool.sock max_fails=0;
+    server unix:/run/cgipool/search/pool.sock max_fails=0;
+    server unix:/run/cgipool/search/pool.sock max_fails=0;
+}
+server {
+    listen 127.0.0.1:8082;
+    location /api/search {
+        proxy_pass http://bench_pool_per_request;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Request-ID $request_id;
+        proxy_hide_header X-Request-ID;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        add_header X-Request-ID $request_id always;
+        proxy_connect_timeout 2s;
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_tries 3;
+    }
+}
+"#;
+
+pub(super) fn run_http(env: &Env) -> Result<()> {
+    let t0 = Instant::now();
+    let secs = env_u32("CGIPOOL_BENCH_SECS", 5, 1..=120)?;
+    let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 3, 1..=20)?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("vm-tests has no parent directory")?;
+    let out_dir = root.join("target/bench-only");
+    eprintln!("bench (only http: {rounds} rounds of {secs} s): booting an nspawn container");
+    let mut m = Machine::start(env, Tier::Nspawn, "bench-only-http", Options::default())?;
+    let (rows, runs) = m.keeping_artifacts(|m| {
+        let rows = setup(m)?;
+        let runs = measure_rows(m, &rows, secs, rounds)?;
+        Ok((rows, runs))
+    })?;
+    m.save_transcript();
+    drop(m);
+    let head = Head {
+        title: "only the HTTP pool's rows (CGIPOOL_BENCH_ONLY=http)",
+        base: "ceiling",
+        notes: "- the pool: 4 C `search` workers on a shared queue, as `apply` writes it\n",
+        secs,
+        rounds,
+        took: t0.elapsed(),
+    };
+    let md = render(&head, &rows, &runs);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let path = out_dir.join("latest.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {} in {:.0}s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The pool, the TCP workers and nginx's extra upstream; the rows, each
+/// checked to answer from the workers it names.
+fn setup(m: &mut Machine) -> Result<Vec<Row>> {
+    prepare_guest(m)?;
+    write_config(
+        m,
+        &pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE),
+    )?;
+    apply(m)?;
+    let upstreams = m.succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
+    ensure!(
+        upstreams.contains("keepalive 16;"),
+        "the pool's upstream has no keepalive:\n{upstreams}"
+    );
+    for (i, port) in TCP_PORTS.iter().enumerate() {
+        m.succeed(&format!(
+            "systemd-run --quiet --unit=bench-tcp-{n} --setenv=CGIPOOL_WORKER=tcp@{n} \
+             {WORKER} --listen 127.0.0.1:{port}",
+            n = i + 1
+        ))?;
+    }
+    m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
+    m.write_text("/etc/nginx/conf.d/bench-only.conf", NO_KEEPALIVE_NGINX)?;
+    m.succeed("nginx -t -q && systemctl reload nginx")?;
+    let rows = vec![
+        Row::new(
+            "ceiling",
+            "nginx `return 200` (ceiling)",
+            "http://127.0.0.1:8080/ceiling",
+        ),
+        Row::new(
+            "pool",
+            "nginx → cgipool pool (4 workers, as `apply` writes it: keep-alive)",
+            &format!("http://127.0.0.1:80{SEARCH_PATH}"),
+        ),
+        Row::new(
+            "per_request",
+            "the same pool's socket, a connection per request (`keepalive = false`)",
+            &format!("http://127.0.0.1:8082{SEARCH_PATH}"),
+        ),
+        Row::new(
+            "tcp_keepalive",
+            "nginx → 4 TCP workers, keepalive",
+            &format!("http://127.0.0.1:8081{SEARCH_PATH}"),
+        ),
+    ];
+    for r in &rows {
+        let url = shell_quote(&r.url);
+        m.wait_until_succeeds(
+            &format!("curl -sf -o /dev/null {url}"),
+            &format!("{} to answer 200", r.key),
+            Duration::from_secs(15),
+        )?;
+        let want = match r.key.as_str() {
+            "pool" | "per_request" => "X-Cgipool-Worker: search@",
+            "tcp_keepalive" => "X-Cgipool-Worker: tcp@",
+            _ => "HTTP/1.1 200",
+        };
+        let head = m.succeed(&format!("curl -s -D - -o /dev/null {url}"))?;
+        ensure!(
+            head.contains(want),
+            "{} ({}) is not answered as expected ({want}):\n{head}",
+            r.key,
+            r.url
+        );
+    }
+    Ok(rows)
+}
