@@ -100,7 +100,16 @@ impl FastCgiView {
 /// How often a shared pool socket is listed in its upstream: nginx tries
 /// a request on at most as many servers as the upstream lists (a lone
 /// server is never retried), so this matches `proxy_next_upstream_tries 3`.
+/// With keep-alive, [`KEEPALIVE_CONNECTIONS`] more: after a worker was
+/// killed, each kept connection of its that nginx picks for a retry fails
+/// too; nginx does not count such a failure against the tries, but it
+/// marks the entry tried, and with every entry tried it answers 502 ("no
+/// live upstreams").
 pub const SHARED_ENTRIES: u32 = 3;
+
+/// nginx's `keepalive`: idle connections each nginx worker keeps per
+/// upstream.
+pub const KEEPALIVE_CONNECTIONS: u32 = 16;
 
 /// proxy_connect_timeout of a pool on other hosts: a connect on a working
 /// network takes well under a millisecond, and a host that does not answer
@@ -121,6 +130,7 @@ pub const CGI_TIMEOUT_MARGIN_USEC: u64 = 5_000_000;
 struct UpstreamsTemplate<'a> {
     upstreams: Vec<UpstreamView<'a>>,
     remote_fail_timeout: &'static str,
+    keepalive_connections: u32,
 }
 
 #[derive(Template)]
@@ -174,7 +184,8 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
                 pool,
                 shared,
                 keepalive,
-                shared_entries: SHARED_ENTRIES,
+                shared_entries: SHARED_ENTRIES
+                    + if keepalive { KEEPALIVE_CONNECTIONS } else { 0 },
                 workers,
                 remote,
                 zone_kb,
@@ -205,6 +216,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         UpstreamsTemplate {
             upstreams,
             remote_fail_timeout: REMOTE_FAIL_TIMEOUT,
+            keepalive_connections: KEEPALIVE_CONNECTIONS,
         }
         .render(),
     );

@@ -102,6 +102,25 @@ pub(super) fn recovery(m: &mut Machine, mode: Mode) -> Result<Value> {
 }
 
 /// The load step: a pool of STEP_MIN..STEP_MAX slow workers that only
+/// The pools named by watch's latest "watching" line: `watch: watching 2
+/// pools (a, b)` at its start, `watch: intent 3 (recorded by apply):
+/// watching a=2, b=4` when it follows a new intent.
+fn watched_pools(line: &str) -> Vec<String> {
+    let line = line.trim();
+    if let Some((_, counts)) = line.split_once("): watching ") {
+        return counts
+            .split(", ")
+            .map(|c| c.split_once('=').map_or(c, |(p, _)| p).to_string())
+            .collect();
+    }
+    line.rsplit_once('(')
+        .map(|(_, l)| l.trim_end_matches(')'))
+        .unwrap_or_default()
+        .split(", ")
+        .map(String::from)
+        .collect()
+}
+
 /// `cgipool watch` scales; wrk with STEP_CONNS connections for `step_secs`
 /// (bench/guest/scale.py times it from inside the guest). Replaces the data
 /// path's pools (nothing else runs meanwhile).
@@ -124,15 +143,7 @@ pub(super) fn scaling(m: &mut Machine, mode: Mode) -> Result<Value> {
         let line = m.succeed(
             "journalctl -b -o cat --no-pager -u cgipool-watch.service | grep -E '^watch: (watching|intent [0-9]+ .*: watching)' | tail -n 1",
         )?;
-        let list = match line.trim().rsplit_once('(') {
-            Some((_, l)) => l.trim_end_matches(')').to_string(),
-            None => line
-                .trim()
-                .rsplit_once("now watching ")
-                .map(|(_, l)| l.to_string())
-                .unwrap_or_default(),
-        };
-        Ok(list.split(", ").map(String::from).collect())
+        Ok(watched_pools(&line))
     };
     let before = watching(m)?;
     let restarted = !before.iter().any(|p| p == STEP_POOL);
@@ -276,4 +287,21 @@ pub(super) fn mixed(m: &mut Machine, mode: Mode) -> Result<Value> {
         }
     }
     Ok(json!(runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watched_pools;
+
+    #[test]
+    fn both_kinds_of_watching_lines_name_their_pools() {
+        assert_eq!(
+            watched_pools("watch: watching 2 pools (search, step)"),
+            ["search", "step"]
+        );
+        assert_eq!(
+            watched_pools("watch: intent 3 (recorded by apply): watching step=2, cgi=4\n"),
+            ["step", "cgi"]
+        );
+    }
 }
