@@ -184,8 +184,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
                 pool,
                 shared,
                 keepalive,
-                shared_entries: SHARED_ENTRIES
-                    + if keepalive { KEEPALIVE_CONNECTIONS } else { 0 },
+                shared_entries: SHARED_ENTRIES + if keepalive { KEEPALIVE_CONNECTIONS } else { 0 },
                 workers,
                 remote,
                 zone_kb,
