@@ -35,6 +35,22 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// How the gateway exited, waiting at most 60 s (`since`: what
+    /// should have ended it, for the message).
+    fn exit_status(&mut self, since: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running 60 s after {since}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn start() -> Gateway {
         Gateway::start_with(&[])
     }
@@ -293,17 +309,7 @@ fn sigterm_serves_what_waits_then_exits() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("Connection"), Some("close"), "{r:?}");
     assert!(b.closed() && a.closed());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = gw.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 60 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = gw.exit_status("SIGTERM");
     assert!(status.success(), "{status}; log:\n{}", gw.log());
     assert!(gw.log().contains("cgi-gateway: stopping"), "{}", gw.log());
 }
@@ -334,17 +340,7 @@ fn sigterm_leaves_idle_kept_connections_to_their_peer() {
         gw.log()
     );
     drop(quiet);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = gw.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 60 s after its last connection closed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = gw.exit_status("its last connection closed");
     assert!(status.success(), "{status}; log:\n{}", gw.log());
 }
 

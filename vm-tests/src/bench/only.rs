@@ -149,10 +149,6 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     let secs = env_u32("CGIPOOL_BENCH_SECS", 5, 1..=120)?;
     let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 3, 1..=20)?;
     let extra = extra_gateways()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("vm-tests has no parent directory")?;
-    let out_dir = root.join("target/bench-only");
     eprintln!("bench (only cgi: {rounds} rounds of {secs} s): booting an nspawn container");
     let mut m = Machine::start(env, Tier::Nspawn, "bench-only-cgi", Options::default())?;
     let (rows, runs, diag) = m.keeping_artifacts(|m| measure(m, secs, rounds, &extra))?;
@@ -180,9 +176,19 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     };
     let mut md = render(&head, &rows, &runs);
     let _ = write!(md, "\n```\n{}\n```\n", diag.trim_end());
+    write_report("latest.md", &md, t0)
+}
+
+/// Writes a subset's report to target/bench-only/`name` (never the
+/// committed report) and prints it.
+pub(super) fn write_report(name: &str, md: &str, t0: Instant) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("vm-tests has no parent directory")?;
+    let out_dir = root.join("target/bench-only");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let path = out_dir.join("latest.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    let path = out_dir.join(name);
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
     println!("{md}");
     eprintln!(
         "bench: wrote {} in {:.0}s",

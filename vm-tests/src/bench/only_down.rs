@@ -17,9 +17,8 @@ use super::stats::{median, secs};
 use super::Mode;
 use crate::machine::{Env, Machine, Options, Tier};
 use crate::scenarios::common::{write_config, CONFIG};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Instant;
 
 /// Stamps every line on stdin with the seconds since the script started.
@@ -29,25 +28,12 @@ pub(super) fn run_down(env: &Env) -> Result<()> {
     let t0 = Instant::now();
     let n = env_u32("CGIPOOL_BENCH_WORKERS", 100, 2..=1000)?;
     let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 5, 1..=20)?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("vm-tests has no parent directory")?;
-    let out_dir = root.join("target/bench-only");
     eprintln!("bench (only down: {rounds} rounds at {n} workers): booting an nspawn container");
     let mut m = Machine::start(env, Tier::Nspawn, "bench-only-down", Options::default())?;
     let md = m.keeping_artifacts(|m| measure_down(m, n, rounds))?;
     m.save_transcript();
     drop(m);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let path = out_dir.join("down.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {} in {:.0}s",
-        path.display(),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    super::only::write_report("down.md", &md, t0)
 }
 
 fn measure_down(m: &mut Machine, n: u32, rounds: u32) -> Result<String> {

@@ -16,8 +16,7 @@ use super::only::{env_u32, measure_rows, render, Head, Row};
 use super::setup::*;
 use crate::machine::{shell_quote, Env, Machine, Options, Tier};
 use crate::scenarios::common::{apply, write_config};
-use anyhow::{ensure, Context, Result};
-use std::path::Path;
+use anyhow::{ensure, Result};
 use std::time::{Duration, Instant};
 
 /// The pool's own socket without keep-alive, with cgipool's proxy settings.
@@ -51,10 +50,6 @@ pub(super) fn run_http(env: &Env) -> Result<()> {
     let t0 = Instant::now();
     let secs = env_u32("CGIPOOL_BENCH_SECS", 5, 1..=120)?;
     let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 3, 1..=20)?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("vm-tests has no parent directory")?;
-    let out_dir = root.join("target/bench-only");
     eprintln!("bench (only http: {rounds} rounds of {secs} s): booting an nspawn container");
     let mut m = Machine::start(env, Tier::Nspawn, "bench-only-http", Options::default())?;
     let (rows, runs) = m.keeping_artifacts(|m| {
@@ -73,16 +68,7 @@ pub(super) fn run_http(env: &Env) -> Result<()> {
         took: t0.elapsed(),
     };
     let md = render(&head, &rows, &runs);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let path = out_dir.join("latest.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
-    println!("{md}");
-    eprintln!(
-        "bench: wrote {} in {:.0}s",
-        path.display(),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    super::only::write_report("latest.md", &md, t0)
 }
 
 /// The pool, the TCP workers and nginx's extra upstream; the rows, each
