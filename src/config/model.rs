@@ -126,9 +126,10 @@ pub struct Pool {
     /// The workers log one line per request (`CGIPOOL_ACCESS_LOG=1`);
     /// errors are logged either way.
     pub access_log: bool,
-    /// nginx keeps idle connections to the workers (`protocol = "http"`
-    /// only; render::nginx).
-    pub keepalive: bool,
+    /// Whether nginx keeps idle connections to the workers (`protocol =
+    /// "http"` only); None: the default, kept for per-worker sockets, a
+    /// connection per request for a shared queue (render::nginx).
+    pub keepalive: Option<bool>,
     /// watch kills a worker still on a request nginx gave up on (src/watch/reaper.rs).
     pub reap_abandoned: bool,
     pub protocol: Protocol,

@@ -29,8 +29,8 @@ struct UpstreamView<'a> {
     /// `ip:port` of the pool's queue on each host other than the front.
     remote: Vec<String>,
     /// nginx keeps idle connections to the workers: a shared queue of HTTP
-    /// workers on the front with `keepalive` (the default), and a socket
-    /// per worker unless an HTTP pool turned `keepalive` off.
+    /// workers on the front with `keepalive = true`, and a socket per
+    /// worker unless an HTTP pool set `keepalive = false`.
     keepalive: bool,
     /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
     /// server (64k fails at 100 servers), so the zone grows with `max`.
@@ -176,9 +176,9 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
             let zone_kb = 64 + pool.max;
             let shared = pool.queue == Queue::Shared;
             let keepalive = if shared {
-                pool.keepalive && !has_remote
+                pool.keepalive == Some(true) && !has_remote
             } else {
-                pool.protocol != Protocol::Http || pool.keepalive
+                pool.protocol != Protocol::Http || pool.keepalive != Some(false)
             };
             upstreams.push(UpstreamView {
                 pool,
@@ -311,6 +311,8 @@ route = "/local"
     #[test]
     fn keepalive_only_where_a_connection_may_be_kept() {
         let pools = "[pool.http]\nexec = \"/bin/w\"\nroute = \"/http\"\n\
+            [pool.on]\nexec = \"/bin/w\"\nroute = \"/on\"\nkeepalive = true\n\
+            [pool.pw]\nexec = \"/bin/w\"\nroute = \"/pw\"\nqueue = \"per-worker\"\n\
             [pool.off]\nexec = \"/bin/w\"\nroute = \"/off\"\nkeepalive = false\n\
             [pool.offpw]\nexec = \"/bin/w\"\nroute = \"/offpw\"\nkeepalive = false\nqueue = \"per-worker\"\n\
             [pool.cgi]\nexec = \"/bin/w\"\nroute = \"/cgi\"\nprotocol = \"cgi\"\ngateway = \"/bin/g\"\n\
@@ -324,9 +326,10 @@ route = "/local"
             let block = &up[start..];
             block[..block.find('}').unwrap_or(block.len())].contains("keepalive 16;")
         };
-        assert!(kept("http"), "a shared HTTP queue keeps connections:\n{up}");
+        assert!(kept("on"), "keepalive = true keeps a shared queue's:\n{up}");
+        assert!(kept("pw"), "per-worker HTTP workers keep theirs:\n{up}");
         assert!(kept("cgipw"), "per-worker CGI gateways keep theirs:\n{up}");
-        for pool in ["off", "offpw", "cgi"] {
+        for pool in ["http", "off", "offpw", "cgi"] {
             assert!(
                 !kept(pool),
                 "{pool} must get a connection per request:\n{up}"
