@@ -21,12 +21,14 @@
 /* Worker identity, responses.                                         */
 
 static char g_worker[72] = "worker@dev";
-static unsigned long g_delay_ms;
+static unsigned long g_delay_ms, g_slow_ms;
 static int g_access_log = 1;
 
 int access_log_on(void) { return g_access_log; }
 
 unsigned long test_delay_ms(void) { return g_delay_ms; }
+
+unsigned long test_slow_ms(void) { return g_slow_ms; }
 
 const char *worker_name(void) { return g_worker; }
 
@@ -306,6 +308,9 @@ static void init_delay(void)
     const char *d = getenv("CGIPOOL_TEST_DELAY_MS");
     if (d && *d && parse_ulong(d, 600000, &g_delay_ms))
         fprintf(stderr, "%s: bad CGIPOOL_TEST_DELAY_MS ignored\n", g_worker);
+    const char *s = getenv("CGIPOOL_TEST_SLOW_MS");
+    if (s && *s && parse_ulong(s, 600000, &g_slow_ms))
+        fprintf(stderr, "%s: bad CGIPOOL_TEST_SLOW_MS ignored\n", g_worker);
 }
 
 /* The worker contract's environment (README "The worker contract"):

@@ -25,7 +25,11 @@ void log_request(const struct request *r, int status, double secs);
 int access_log_on(void);
 const char *http_reason(int status);
 const char *error_text(int status);
+/* Test-only knobs, off unless set: every request takes
+ * CGIPOOL_TEST_DELAY_MS; one whose query has the word "slow" (as in
+ * `?q=x&slow`) CGIPOOL_TEST_SLOW_MS (the bench's mixed load). */
 unsigned long test_delay_ms(void);
+unsigned long test_slow_ms(void);
 
 /* notify.c */
 void notify_init(void);

@@ -12,7 +12,13 @@
  * already there. So several workers can share one listening socket
  * (systemd's Sockets=): a connection waits in the kernel's queue for any
  * free worker, never behind a request in a busy one; an accept another
- * worker won (EAGAIN) is silent, and the next ppoll blocks again. */
+ * worker won (EAGAIN) is silent, and the next ppoll blocks again.
+ *
+ * A kept connection is given back when the queue has a connection waiting:
+ * the response that ends a request answers "Connection: close" if the
+ * listening socket is readable at that moment (see queue_waiting()), so a
+ * worker whose kept connections always hold a request still becomes free
+ * and takes from the queue; without a queue, connections stay kept. */
 #include "internal.h"
 
 #include <errno.h>
@@ -49,6 +55,7 @@ static struct conn g_conns[MAX_CONNS];
 static int g_nconns;
 static volatile sig_atomic_t g_stop;
 static unsigned long g_max_requests, g_served;
+static int g_lfd = -1;
 static const struct service *g_svc;
 static char g_body_mem[BODY_CAP];
 static char g_out_mem[BODY_CAP + 1024];
@@ -144,10 +151,29 @@ static int test_unhealthy(void)
     return n > 0 && (size_t)n < sizeof path && access(path, F_OK) == 0;
 }
 
+/* Whether the query has `word` as one of its &-separated parts. */
+static int query_has(const struct request *req, const char *word)
+{
+    if (req->query.n == 0)
+        return 0;
+    size_t n = strlen(word);
+    const char *p = req->query.p, *end = p + req->query.n;
+    while (p < end) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *e = amp ? amp : end;
+        if ((size_t)(e - p) == n && memcmp(p, word, n) == 0)
+            return 1;
+        p = e + 1;
+    }
+    return 0;
+}
+
 static void dispatch(const struct request *req, struct response *res)
 {
     if (test_delay_ms())
         test_delay(test_delay_ms());
+    if (test_slow_ms() && query_has(req, "slow"))
+        test_delay(test_slow_ms());
     if (!path_matches(req, "/healthz")) {
         g_svc->handle(req, res);
     } else if (!method_is(req, "GET")) {
@@ -159,6 +185,18 @@ static void dispatch(const struct request *req, struct response *res)
         json_begin(res, 200);
         sb_puts(&res->body, ",\"status\":\"ok\"}\n");
     }
+}
+
+/* Whether a connection waits in the listening socket's queue. nginx opens
+ * a connection beyond the ones it keeps only when all of those are busy; if
+ * this worker kept serving its own, that one could wait for seconds at
+ * saturation (the pool's other workers just as busy). Answering the current
+ * request with "Connection: close" instead is race-free: nginx sends no
+ * further request on a connection whose response said close. */
+static int queue_waiting(void)
+{
+    struct pollfd pfd = {g_lfd, POLLIN, 0};
+    return g_lfd >= 0 && poll(&pfd, 1, 0) > 0 && (pfd.revents & POLLIN);
 }
 
 /* Serve one complete request; returns 0 to keep the connection. */
@@ -174,7 +212,8 @@ static int serve(struct conn *c, const struct request *req)
     c->nreq++;
     int keep = req->keep_alive && !c->eof && !stop_pending() &&
                c->nreq < MAX_REQS_PER_CONN &&
-               (g_max_requests == 0 || g_served < g_max_requests);
+               (g_max_requests == 0 || g_served < g_max_requests) &&
+               !queue_waiting();
     int rc = send_response(c, req, &res, keep);
     if (access_log_on() || res.status >= 500)
         log_request(req, res.status, now_s() - t0);
@@ -389,8 +428,8 @@ static void loop_once(int lfd, const sigset_t *unblocked)
     watchdog_tick();
     report_flush();
     unsigned long before = g_served;
-    for (int i = 0; i < n && !done(); i++)
-        if ((pfds[i].revents || g_conns[i].ready) &&
+    for (int i = 0; i < n; i++)
+        if ((pfds[i].revents || g_conns[i].ready) && !done() &&
             conn_event(&g_conns[i], pfds[i].revents))
             conn_close(&g_conns[i]);
     compact();
@@ -440,6 +479,7 @@ int run_loop(int lfd, const struct service *svc, unsigned long max_requests)
 {
     g_svc = svc;
     g_max_requests = max_requests;
+    g_lfd = lfd;
     sigset_t block, old;
     sigemptyset(&block);
     sigaddset(&block, SIGTERM);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
@@ -96,10 +97,70 @@ void test_delay(unsigned long ms)
 static char g_report[1400];
 static int g_report_pending;
 static long long g_report_last = -REPORT_INTERVAL_MS;
-/* The busy line of the request in flight, sent by the timer's handler. */
-static char g_busy[1400];
-static size_t g_busy_len;
+/* The request in flight, for the timer's handler, which formats and sends
+ * its busy line: nothing is formatted for the requests (almost all) that
+ * end within REPORT_INTERVAL_MS. g_busy_armed is set last and cleared
+ * first, so the handler never sees a request half recorded. */
+static const struct request *g_busy_req;
+static unsigned long g_busy_served;
+static long long g_busy_since;
 static volatile sig_atomic_t g_busy_armed, g_busy_sent;
+
+/* Appends s[0..n) at *o (bounded by cap); async-signal-safe. */
+static void put(char *dst, size_t cap, size_t *o, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n && *o + 1 < cap; i++)
+        dst[(*o)++] = s[i];
+}
+
+static void put_num(char *dst, size_t cap, size_t *o, unsigned long long v)
+{
+    char d[24];
+    size_t n = 0;
+    do {
+        d[sizeof d - 1 - n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && n < sizeof d);
+    put(dst, cap, o, d + sizeof d - n, n);
+}
+
+static void put_encoded(char *dst, size_t cap, size_t *o, const char *key,
+                        struct slice v, size_t vcap, const char *empty)
+{
+    char enc[3 * 1024 + 1];
+    if (vcap > sizeof enc)
+        vcap = sizeof enc;
+    size_t n = report_encode(enc, vcap, v.p, v.n);
+    put(dst, cap, o, key, strlen(key));
+    if (n)
+        put(dst, cap, o, enc, n);
+    else
+        put(dst, cap, o, empty, strlen(empty));
+}
+
+/* "STATUS=cgipool requests=N busy since=MS method=M uri=U [id=I]". */
+static size_t format_busy(char *dst, size_t cap)
+{
+    const struct request *r = g_busy_req;
+    size_t o = 0;
+    struct slice method = r->method;
+    if (method.n > 32)
+        method.n = 32;
+    put(dst, cap, &o, "STATUS=cgipool requests=", 24);
+    put_num(dst, cap, &o, g_busy_served);
+    put(dst, cap, &o, " busy since=", 12);
+    put_num(dst, cap, &o, (unsigned long long)g_busy_since);
+    put_encoded(dst, cap, &o, " method=", method, 3 * 32 + 1, "-");
+    put_encoded(dst, cap, &o, " uri=", r->target, 1024 + 1, "/");
+    char id[128 + 1];
+    size_t idn = report_encode(id, sizeof id, r->request_id.p, r->request_id.n);
+    if (idn) {
+        put(dst, cap, &o, " id=", 4);
+        put(dst, cap, &o, id, idn);
+    }
+    dst[o] = '\0';
+    return o;
+}
 
 static void on_report_timer(int sig)
 {
@@ -107,8 +168,10 @@ static void on_report_timer(int sig)
     if (!g_busy_armed || g_notify_fd < 0)
         return;
     int saved = errno;
+    char line[1400];
+    size_t n = format_busy(line, sizeof line);
     /* sendto is async-signal-safe; never blocks (MSG_DONTWAIT). */
-    if (sendto(g_notify_fd, g_busy, g_busy_len, MSG_NOSIGNAL | MSG_DONTWAIT,
+    if (sendto(g_notify_fd, line, n, MSG_NOSIGNAL | MSG_DONTWAIT,
                (struct sockaddr *)&g_notify_addr, g_notify_len) >= 0)
         g_busy_sent = 1;
     errno = saved;
@@ -191,8 +254,10 @@ void report_idle(unsigned long served)
 {
     if (g_notify_fd < 0)
         return;
-    arm_timer(0);
+    /* The timer stays armed: the next request re-arms it, and if none
+     * comes it fires once, into a handler with nothing to do. */
     g_busy_armed = 0;
+    atomic_signal_fence(memory_order_seq_cst);
     snprintf(g_report, sizeof g_report, "STATUS=cgipool requests=%lu idle",
              served);
     g_report_pending = 1;
@@ -208,21 +273,15 @@ void report_busy(unsigned long served, const struct request *r)
 {
     if (g_notify_fd < 0)
         return;
-    char method[3 * 32 + 1], uri[1024 + 1], id[128 + 1];
-    report_encode(method, sizeof method, r->method.p, min_sz(r->method.n, 32));
-    report_encode(uri, sizeof uri, r->target.p, r->target.n);
-    report_encode(id, sizeof id, r->request_id.p, r->request_id.n);
+    g_busy_armed = 0;
+    atomic_signal_fence(memory_order_seq_cst);
     struct timespec wall;
     clock_gettime(CLOCK_REALTIME, &wall);
-    long long since = (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000;
-    int n = snprintf(g_busy, sizeof g_busy,
-                     "STATUS=cgipool requests=%lu busy since=%lld method=%s uri=%s",
-                     served, since, method[0] ? method : "-", uri[0] ? uri : "/");
-    if (id[0] && n > 0 && (size_t)n < sizeof g_busy)
-        snprintf(g_busy + n, sizeof g_busy - (size_t)n, " id=%s", id);
-    g_busy_len = strnlen(g_busy, sizeof g_busy);
+    g_busy_since = (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000;
+    g_busy_served = served;
+    g_busy_req = r;
     g_busy_sent = 0;
+    atomic_signal_fence(memory_order_seq_cst);
     g_busy_armed = 1;
     arm_timer(REPORT_INTERVAL_MS);
 }
-

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """mixed.py URL CONNS SECS EVERY: a mixed load on one route. CONNS client
 loops for SECS seconds; every EVERY-th request (counted over all loops) asks
-for `?slow` (the program then takes 50 ms), the rest for `?fast`. One
+for `?slow` (the program then takes 50 ms), the rest for `?fast` (`&slow`,
+`&fast` after a query the URL has). One
 request per connection (`Connection: close`), as nginx's clients that do
 not keep connections. Prints one JSON line: per kind, the count and the
 latency percentiles (ms), and every failure (a non-2xx status or a socket
@@ -14,7 +15,8 @@ from urllib.parse import urlsplit
 
 url, conns, secs, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 u = urlsplit(url)
-host, port, path = u.hostname, u.port or 80, u.path or "/"
+host, port = u.hostname, u.port or 80
+target = (u.path or "/") + (f"?{u.query}&" if u.query else "?")
 lock = threading.Lock()
 counter = [0]
 lat = {"fast": [], "slow": []}
@@ -23,7 +25,7 @@ deadline = time.monotonic() + secs
 
 
 def one(kind):
-    req = (f"GET {path}?{kind} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").encode()
+    req = (f"GET {target}{kind} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").encode()
     t0 = time.monotonic()
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(req)

@@ -145,6 +145,24 @@ class SharedSocketTests(SharedCase):
         r = waiting.read_response()
         self.assertEqual((r.status, r.headers["x-cgipool-worker"]), (200, f"w@{b}"))
 
+    def test_a_kept_connection_is_given_back_while_the_queue_waits(self):
+        self.pool.start([SEARCH], {"CGIPOOL_TEST_DELAY_MS": "1500"})
+        kept = self.pool.conn()
+        r = kept.request(req("GET", "/api/search?q=first"))
+        self.assertEqual((r.status, r.headers["connection"]), (200, "keep-alive"),
+                         "with nobody waiting a connection stays kept")
+        kept.send(req("GET", "/api/search?q=busy"))
+        wait_until(lambda: self.pool.queued() == 0, "the worker to take the request")
+        waiting = self.pool.conn()
+        waiting.send(req("GET", "/api/search?q=waiting"))
+        wait_until(lambda: self.pool.queued() == 1, "the new connection to queue")
+        r = kept.read_response()
+        self.assertEqual((r.status, r.headers["connection"]), (200, "close"),
+                         "a kept connection was kept while another waited in the queue")
+        r = waiting.read_response()
+        self.assertEqual(r.status, 200)
+        self.assertEqual(self.pool.queued(), 0)
+
     def test_many_connections_spread_without_errors(self):
         for _ in range(3):
             self.pool.start([SEARCH])

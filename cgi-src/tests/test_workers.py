@@ -556,9 +556,14 @@ class LifecycleTests(WorkerCase):
         # comes with "Connection: close", and exits once the peer closed the
         # rest.
         w = self.start(SEARCH)
-        sent, quiet = w.conn(), w.conn()
-        for conn in (sent, quiet):
-            self.assertEqual(conn.request(req("GET", "/healthz")).status, 200)
+        # One after the other: a connection still in the listening queue
+        # when the other's response goes out would make that one close.
+        sent = w.conn()
+        self.assertEqual(sent.request(req("GET", "/healthz")).headers["connection"],
+                         "keep-alive")
+        quiet = w.conn()
+        self.assertEqual(quiet.request(req("GET", "/healthz")).headers["connection"],
+                         "keep-alive")
         w.proc.send_signal(signal.SIGTERM)
         self.assertFalse(sent.wait_closed(0.5), "the worker closed an idle kept connection")
         self.assertIsNone(w.proc.poll(), "the worker exited with kept connections open")
@@ -579,6 +584,15 @@ class LifecycleTests(WorkerCase):
         self.assertEqual(w.get("/api/search?q=x").status, 200)
         os.unlink(marker)
         self.assertEqual(w.get("/healthz").status, 200)
+
+    def test_slow_knob(self):
+        w = self.start(SEARCH, env={"CGIPOOL_TEST_SLOW_MS": "400"})
+        t0 = time.monotonic()
+        self.assertEqual(w.get("/api/search?q=x&slow").status, 200)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.4)
+        t0 = time.monotonic()
+        self.assertEqual(w.get("/api/search?q=slowly").status, 200)
+        self.assertLess(time.monotonic() - t0, 0.4, "only the word slow is slow")
 
     def test_max_requests(self):
         w = self.start(SEARCH, args=["--max-requests", "3"])  # probe is #1

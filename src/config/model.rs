@@ -127,8 +127,7 @@ pub struct Pool {
     /// errors are logged either way.
     pub access_log: bool,
     /// Whether nginx keeps idle connections to the workers (`protocol =
-    /// "http"` only); None: the default, kept for per-worker sockets, a
-    /// connection per request for a shared queue (render::nginx).
+    /// "http"` only); None: the default, kept (render::nginx).
     pub keepalive: Option<bool>,
     /// watch kills a worker still on a request nginx gave up on (src/watch/reaper.rs).
     pub reap_abandoned: bool,

@@ -28,9 +28,9 @@ struct UpstreamView<'a> {
     workers: Vec<u32>,
     /// `ip:port` of the pool's queue on each host other than the front.
     remote: Vec<String>,
-    /// nginx keeps idle connections to the workers: a shared queue of HTTP
-    /// workers on the front with `keepalive = true`, and a socket per
-    /// worker unless an HTTP pool set `keepalive = false`.
+    /// nginx keeps idle connections to the workers: HTTP workers unless the
+    /// pool set `keepalive = false` (or its shared queue spans other
+    /// hosts), CGI gateways on per-worker sockets.
     keepalive: bool,
     /// Shared memory for the upstream's peers: nginx needs about 1 KiB per
     /// server (64k fails at 100 servers), so the zone grows with `max`.
@@ -175,10 +175,12 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
         if is_active {
             let zone_kb = 64 + pool.max;
             let shared = pool.queue == Queue::Shared;
-            let keepalive = if shared {
-                pool.keepalive == Some(true) && !has_remote
-            } else {
-                pool.protocol != Protocol::Http || pool.keepalive != Some(false)
+            // HTTP workers give a kept connection back when the queue has
+            // one waiting (README "Queues"); a CGI gateway forks per request
+            // and gets a connection per request from a shared queue.
+            let keepalive = match pool.protocol {
+                Protocol::Http => pool.keepalive != Some(false) && !(shared && has_remote),
+                _ => !shared,
             };
             upstreams.push(UpstreamView {
                 pool,
@@ -326,10 +328,14 @@ route = "/local"
             let block = &up[start..];
             block[..block.find('}').unwrap_or(block.len())].contains("keepalive 16;")
         };
+        assert!(
+            kept("http"),
+            "a shared queue of HTTP workers keeps them:\n{up}"
+        );
         assert!(kept("on"), "keepalive = true keeps a shared queue's:\n{up}");
         assert!(kept("pw"), "per-worker HTTP workers keep theirs:\n{up}");
         assert!(kept("cgipw"), "per-worker CGI gateways keep theirs:\n{up}");
-        for pool in ["http", "off", "offpw", "cgi"] {
+        for pool in ["off", "offpw", "cgi"] {
             assert!(
                 !kept(pool),
                 "{pool} must get a connection per request:\n{up}"

@@ -54,6 +54,17 @@ impl Row {
             url: url.into(),
         }
     }
+
+    /// Waits (bounded) until the row's URL answers 200; its shell-quoted URL.
+    pub(super) fn answering(&self, m: &mut Machine) -> Result<String> {
+        let url = shell_quote(&self.url);
+        m.wait_until_succeeds(
+            &format!("curl -sf -o /dev/null {url}"),
+            &format!("{} to answer 200", self.key),
+            Duration::from_secs(15),
+        )?;
+        Ok(url)
+    }
 }
 
 /// One wrk run of a row.
@@ -299,12 +310,7 @@ fn measure(
     m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
     m.succeed("nginx -t -q && systemctl reload nginx")?;
     for r in &rows {
-        let url = shell_quote(&r.url);
-        m.wait_until_succeeds(
-            &format!("curl -sf -o /dev/null {url}"),
-            &format!("{} to answer 200", r.key),
-            Duration::from_secs(15),
-        )?;
+        let url = r.answering(m)?;
         let out = m.succeed(&format!("curl -s -i {url}"))?;
         ensure!(
             out.starts_with("HTTP/1.1 200") && out.ends_with(&format!("\r\n\r\n{CGI_BODY}")),

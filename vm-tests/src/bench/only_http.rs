@@ -3,16 +3,20 @@
 //! minutes instead of a full run.
 //!
 //! Boots the same nspawn container, applies the same 4-worker pool of the C
-//! `search` worker as the full run, with `keepalive = true`,
-//! starts the same 4 TCP workers, and runs wrk on: nginx's `return 200`
+//! `search` worker as the full run (nginx keeps its connections to the
+//! workers, the default), starts the same 4 TCP workers, and runs wrk on: nginx's `return 200`
 //! (the ceiling, the first row, which the ratios divide by), the pool as
 //! `apply` writes it, the same pool's socket behind a hand-written upstream
-//! without keep-alive (what the default renders: a connection per
+//! without keep-alive (what `keepalive = false` renders: a connection per
 //! request), and the 4 TCP workers with keep-alive. Interleaved rounds
 //! (`CGIPOOL_BENCH_ROUNDS`, `CGIPOOL_BENCH_SECS`) at 16 and 64
-//! connections; writes target/bench-only/latest.md, never the committed
-//! report.
+//! connections. Then a mixed load (bench/guest/mixed.py: 16 clients, 1
+//! request in 20 takes 50 ms) on two more pools of 4 `search` workers, one
+//! with the default keep-alive and one with `keepalive = false`: the fast
+//! requests' p99 is what a kept connection to a busy worker costs. Writes
+//! target/bench-only/latest.md, never the committed report.
 use super::only::{env_u32, measure_rows, render, Head, Row};
+use super::runs::last_json;
 use super::setup::*;
 use crate::machine::{shell_quote, Env, Machine, Options, Tier};
 use crate::scenarios::common::{apply, write_config};
@@ -46,28 +50,33 @@ server {
 }
 "#;
 
+/// The mixed load's two pools: (name, `keepalive`).
+const MIXED_HTTP: [(&str, bool); 2] = [("mixk", true), ("mixn", false)];
+
 pub(super) fn run_http(env: &Env) -> Result<()> {
     let t0 = Instant::now();
     let secs = env_u32("CGIPOOL_BENCH_SECS", 5, 1..=120)?;
     let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 3, 1..=20)?;
     eprintln!("bench (only http: {rounds} rounds of {secs} s): booting an nspawn container");
     let mut m = Machine::start(env, Tier::Nspawn, "bench-only-http", Options::default())?;
-    let (rows, runs) = m.keeping_artifacts(|m| {
+    let (rows, runs, mixed) = m.keeping_artifacts(|m| {
         let rows = setup(m)?;
         let runs = measure_rows(m, &rows, secs, rounds)?;
-        Ok((rows, runs))
+        let mixed = mixed_load(m, secs, rounds)?;
+        Ok((rows, runs, mixed))
     })?;
     m.save_transcript();
     drop(m);
     let head = Head {
         title: "only the HTTP pool's rows (CGIPOOL_BENCH_ONLY=http)",
         base: "ceiling",
-        notes: "- the pool: 4 C `search` workers on a shared queue, with `keepalive = true`\n",
+        notes:
+            "- the pool: 4 C `search` workers on a shared queue, with keep-alive (the default)\n",
         secs,
         rounds,
         took: t0.elapsed(),
     };
-    let md = render(&head, &rows, &runs);
+    let md = render(&head, &rows, &runs) + &mixed;
     super::only::write_report("latest.md", &md, t0)
 }
 
@@ -75,9 +84,19 @@ pub(super) fn run_http(env: &Env) -> Result<()> {
 /// checked to answer from the workers it names.
 fn setup(m: &mut Machine) -> Result<Vec<Row>> {
     prepare_guest(m)?;
+    let mixed: String = MIXED_HTTP
+        .iter()
+        .map(|(pool, keepalive)| {
+            format!(
+                "\n[pool.{pool}]\nexec = \"{WORKER}\"\nroute = \"/{pool}\"\n\
+                 min = {POOL_SIZE}\nmax = {POOL_SIZE}\nkeepalive = {keepalive}\n\
+                 environment = {{ CGIPOOL_TEST_SLOW_MS = \"50\" }}\n"
+            )
+        })
+        .collect();
     write_config(
         m,
-        &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE) + "keepalive = true\n"),
+        &(pool_config("search", "/api/search", POOL_SIZE, POOL_SIZE) + &mixed),
     )?;
     apply(m)?;
     let upstreams = m.succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
@@ -85,13 +104,7 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
         upstreams.contains("keepalive 16;"),
         "the pool's upstream has no keepalive:\n{upstreams}"
     );
-    for (i, port) in TCP_PORTS.iter().enumerate() {
-        m.succeed(&format!(
-            "systemd-run --quiet --unit=bench-tcp-{n} --setenv=CGIPOOL_WORKER=tcp@{n} \
-             {WORKER} --listen 127.0.0.1:{port}",
-            n = i + 1
-        ))?;
-    }
+    start_tcp_workers(m)?;
     m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
     m.write_text("/etc/nginx/conf.d/bench-only.conf", NO_KEEPALIVE_NGINX)?;
     m.succeed("nginx -t -q && systemctl reload nginx")?;
@@ -103,12 +116,12 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
         ),
         Row::new(
             "pool",
-            "nginx → cgipool pool (4 workers, `keepalive = true`)",
+            "nginx → cgipool pool (4 workers, keep-alive: the default)",
             &format!("http://127.0.0.1:80{SEARCH_PATH}"),
         ),
         Row::new(
             "per_request",
-            "the same pool's socket, a connection per request (the default)",
+            "the same pool's socket, a connection per request (`keepalive = false`)",
             &format!("http://127.0.0.1:8082{SEARCH_PATH}"),
         ),
         Row::new(
@@ -118,12 +131,7 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
         ),
     ];
     for r in &rows {
-        let url = shell_quote(&r.url);
-        m.wait_until_succeeds(
-            &format!("curl -sf -o /dev/null {url}"),
-            &format!("{} to answer 200", r.key),
-            Duration::from_secs(15),
-        )?;
+        let url = r.answering(m)?;
         let want = match r.key.as_str() {
             "pool" | "per_request" => "X-Cgipool-Worker: search@",
             "tcp_keepalive" => "X-Cgipool-Worker: tcp@",
@@ -138,4 +146,63 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
         );
     }
     Ok(rows)
+}
+
+/// mixed.py on both mixed pools, interleaved rounds; a markdown section.
+fn mixed_load(m: &mut Machine, secs: u32, rounds: u32) -> Result<String> {
+    m.write_text(&format!("{GUEST_DIR}/mixed.py"), MIXED_PY)?;
+    let mut md = String::from(
+        "\n## Mixed load (16 clients, `Connection: close`, 1 request in 20 takes 50 ms)\n\n\
+         | pool | round | fast p50 ms | fast p99 ms | slow p99 ms | requests | errors |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let upstreams = m.succeed("cat /etc/nginx/conf.d/cgipool-upstreams.conf")?;
+    for (pool, keepalive) in MIXED_HTTP {
+        let row = Row::new(
+            pool,
+            pool,
+            &format!("http://127.0.0.1:80/{pool}/api/search?q=x"),
+        );
+        let url = row.answering(m)?;
+        let head = m.succeed(&format!("curl -s -D - -o /dev/null {url}"))?;
+        ensure!(
+            head.contains(&format!("X-Cgipool-Worker: {pool}@")),
+            "{pool} is not answered by its workers:\n{head}"
+        );
+        let block = upstreams
+            .split("upstream ")
+            .find(|b| b.starts_with(&format!("cgipool_{pool} ")))
+            .unwrap_or_default();
+        ensure!(
+            block.contains("keepalive 16;") == keepalive,
+            "{pool}'s upstream does not match keepalive = {keepalive}:\n{block}"
+        );
+    }
+    for round in 1..=rounds {
+        for (pool, keepalive) in MIXED_HTTP {
+            let url = format!("http://127.0.0.1:80/{pool}/api/search?q=mixed");
+            let o = m.execute(
+                &format!(
+                    "python3 {GUEST_DIR}/mixed.py {} 16 {secs} 20",
+                    shell_quote(&url)
+                ),
+                Duration::from_secs(u64::from(secs) + 60),
+            )?;
+            let v = last_json(&o, "mixed.py")?;
+            ensure!(o.rc == 0, "mixed.py failed on {pool}: {v}\n{}", o.stderr);
+            let errors = &v["errors"];
+            eprintln!(
+                "  {pool} (keepalive = {keepalive}) round {round}: fast p99 {} ms, slow p99 {} ms, errors {errors}",
+                v["fast"]["p99_ms"], v["slow"]["p99_ms"]
+            );
+            md += &format!(
+                "| {pool} (`keepalive = {keepalive}`) | {round} | {} | {} | {} | {} | {errors} |\n",
+                v["fast"]["p50_ms"],
+                v["fast"]["p99_ms"],
+                v["slow"]["p99_ms"],
+                v["fast"]["count"].as_u64().unwrap_or(0) + v["slow"]["count"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    Ok(md)
 }

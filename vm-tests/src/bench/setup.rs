@@ -328,16 +328,7 @@ pub(super) fn setup_data_path(m: &mut Machine) -> Result<()> {
         "fcgiwrap's socket",
         Duration::from_secs(10),
     )?;
-    // The proof of concept's layout: the same binary, 4 plain processes bound
-    // to TCP ports (no socket activation, no sandbox; logging to the journal
-    // like the pool's workers).
-    for (i, port) in TCP_PORTS.iter().enumerate() {
-        m.succeed(&format!(
-            "systemd-run --quiet --unit=bench-tcp-{n} --setenv=CGIPOOL_WORKER=tcp@{n} \
-             {WORKER} --listen 127.0.0.1:{port}",
-            n = i + 1
-        ))?;
-    }
+    start_tcp_workers(m)?;
     m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
     m.succeed("nginx -t -q && systemctl reload nginx")?;
     for t in TARGETS.iter().filter(|t| t.na.is_none()) {
@@ -455,4 +446,18 @@ pub(super) fn machine_info(m: &mut Machine) -> Result<Value> {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .map(|n| n.saturating_sub(1)),
     }))
+}
+
+/// The proof of concept's layout: the same binary, 4 plain processes bound
+/// to TCP ports (no socket activation, no sandbox), logging like the pool's
+/// workers by default (errors only: `CGIPOOL_ACCESS_LOG=0`).
+pub(super) fn start_tcp_workers(m: &mut Machine) -> Result<()> {
+    for (i, port) in TCP_PORTS.iter().enumerate() {
+        m.succeed(&format!(
+            "systemd-run --quiet --unit=bench-tcp-{n} --setenv=CGIPOOL_WORKER=tcp@{n} \
+             --setenv=CGIPOOL_ACCESS_LOG=0 {WORKER} --listen 127.0.0.1:{port}",
+            n = i + 1
+        ))?;
+    }
+    Ok(())
 }

@@ -169,13 +169,20 @@ fn shared_scales_without_reload(m: &mut Machine) -> Result<()> {
 }
 
 /// Load while the pool scales 2 -> 5 -> 2, rolls (environment change) and
-/// loses workers to kill -9. Every request must succeed, except that
+/// loses workers to kill -9. With `Connection: close` clients the pool sets
+/// `keepalive = false` (nginx opens a connection per request to the
+/// workers); with keep-alive clients it keeps the default (nginx keeps its
+/// connections to the workers too). Every request must succeed, except that
 /// keep-alive clients of a per-worker pool may see resets from nginx's
 /// reloads (which that mode needs for every scale): those are counted,
 /// printed and must be read errors only, with as many reloads behind them.
 fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> {
     install(m)?;
-    let config = demo_with(queue, "")?;
+    let upstream = match clients {
+        Clients::Close => "keepalive = false\n",
+        Clients::KeepAlive => "",
+    };
+    let config = demo_with(queue, upstream)?;
     write_config(m, &config)?;
     apply(m)?;
     assert_pool_running(m, "search", 2)?;
@@ -183,13 +190,25 @@ fn zero_failures(m: &mut Machine, queue: Queue, clients: Clients) -> Result<()> 
         common::is_shared(m, "search")? == (queue == Queue::Shared),
         "search's queue is not {queue:?}"
     );
+    let kept = m
+        .succeed(
+            "sed -n '/upstream cgipool_search /,/}/p' /etc/nginx/conf.d/cgipool-upstreams.conf",
+        )?
+        .contains("keepalive 16;");
+    ensure!(
+        kept == (clients == Clients::KeepAlive),
+        "nginx keeps connections to search's workers: {kept}, expected with {clients:?} clients"
+    );
     let nginx_before = common::nginx_workers(m)?;
     let url = "http://127.0.0.1:80/api/search?q=load";
     let mut load = match clients {
         Clients::Close => Load::start(m, 16, 25, url)?,
         Clients::KeepAlive => Load::keep_alive(m, 16, 25, url)?,
     };
-    let rolled = demo_with(queue, "environment = { GREETING = \"rolled\" }\n")?;
+    let rolled = demo_with(
+        queue,
+        &format!("{upstream}environment = {{ GREETING = \"rolled\" }}\n"),
+    )?;
     churn_search_pool(m, &mut load, &rolled)?;
     let reloaded = common::nginx_workers(m)? != nginx_before;
     let what = format!("{queue:?} queue, {clients:?} clients");

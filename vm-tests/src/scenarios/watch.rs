@@ -150,6 +150,12 @@ fn autoscale_load_step(m: &mut Machine) -> Result<()> {
         load_end.as_secs_f64(),
         timeline.join("\n  ")
     );
+    let tail: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("50%") || l.starts_with("99%"))
+        .collect();
+    println!("latency (wrk, 20 ms requests): {}", tail.join(", "));
     let report = super::edge::parse_wrk(&out)?;
     if report.non_2xx != 0 || report.socket_errors != 0 {
         bail!(
