@@ -4,16 +4,15 @@
 //!
 //! Boots the same nspawn container, applies the same 4-worker pool of the C
 //! `search` worker as the full run (nginx keeps its connections to the
-//! workers, the default), starts the same 4 TCP workers, and runs wrk on: nginx's `return 200`
-//! (the ceiling, the first row, which the ratios divide by), the pool as
-//! `apply` writes it, the same pool's socket behind a hand-written upstream
-//! without keep-alive (what `keepalive = false` renders: a connection per
+//! workers, the default) and two more pools of 4 (`keep`, and `nokeep`
+//! with `keepalive = false`), starts the same 4 TCP workers, and runs wrk
+//! on: nginx's `return 200` (the ceiling, the first row, which the ratios
+//! divide by), the pool as `apply` writes it, `nokeep` (a connection per
 //! request), and the 4 TCP workers with keep-alive. Interleaved rounds
 //! (`CGIPOOL_BENCH_ROUNDS`, `CGIPOOL_BENCH_SECS`) at 16 and 64
 //! connections. Then a mixed load (bench/guest/mixed.py: 16 clients, 1
-//! request in 20 takes 50 ms) on two more pools of 4 `search` workers, one
-//! with the default keep-alive and one with `keepalive = false`: the fast
-//! requests' p99 is what a kept connection to a busy worker costs. Writes
+//! request in 20 takes 50 ms) on `keep` and `nokeep`: the fast requests'
+//! p99 is what a kept connection to a busy worker costs. Writes
 //! target/bench-only/latest.md, never the committed report.
 use super::only::{env_u32, measure_rows, render, Head, Row};
 use super::runs::last_json;
@@ -23,35 +22,10 @@ use crate::scenarios::common::{apply, write_config};
 use anyhow::{ensure, Result};
 use std::time::{Duration, Instant};
 
-/// The pool's own socket without keep-alive, with cgipool's proxy settings.
-const NO_KEEPALIVE_NGINX: &str = r#"# written by vm-tests bench (only http)
-upstream bench_pool_per_request {
-    server unix:/run/cgipool/search/pool.sock max_fails=0;
-    server unix:/run/cgipool/search/pool.sock max_fails=0;
-    server unix:/run/cgipool/search/pool.sock max_fails=0;
-}
-server {
-    listen 127.0.0.1:8082;
-    location /api/search {
-        proxy_pass http://bench_pool_per_request;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $host;
-        proxy_set_header X-Request-ID $request_id;
-        proxy_hide_header X-Request-ID;
-        proxy_set_header X-Real-IP $remote_addr;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        proxy_set_header X-Forwarded-Proto $scheme;
-        add_header X-Request-ID $request_id always;
-        proxy_connect_timeout 2s;
-        proxy_next_upstream error timeout;
-        proxy_next_upstream_tries 3;
-    }
-}
-"#;
-
-/// The mixed load's two pools: (name, `keepalive`).
-const MIXED_HTTP: [(&str, bool); 2] = [("mixk", true), ("mixn", false)];
+/// Two more pools of 4 `search` workers, (name, `keepalive`), for the
+/// mixed load; `nokeep` is also the row of a connection per request (the
+/// knob that slows its `slow` requests is idle in the wrk rows).
+const MIXED_HTTP: [(&str, bool); 2] = [("keep", true), ("nokeep", false)];
 
 pub(super) fn run_http(env: &Env) -> Result<()> {
     let t0 = Instant::now();
@@ -106,7 +80,6 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
     );
     start_tcp_workers(m)?;
     m.write_text("/etc/nginx/conf.d/bench.conf", BENCH_NGINX)?;
-    m.write_text("/etc/nginx/conf.d/bench-only.conf", NO_KEEPALIVE_NGINX)?;
     m.succeed("nginx -t -q && systemctl reload nginx")?;
     let rows = vec![
         Row::new(
@@ -121,8 +94,8 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
         ),
         Row::new(
             "per_request",
-            "the same pool's socket, a connection per request (`keepalive = false`)",
-            &format!("http://127.0.0.1:8082{SEARCH_PATH}"),
+            "nginx → 4 more workers with `keepalive = false` (a connection per request)",
+            &format!("http://127.0.0.1:80/nokeep{SEARCH_PATH}"),
         ),
         Row::new(
             "tcp_keepalive",
@@ -133,7 +106,8 @@ fn setup(m: &mut Machine) -> Result<Vec<Row>> {
     for r in &rows {
         let url = r.answering(m)?;
         let want = match r.key.as_str() {
-            "pool" | "per_request" => "X-Cgipool-Worker: search@",
+            "pool" => "X-Cgipool-Worker: search@",
+            "per_request" => "X-Cgipool-Worker: nokeep@",
             "tcp_keepalive" => "X-Cgipool-Worker: tcp@",
             _ => "HTTP/1.1 200",
         };
