@@ -133,7 +133,12 @@ fn shared_scales_without_reload(m: &mut Machine) -> Result<()> {
         m.succeed("systemctl show -P MainPID cgipool-search@1.service cgipool-search@2.service")?;
     let rolled = demo_with(Queue::Shared, "environment = { GREETING = \"rolled\" }\n")?;
     write_config(m, &rolled)?;
+    let t0 = std::time::Instant::now();
     let out = apply(m)?;
+    println!(
+        "roll of 2 idle workers that nginx keeps connections to: apply took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     ensure!(
         !out.contains("nginx: reloaded"),
         "the roll reloaded nginx:\n{out}"
