@@ -158,14 +158,15 @@ static int query_has(const struct request *req, const char *word)
         return 0;
     size_t n = strlen(word);
     const char *p = req->query.p, *end = p + req->query.n;
-    while (p < end) {
+    for (;;) {
         const char *amp = memchr(p, '&', (size_t)(end - p));
         const char *e = amp ? amp : end;
         if ((size_t)(e - p) == n && memcmp(p, word, n) == 0)
             return 1;
-        p = e + 1;
+        if (!amp)
+            return 0;
+        p = amp + 1;
     }
-    return 0;
 }
 
 static void dispatch(const struct request *req, struct response *res)
