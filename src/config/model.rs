@@ -126,9 +126,10 @@ pub struct Pool {
     /// The workers log one line per request (`CGIPOOL_ACCESS_LOG=1`);
     /// errors are logged either way.
     pub access_log: bool,
-    /// Whether nginx keeps idle connections to the workers (`protocol =
-    /// "http"` only); None: the default, kept (render::nginx).
-    pub keepalive: Option<bool>,
+    /// nginx keeps idle connections to the workers: `protocol = "http"`
+    /// pools unless `keepalive = false`; never set for the other protocols,
+    /// whose rule is their queue's (render::nginx).
+    pub keepalive: bool,
     /// watch kills a worker still on a request nginx gave up on (src/watch/reaper.rs).
     pub reap_abandoned: bool,
     pub protocol: Protocol,

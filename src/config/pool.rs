@@ -446,7 +446,7 @@ pub(super) fn parse_pool(
         read_only_paths: f.read_only_paths.unwrap_or_default(),
         private_network: f.private_network.unwrap_or(true),
         access_log: f.access_log.unwrap_or(false),
-        keepalive: f.keepalive.filter(|_| protocol == Protocol::Http),
+        keepalive: protocol == Protocol::Http && f.keepalive.unwrap_or(true),
         reap_abandoned: f.reap_abandoned.unwrap_or(true),
         protocol,
         queue: f.queue.unwrap_or(Queue::Shared),
@@ -554,14 +554,10 @@ mod tests {
     }
 
     #[test]
-    fn keepalive_is_a_choice_of_http_pools_only() {
-        assert_eq!(ok(&pool_with("")).pools["p"].keepalive, None);
-        let c = ok(&pool_with("keepalive = false"));
-        assert_eq!(c.pools["p"].keepalive, Some(false));
-        assert_eq!(
-            ok(&pool_with("protocol = \"cgi\"")).pools["p"].keepalive,
-            None
-        );
+    fn keepalive_is_on_for_http_pools_and_only_theirs() {
+        assert!(ok(&pool_with("")).pools["p"].keepalive);
+        assert!(!ok(&pool_with("keepalive = false")).pools["p"].keepalive);
+        assert!(!ok(&pool_with("protocol = \"cgi\"")).pools["p"].keepalive);
         let e = errs(&pool_with("protocol = \"cgi\"\nkeepalive = true"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(

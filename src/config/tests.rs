@@ -78,7 +78,7 @@ fn demo_parses_with_defaults() {
             read_only_paths: vec![],
             private_network: true,
             access_log: false,
-            keepalive: None,
+            keepalive: true,
             reap_abandoned: true,
             protocol: Protocol::Http,
             queue: super::Queue::Shared,

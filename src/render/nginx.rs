@@ -179,7 +179,7 @@ pub fn nginx(cfg: &Config, active: &BTreeMap<String, Vec<u32>>) -> NginxFiles {
             // one waiting (README "Queues"); a CGI gateway forks per request
             // and gets a connection per request from a shared queue.
             let keepalive = match pool.protocol {
-                Protocol::Http => pool.keepalive != Some(false) && !(shared && has_remote),
+                Protocol::Http => pool.keepalive && !(shared && has_remote),
                 _ => !shared,
             };
             upstreams.push(UpstreamView {
