@@ -27,6 +27,7 @@ pub fn scenarios() -> Vec<Scenario> {
 /// allocates past `memory_max` is OOM-killed inside the worker's cgroup
 /// (the client gets 502), one that forks past `tasks_max` is refused; the
 /// gateway survives both, leaves nothing behind and serves the next request.
+/// The pool's slice is a CPU scheduling group beside nginx's service.
 fn resource_limits_hold(m: &mut Machine) -> Result<()> {
     install(m)?;
     m.succeed(
@@ -50,6 +51,22 @@ fn resource_limits_hold(m: &mut Machine) -> Result<()> {
     ensure!(
         limits.split_whitespace().collect::<Vec<_>>() == ["67108864", "16"],
         "memory.max and pids.max of {cg} are {limits:?}, want 64M and 16"
+    );
+    // The pool weighs one service: its CPUWeight= made systemd enable the
+    // cpu controller down to the pool's slice, a scheduling group of its own
+    // beside nginx's service (README "CPU share").
+    let slice = m.unit_property(unit, "Slice")?;
+    let weight_file = |m: &mut Machine, unit: &str| -> Result<String> {
+        let cg = m.unit_property(unit, "ControlGroup")?;
+        Ok(format!("'/sys/fs/cgroup{cg}/cpu.weight'"))
+    };
+    let (slice_weight, nginx_weight) = (weight_file(m, &slice)?, weight_file(m, "nginx.service")?);
+    let weights = m.succeed(&format!(
+        "cat {cg}/cpu.weight {slice_weight} {nginx_weight}"
+    ))?;
+    ensure!(
+        weights.split_whitespace().collect::<Vec<_>>() == ["100", "100", "100"],
+        "cpu.weight of the worker, its slice {slice} and nginx.service are {weights:?}, want 100 each"
     );
     let gateway = m.unit_property(unit, "MainPID")?;
     let events = |m: &mut Machine, file: &str, key: &str| -> Result<u64> {
