@@ -152,15 +152,13 @@ async fn converge_on(
         let plan = exec::plan_only(&mut host, &d).await?;
         exec::check_nginx(&mut host, &plan, stop).await?;
     }
-    hosts::converge_all(
-        remotes,
-        &cfg,
-        &intent.counts,
-        &intent.unit_dir,
-        opts.leave_failed,
-        stop,
-    )
-    .await?;
+    let goal = hosts::Goal {
+        cfg: &cfg,
+        counts: &intent.counts,
+        unit_dir: &intent.unit_dir,
+        leave_failed: opts.leave_failed,
+    };
+    hosts::converge_all(remotes, goal, stop).await?;
     exec::converge(&mut host, &d, stop).await
 }
 
@@ -219,7 +217,13 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
         let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
         let d = desired(&req.cfg, &counts, &req.unit_dir);
         let mut remotes = hosts::connect_all(&req.cfg, &req.unit_dir, opts.job_timeout).await?;
-        for (name, plan) in hosts::plans(&mut remotes, &req.cfg, &counts, &req.unit_dir).await? {
+        let goal = hosts::Goal {
+            cfg: &req.cfg,
+            counts: &counts,
+            unit_dir: &req.unit_dir,
+            leave_failed: false,
+        };
+        for (name, plan) in hosts::plans(&mut remotes, goal).await? {
             print!("{name}:\n{plan}");
         }
         let mut host = real_host(&req.cfg, &req.unit_dir, &paths, opts).await?;

@@ -93,22 +93,26 @@ fn counts_on(cfg: &Config, host: &str, counts: &BTreeMap<String, u32>) -> BTreeM
         .collect()
 }
 
+/// What every host converges to: `cfg` at the pools' `counts`, its units
+/// under `unit_dir`; `leave_failed` as in [`Desired`].
+#[derive(Clone, Copy)]
+pub struct Goal<'a> {
+    pub cfg: &'a Config,
+    pub counts: &'a BTreeMap<String, u32>,
+    pub unit_dir: &'a Path,
+    pub leave_failed: bool,
+}
+
 /// What `host` should run: its pools' units and workers; no routes (nginx
 /// is the front's).
-pub fn desired_on(
-    cfg: &Config,
-    host: &Host,
-    counts: &BTreeMap<String, u32>,
-    unit_dir: &Path,
-    leave_failed: bool,
-) -> Desired {
-    let counts = counts_on(cfg, &host.name, counts);
+pub fn desired_on(goal: Goal<'_>, host: &Host) -> Desired {
+    let counts = counts_on(goal.cfg, &host.name, goal.counts);
     Desired {
-        units: render::host_units(cfg, host, unit_dir, &counts),
+        units: render::host_units(goal.cfg, host, goal.unit_dir, &counts),
         instances: plan::numbered(&counts),
         routes: None,
         exclude: BTreeSet::new(),
-        leave_failed,
+        leave_failed: goal.leave_failed,
         shared: counts.keys().cloned().collect(),
     }
 }
@@ -133,20 +137,13 @@ pub fn front_counts(cfg: &Config, counts: &BTreeMap<String, u32>) -> BTreeMap<St
     counts_on(cfg, LOCAL_HOST, counts)
 }
 
-/// Converges every host to `cfg` at `counts`, one after the other, and
-/// fails (before the front routes to any of them) when a worker on one of
-/// them did not come up.
-pub async fn converge_all(
-    hosts: &mut [SshHost],
-    cfg: &Config,
-    counts: &BTreeMap<String, u32>,
-    unit_dir: &Path,
-    leave_failed: bool,
-    stop: &Interrupt,
-) -> Result<()> {
+/// Converges every host to the goal, one after the other, and fails
+/// (before the front routes to any of them) when a worker on one of them
+/// did not come up.
+pub async fn converge_all(hosts: &mut [SshHost], goal: Goal<'_>, stop: &Interrupt) -> Result<()> {
     for h in hosts.iter_mut() {
         println!("host {} ({}):", h.name, h.address);
-        converge_one(h, cfg, counts, unit_dir, leave_failed, stop).await?;
+        converge_one(h, goal, stop).await?;
     }
     if !hosts.is_empty() {
         println!("front:");
@@ -154,20 +151,13 @@ pub async fn converge_all(
     Ok(())
 }
 
-/// Converges one host to `cfg` at `counts`; fails naming it when it could
-/// not be converged or a worker there did not come up.
-pub async fn converge_one(
-    h: &mut SshHost,
-    cfg: &Config,
-    counts: &BTreeMap<String, u32>,
-    unit_dir: &Path,
-    leave_failed: bool,
-    stop: &Interrupt,
-) -> Result<()> {
-    let Some(spec) = cfg.hosts.get(&h.name) else {
+/// Converges one host to the goal; fails naming it when it could not be
+/// converged or a worker there did not come up.
+pub async fn converge_one(h: &mut SshHost, goal: Goal<'_>, stop: &Interrupt) -> Result<()> {
+    let Some(spec) = goal.cfg.hosts.get(&h.name) else {
         return Ok(());
     };
-    let d = desired_on(cfg, spec, counts, unit_dir, leave_failed);
+    let d = desired_on(goal, spec);
     let Outcome { problems } = exec::converge(h, &d, stop)
         .await
         .with_context(|| format!("host {}", h.name))?;
@@ -182,18 +172,13 @@ pub async fn converge_one(
 }
 
 /// Every host's plan (`--dry-run`), each under its name.
-pub async fn plans(
-    hosts: &mut [SshHost],
-    cfg: &Config,
-    counts: &BTreeMap<String, u32>,
-    unit_dir: &Path,
-) -> Result<Vec<(String, Plan)>> {
+pub async fn plans(hosts: &mut [SshHost], goal: Goal<'_>) -> Result<Vec<(String, Plan)>> {
     let mut out = Vec::new();
     for h in hosts.iter_mut() {
-        let Some(spec) = cfg.hosts.get(&h.name) else {
+        let Some(spec) = goal.cfg.hosts.get(&h.name) else {
             continue;
         };
-        let d = desired_on(cfg, spec, counts, unit_dir, false);
+        let d = desired_on(goal, spec);
         let plan = exec::plan_only(h, &d)
             .await
             .with_context(|| format!("host {}", h.name))?;
@@ -234,13 +219,13 @@ mod tests {
             ("b".to_string(), 1),
             ("c".to_string(), 1),
         ]);
-        let d = desired_on(
-            &cfg,
-            &cfg.hosts["web1"],
-            &counts,
-            Path::new("/etc/systemd/system"),
-            false,
-        );
+        let goal = Goal {
+            cfg: &cfg,
+            counts: &counts,
+            unit_dir: Path::new("/etc/systemd/system"),
+            leave_failed: false,
+        };
+        let d = desired_on(goal, &cfg.hosts["web1"]);
         assert_eq!(d.instances.keys().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(d.instances["a"].len(), 3);
         assert!(d.routes.is_none());

@@ -419,15 +419,13 @@ impl Watcher {
                     SshTimeouts::WATCH,
                 )
                 .await?;
-                crate::hosts::converge_one(
-                    &mut h,
-                    &cfg,
-                    &intent.counts,
-                    &intent.unit_dir,
-                    true,
-                    &Interrupt::never(),
-                )
-                .await
+                let goal = crate::hosts::Goal {
+                    cfg: &cfg,
+                    counts: &intent.counts,
+                    unit_dir: &intent.unit_dir,
+                    leave_failed: true,
+                };
+                crate::hosts::converge_one(&mut h, goal, &Interrupt::never()).await
             };
             match converging.await {
                 Ok(()) => {
