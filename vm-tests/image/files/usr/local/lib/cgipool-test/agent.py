@@ -6,8 +6,9 @@ Protocol: one JSON object per line in each direction.
   response {"id": N, "rc": exit status, "out": base64 stdout, "err": base64 stderr}
 A request {"id": N, "ping": true} is answered {"id": N, "pong": boot_id}.
 
-Transport: the virtio-serial port org.cgipool.agent (QEMU tier), or a unix
-socket at /mnt/agent/agent.sock, a directory the host bind-mounts (nspawn tier).
+Transport: the virtio-serial port org.cgipool.agent (QEMU tier: waited for,
+since its driver may load after this starts), or a unix socket at
+/mnt/agent/agent.sock, a directory the host bind-mounts (nspawn tier).
 Every command runs under timeout(1), stdin from /dev/null, in its own session.
 """
 import base64
@@ -75,8 +76,21 @@ def find_port():
     return None
 
 
+def in_container():
+    # systemd (PID 1) writes the first in a container; nspawn makes the second.
+    return os.path.exists("/run/systemd/container") or os.path.exists("/run/host/container-manager")
+
+
 def main():
     port = find_port()
+    if port is None and not in_container():
+        # QEMU: the port appears once udev has loaded virtio_console, which
+        # may be after this service starts; serving on the socket directory
+        # instead would leave the host unanswered for the whole boot.
+        print("agent: waiting for the virtio port", PORT_NAME, flush=True)
+        while port is None:
+            time.sleep(0.1)
+            port = find_port()
     if port:
         print("agent: serving on", port, flush=True)
         while True:
