@@ -16,6 +16,7 @@
 //! upstream's connect, header and response times, p50/p99) and what nginx
 //! and the gateways logged. Prints the per-round figures and the ratios to
 //! fcgiwrap; writes target/bench-only/latest.md, never the committed report.
+//! `CGIPOOL_BENCH_TIER=qemu` boots a QEMU guest instead (see [`bench_tier`]).
 use super::runs::wrk;
 use super::setup::*;
 use super::stats::mean;
@@ -103,6 +104,18 @@ pub(super) fn env_u32(
     }
 }
 
+/// `CGIPOOL_BENCH_TIER`: `nspawn` (the default) or `qemu`, whose guest
+/// kernel has the cgroup cpu controller the nspawn tier lacks (so the
+/// pool's slice is one CPU group there, README "CPU share"); under TCG its
+/// figures are slow, only its ratios mean anything.
+fn bench_tier() -> Result<Tier> {
+    match std::env::var("CGIPOOL_BENCH_TIER").as_deref() {
+        Err(_) | Ok("nspawn") => Ok(Tier::Nspawn),
+        Ok("qemu") => Ok(Tier::Qemu),
+        Ok(other) => bail!("CGIPOOL_BENCH_TIER={other:?}: want nspawn or qemu"),
+    }
+}
+
 /// An extra pool: its name, the host path of its cgipool binary, and
 /// environment variables for its workers.
 type Extra = (String, PathBuf, Vec<(String, String)>);
@@ -160,13 +173,20 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     let secs = env_u32("CGIPOOL_BENCH_SECS", 5, 1..=120)?;
     let rounds = env_u32("CGIPOOL_BENCH_ROUNDS", 3, 1..=20)?;
     let extra = extra_gateways()?;
-    eprintln!("bench (only cgi: {rounds} rounds of {secs} s): booting an nspawn container");
-    let mut m = Machine::start(env, Tier::Nspawn, "bench-only-cgi", Options::default())?;
+    let tier = bench_tier()?;
+    eprintln!(
+        "bench (only cgi: {rounds} rounds of {secs} s): booting {}",
+        match tier {
+            Tier::Nspawn => "an nspawn container",
+            Tier::Qemu => "a QEMU guest",
+        }
+    );
+    let mut m = Machine::start(env, tier, "bench-only-cgi", Options::default())?;
     let (rows, runs, diag) = m.keeping_artifacts(|m| measure(m, secs, rounds, &extra))?;
     m.save_transcript();
     drop(m);
     let notes = format!(
-        "- extra gateways: {}\n",
+        "- tier: {tier:?}\n- extra gateways: {}\n",
         if extra.is_empty() {
             "none".to_string()
         } else {
