@@ -192,6 +192,22 @@ fn duration_flag(name: &str, v: &str) -> Result<Duration> {
         .with_context(|| format!("invalid --{name} {v:?} (e.g. \"60s\")"))
 }
 
+/// Keeps freed memory in the gateway's heap. Every request allocates and
+/// frees its buffers (64 KiB each); glibc would give the heap's top back to
+/// the kernel after each request (its trim threshold is 128 KiB) and take it
+/// again for the next: a pair of `brk` calls and a page fault for every page
+/// touched. Measured on a standalone gateway (`hello_cgi`, a connection per
+/// request): 150 instead of 165 µs of the gateway's own CPU per request. The
+/// heap stays at its high-water mark instead, up to 16 MiB.
+fn keep_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // the gateway starts any thread.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 16 << 20);
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let timeout = duration_flag("timeout", &args.timeout)?;
     let head_timeout = duration_flag("head-timeout", &args.head_timeout)?;
@@ -219,6 +235,7 @@ pub fn run(args: Args) -> Result<()> {
     let contract = contract::Contract::from_env()?;
     let listener = listener(&args)?;
     reap::become_subreaper().context("prctl(PR_SET_CHILD_SUBREAPER)")?;
+    keep_heap();
     let (wake_r, wake_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .context("creating the wake-up pipe")?;
