@@ -21,6 +21,8 @@
 /* Worker identity, responses.                                         */
 
 static char g_worker[72] = "worker@dev";
+/* The worker never forks: its pid, read once (every JSON answer has it). */
+static long g_pid;
 static unsigned long g_delay_ms, g_slow_ms;
 static int g_access_log = 1;
 
@@ -34,6 +36,7 @@ const char *worker_name(void) { return g_worker; }
 
 static void init_worker_name(const char *service)
 {
+    g_pid = (long)getpid();
     const char *w = getenv("CGIPOOL_WORKER");
     size_t n = w ? strlen(w) : 0;
     int ok = n > 0 && n < sizeof g_worker;
@@ -68,7 +71,7 @@ void json_begin(struct response *res, int status)
     res->body.overflow = 0;
     sb_puts(&res->body, "{\"worker\":");
     sb_json_str(&res->body, g_worker, strlen(g_worker));
-    sb_printf(&res->body, ",\"pid\":%ld", (long)getpid());
+    sb_printf(&res->body, ",\"pid\":%ld", g_pid);
 }
 
 void json_error(struct response *res, int status, const char *msg)
@@ -353,6 +356,6 @@ int worker_main(int argc, char **argv, const struct service *svc)
     notify_init();
     watchdog_init();
     notify("READY=1\nSTATUS=serving");
-    fprintf(stderr, "%s: ready (pid %ld)\n", g_worker, (long)getpid());
+    fprintf(stderr, "%s: ready (pid %ld)\n", g_worker, g_pid);
     return run_loop(lfd, svc, max_requests);
 }
