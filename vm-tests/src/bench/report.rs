@@ -8,6 +8,18 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// The CPU figures divided by the requests of the rows they served (the
+/// CPU unit's name in `CPU_UNITS`, the rows' targets): what one request
+/// costs each side of a comparison.
+const PER_REQUEST: &[(&str, &[&str])] = &[
+    ("pool workers", &["pool"]),
+    ("TCP workers", &["tcp", "tcp_keepalive"]),
+    ("cgi pool (gateways + programs)", &["pool_cgi"]),
+    ("fcgiwrap (+ programs)", &["fcgiwrap"]),
+    ("php pool (php-cgi)", &["pool_php"]),
+    ("php-fpm", &["php_fpm"]),
+];
+
 /// A measure.py record as seconds for a table cell.
 pub(super) fn fmt_secs(v: &Value) -> String {
     match v["rc"].as_i64() {
@@ -122,12 +134,43 @@ pub(super) fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value
             "\nCPU time used during the data path ({wall:.0} s wall, all configurations): {}.",
             parts.join(", ")
         );
+        let per_request: Vec<String> = PER_REQUEST
+            .iter()
+            .filter_map(|&(what, targets)| {
+                let cpu = cpu
+                    .get("units")?
+                    .as_array()?
+                    .iter()
+                    .find(|u| u["what"].as_str() == Some(what))?["cpu_secs"]
+                    .as_f64()?;
+                let requests: f64 = rep
+                    .runs
+                    .iter()
+                    .filter(|r| targets.contains(&r.target))
+                    .map(|r| r.num("requests"))
+                    .sum();
+                (requests > 0.0).then(|| format!("{what} {:.0} µs", cpu / requests * 1e6))
+            })
+            .collect();
+        if !per_request.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nThe same per request served by its rows (each service's CPU over the whole data path, idle between its rows): {}.",
+                per_request.join(", ")
+            );
+        }
     }
     let _ = writeln!(
         md,
         "\nThe HTTP rows: the pool is 4 C `search` workers sharing the pool's socket, nginx keeping its connections to them (keep-alive, the default for HTTP pools: a worker answers `Connection: close` when a connection waits in the queue) and no per-request journal line (`access_log` off, the default); the TCP workers are the same binary, also logging errors only.\n\nThe CGI rows: the same program ({CGI_PROGRAM}, cgi-src/hello_cgi.c) behind both. cgipool's gateway is the payload's `cgipool` ({:.0} MB, {} build): it runs the program inside the worker's sandbox; the pool has the default shared queue (one socket for its 4 gateways, each accepting only when free, nginx opening a connection per request) and no per-request journal line (`access_log` off, the default). fcgiwrap runs it unsandboxed as www-data, its 4 processes accept from one socket, nginx connects to it anew per request (`fastcgi_keep_conn` off, the default), and it logs nothing per request. The PHP rows: the same one-line script behind php-fpm (`pm = static`, 4 children; its nginx location is Debian's `snippets/fastcgi-php.conf`, the same routing work as cgipool's PHP location: a regex, `fastcgi_split_path_info`, the `try_files` guard) and behind a FastCGI pool of 4 php-cgi workers on the pool's shared socket (`StandardInput=socket`).",
         mi["cgipool_binary_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
-        std::env::var("CGIPOOL_BENCH_PROFILE").unwrap_or_else(|_| "unknown".into())
+        // Recorded by the run; a report rendered again from an older JSON
+        // falls back to the environment.
+        mi["cgipool_profile"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| std::env::var("CGIPOOL_BENCH_PROFILE").ok())
+            .unwrap_or_else(|| "unknown".into())
     );
     let _ = writeln!(md, "\n## Control plane (seconds, per round)\n");
     let _ = writeln!(

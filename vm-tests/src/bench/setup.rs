@@ -435,6 +435,7 @@ pub(super) fn machine_info(m: &mut Machine) -> Result<Value> {
         // The CGI gateway is this binary: `make payload` installs the debug
         // build (target/debug/cgipool).
         "cgipool_binary_bytes": get(m, "stat -c %s /payload/bin/cgipool")?.parse::<u64>().ok(),
+        "cgipool_profile": std::env::var("CGIPOOL_BENCH_PROFILE").ok(),
         "date": get(m, "date -u +%Y-%m-%dT%H:%M:%SZ")?,
         "loadavg_start": get(m, "cut -d' ' -f1-3 /proc/loadavg")?,
         // Other people's VM tests share the host's cores; this one excluded.
