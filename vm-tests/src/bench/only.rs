@@ -109,11 +109,13 @@ pub(super) fn env_u32(
 /// pool's slice is one CPU group there, README "CPU share"); under TCG its
 /// figures are slow, only its ratios mean anything.
 fn bench_tier() -> Result<Tier> {
-    match std::env::var("CGIPOOL_BENCH_TIER").as_deref() {
-        Err(_) | Ok("nspawn") => Ok(Tier::Nspawn),
-        Ok("qemu") => Ok(Tier::Qemu),
-        Ok(other) => bail!("CGIPOOL_BENCH_TIER={other:?}: want nspawn or qemu"),
-    }
+    let Ok(v) = std::env::var("CGIPOOL_BENCH_TIER") else {
+        return Ok(Tier::Nspawn);
+    };
+    [Tier::Nspawn, Tier::Qemu]
+        .into_iter()
+        .find(|t| t.name() == v)
+        .with_context(|| format!("CGIPOOL_BENCH_TIER={v:?}: want nspawn or qemu"))
 }
 
 /// An extra pool: its name, the host path of its cgipool binary, and
@@ -175,18 +177,16 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     let extra = extra_gateways()?;
     let tier = bench_tier()?;
     eprintln!(
-        "bench (only cgi: {rounds} rounds of {secs} s): booting {}",
-        match tier {
-            Tier::Nspawn => "an nspawn container",
-            Tier::Qemu => "a QEMU guest",
-        }
+        "bench (only cgi: {rounds} rounds of {secs} s): booting the {} guest",
+        tier.name()
     );
     let mut m = Machine::start(env, tier, "bench-only-cgi", Options::default())?;
     let (rows, runs, diag) = m.keeping_artifacts(|m| measure(m, secs, rounds, &extra))?;
     m.save_transcript();
     drop(m);
     let notes = format!(
-        "- tier: {tier:?}\n- extra gateways: {}\n",
+        "- tier: {}\n- extra gateways: {}\n",
+        tier.name(),
         if extra.is_empty() {
             "none".to_string()
         } else {
