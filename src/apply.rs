@@ -3,7 +3,7 @@
 //! [`crate::state`]) before it touches anything, builds the desired state
 //! from the recorded intent, and runs the executor against the real host.
 use crate::config::Config;
-use crate::exec::host::RealHost;
+use crate::exec::host::{Bus, RealHost};
 use crate::exec::interrupt::Interrupt;
 use crate::exec::ssh_host::SshHost;
 use crate::exec::{self, Outcome};
@@ -94,46 +94,46 @@ async fn real_host(
     opts: &Options,
 ) -> Result<RealHost> {
     Ok(RealHost {
-        systemd: Systemd::connect().await?,
+        bus: Bus {
+            systemd: Systemd::connect().await?,
+            job_timeout: opts.job_timeout,
+        },
         unit_dir: unit_dir.to_path_buf(),
         nginx: cfg.nginx.clone(),
         paths: paths.clone(),
-        job_timeout: opts.job_timeout,
         drain_timeout: DRAIN_TIMEOUT,
     })
 }
 
-/// Converges the host to the recorded intent. Call under the lock.
+/// Converges the host to the recorded intent, under `lock`.
 pub async fn converge(
-    paths: &Paths,
-    _lock: &Lock,
+    lock: &Lock,
     intent: &Intent,
     opts: &Options,
     stop: &Interrupt,
 ) -> Result<Outcome> {
     let cfg = intent.config()?;
     let mut remotes = hosts::connect_all(&cfg, &intent.unit_dir, opts.job_timeout).await?;
-    converge_on(paths, intent, opts, stop, &mut remotes).await
+    converge_on(lock, intent, opts, stop, &mut remotes).await
 }
 
 /// watch's converge: the front alone, routing to no host of
 /// `opts.hosts_out`. watch converges the other hosts that answer itself,
 /// each on its own (see `watch::hosts`), so a host that does not answer
-/// never holds the front. Call under the lock.
+/// never holds the front.
 pub async fn converge_front(
-    paths: &Paths,
-    _lock: &Lock,
+    lock: &Lock,
     intent: &Intent,
     opts: &Options,
     stop: &Interrupt,
 ) -> Result<Outcome> {
-    converge_on(paths, intent, opts, stop, &mut []).await
+    converge_on(lock, intent, opts, stop, &mut []).await
 }
 
 /// Converges the other hosts (each checked) and then the front, which
 /// routes to them last.
 async fn converge_on(
-    paths: &Paths,
+    lock: &Lock,
     intent: &Intent,
     opts: &Options,
     stop: &Interrupt,
@@ -146,7 +146,7 @@ async fn converge_on(
     if !opts.hosts_out.is_empty() {
         d.routes = Some(routes(cfg.clone(), &opts.hosts_out));
     }
-    let mut host = real_host(&cfg, &intent.unit_dir, paths, opts).await?;
+    let mut host = real_host(&cfg, &intent.unit_dir, lock.paths(), opts).await?;
     if !remotes.is_empty() {
         // The front's nginx takes the new files before any host changes.
         let plan = exec::plan_only(&mut host, &d).await?;
@@ -254,7 +254,6 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
     let previous = previous_counts(recorded.as_ref(), &req.unit_dir)?;
     let counts = Intent::counts_for(previous.as_ref(), &req.cfg);
     let intent = state::write_intent(
-        &paths,
         &lock,
         Intent {
             serial: 0,
@@ -266,9 +265,9 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
             at_unix: 0,
         },
     )?;
-    let outcome = match converge_on(&paths, &intent, opts, stop, &mut remotes).await {
+    let outcome = match converge_on(&lock, &intent, opts, stop, &mut remotes).await {
         Err(e) if e.downcast_ref::<exec::NginxRejected>().is_some() => {
-            return Err(record_again(&paths, &lock, recorded, e));
+            return Err(record_again(&lock, recorded, e));
         }
         outcome => outcome?,
     };
@@ -281,23 +280,18 @@ pub async fn apply(req: ApplyRequest, opts: &Options, stop: &Interrupt) -> Resul
 /// intent recorded before this apply becomes the intent again (with a new
 /// serial), so that watch does not keep retrying a config that can never
 /// converge. Returns `rejected` with what was recorded.
-fn record_again(
-    paths: &Paths,
-    lock: &Lock,
-    recorded: Option<Intent>,
-    rejected: anyhow::Error,
-) -> anyhow::Error {
+fn record_again(lock: &Lock, recorded: Option<Intent>, rejected: anyhow::Error) -> anyhow::Error {
     let again = match recorded {
         Some(previous) => {
             let from = previous.serial;
-            state::write_intent(paths, lock, previous).map(|i| {
+            state::write_intent(lock, previous).map(|i| {
                 format!(
                     "the previous intent ({from}) is recorded again as {}",
                     i.serial
                 )
             })
         }
-        None => state::remove_intent(paths, lock).map(|()| "no intent is recorded".to_string()),
+        None => state::remove_intent(lock).map(|()| "no intent is recorded".to_string()),
     };
     match again {
         Ok(what) => rejected.context(format!("nothing changed, {what}")),
@@ -364,7 +358,7 @@ pub async fn scale(
     let from = intent.counts.get(pool).copied().unwrap_or(p.min);
     intent.counts.insert(pool.to_string(), count);
     intent.written_by = "scale".into();
-    let intent = state::write_intent(&paths, &lock, intent)?;
+    let intent = state::write_intent(&lock, intent)?;
     state::log_decision(
         &paths,
         &Decision {
@@ -378,7 +372,7 @@ pub async fn scale(
         },
     )
     .context("logging the decision")?;
-    let outcome = converge(&paths, &lock, &intent, opts, stop).await?;
+    let outcome = converge(&lock, &intent, opts, stop).await?;
     finish(outcome)
 }
 
@@ -412,7 +406,7 @@ pub async fn down(
         );
     }
     let config_path = intent.as_ref().map(|i| i.config_path.clone());
-    state::remove_intent(&paths, &lock)?;
+    state::remove_intent(&lock)?;
     let mut empty = cfg.clone();
     empty.pools.clear();
     empty.watch_enabled = false;

@@ -66,8 +66,20 @@ pub fn now_unix() -> u64 {
 }
 
 /// The host-wide lock that serialises apply, scale, down and watch's
-/// converges. Released when dropped (or when the process dies).
-pub struct Lock(#[allow(dead_code)] Flock<File>);
+/// converges. Released when dropped (or when the process dies). It carries
+/// the paths it guards, so what is written only under it (the intent) is
+/// reached through it.
+pub struct Lock {
+    _flock: Flock<File>,
+    paths: Paths,
+}
+
+impl Lock {
+    /// The host state this lock guards.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+}
 
 /// Takes the lock, waiting up to `wait` for another cgipool to finish.
 pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
@@ -84,7 +96,12 @@ pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(Lock(lock)),
+            Ok(flock) => {
+                return Ok(Lock {
+                    _flock: flock,
+                    paths: paths.clone(),
+                })
+            }
             Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100))
             }
@@ -155,8 +172,8 @@ pub fn read_intent(paths: &Paths) -> Result<Option<Intent>> {
 }
 
 /// Records `intent` (atomically, synced) with the next serial; returns it.
-/// Call only under the lock.
-pub fn write_intent(paths: &Paths, _lock: &Lock, mut intent: Intent) -> Result<Intent> {
+pub fn write_intent(lock: &Lock, mut intent: Intent) -> Result<Intent> {
+    let paths = lock.paths();
     let previous = read_intent(paths).ok().flatten().map(|i| i.serial);
     intent.serial = previous.unwrap_or(0) + 1;
     intent.at_unix = now_unix();
@@ -167,7 +184,8 @@ pub fn write_intent(paths: &Paths, _lock: &Lock, mut intent: Intent) -> Result<I
 }
 
 /// Forgets the intent (after `cgipool down`).
-pub fn remove_intent(paths: &Paths, _lock: &Lock) -> Result<()> {
+pub fn remove_intent(lock: &Lock) -> Result<()> {
+    let paths = lock.paths();
     match fs::remove_file(&paths.intent) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -288,13 +306,13 @@ mod tests {
         let p = paths(dir.path());
         assert_eq!(read_intent(&p).unwrap(), None);
         let l = lock(&p, Duration::ZERO).unwrap();
-        let first = write_intent(&p, &l, intent(&[("search", 2)])).unwrap();
-        let second = write_intent(&p, &l, intent(&[("search", 4)])).unwrap();
+        let first = write_intent(&l, intent(&[("search", 2)])).unwrap();
+        let second = write_intent(&l, intent(&[("search", 4)])).unwrap();
         assert_eq!((first.serial, second.serial), (1, 2));
         let read = read_intent(&p).unwrap().unwrap();
         assert_eq!(read, second);
         assert_eq!(read.config().unwrap().pools["search"].max, 6);
-        remove_intent(&p, &l).unwrap();
+        remove_intent(&l).unwrap();
         assert_eq!(read_intent(&p).unwrap(), None);
     }
 

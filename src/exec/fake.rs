@@ -6,7 +6,7 @@
 //! every later one fail and change nothing, as after SIGKILL). A service
 //! that starts gets the listening sockets systemd would pass it (`holds`),
 //! so a test sees a worker left on a socket nobody routes to.
-use super::host::{Drain, Host};
+use super::host::{Drain, Host, Units};
 use crate::files::OnDisk;
 use crate::plan::{ObservedNginx, Pending};
 use crate::render::{Entry, NginxFiles};
@@ -133,27 +133,7 @@ impl FakeHost {
     }
 }
 
-impl Host for FakeHost {
-    async fn read_unit_dir(&mut self) -> Result<OnDisk> {
-        self.tick("read_unit_dir")?;
-        Ok(OnDisk {
-            entries: self.files.clone(),
-            foreign: Vec::new(),
-        })
-    }
-
-    async fn write_entry(&mut self, rel: &Path, entry: &Entry) -> Result<()> {
-        self.tick(&format!("write {}", rel.display()))?;
-        self.files.insert(rel.to_path_buf(), entry.clone());
-        Ok(())
-    }
-
-    async fn remove_entry(&mut self, rel: &Path) -> Result<()> {
-        self.tick(&format!("remove {}", rel.display()))?;
-        self.files.remove(rel);
-        Ok(())
-    }
-
+impl Units for FakeHost {
     async fn list_units(&mut self, patterns: &[&str]) -> Result<Vec<UnitState>> {
         self.tick("list_units")?;
         // Templates are definitions, not units systemd lists.
@@ -247,6 +227,28 @@ impl Host for FakeHost {
             .filter(|s| self.states.get(*s).map(String::as_str) != Some("active"))
             .map(|s| format!("{s} is not active"))
             .collect())
+    }
+}
+
+impl Host for FakeHost {
+    async fn read_unit_dir(&mut self) -> Result<OnDisk> {
+        self.tick("read_unit_dir")?;
+        Ok(OnDisk {
+            entries: self.files.clone(),
+            foreign: Vec::new(),
+        })
+    }
+
+    async fn write_entry(&mut self, rel: &Path, entry: &Entry) -> Result<()> {
+        self.tick(&format!("write {}", rel.display()))?;
+        self.files.insert(rel.to_path_buf(), entry.clone());
+        Ok(())
+    }
+
+    async fn remove_entry(&mut self, rel: &Path) -> Result<()> {
+        self.tick(&format!("remove {}", rel.display()))?;
+        self.files.remove(rel);
+        Ok(())
     }
 
     async fn nginx(&mut self) -> Result<Option<ObservedNginx>> {

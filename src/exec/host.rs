@@ -18,14 +18,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Drain(pub BTreeSet<u32>);
 
-/// Everything the executor does to a host. Each call is one step that may
-/// fail on its own; none of them is partial on success.
+/// What the executor asks of a host's systemd. The front and the other
+/// hosts both answer it from a systemd on D-Bus ([`OnBus`]); the fake
+/// answers it from memory.
 #[allow(async_fn_in_trait)]
-pub trait Host {
-    /// cgipool's entries in the unit directory (and foreign files with our names).
-    async fn read_unit_dir(&mut self) -> Result<OnDisk>;
-    async fn write_entry(&mut self, rel: &Path, entry: &Entry) -> Result<()>;
-    async fn remove_entry(&mut self, rel: &Path) -> Result<()>;
+pub trait Units {
     async fn list_units(&mut self, patterns: &[&str]) -> Result<Vec<UnitState>>;
     async fn daemon_reload(&mut self) -> Result<()>;
     async fn reset_failed(&mut self, unit: &str) -> Result<()>;
@@ -33,6 +30,17 @@ pub trait Host {
     async fn run_jobs(&mut self, jobs: &[Job]) -> Result<()>;
     /// For each service that is not active now, why ("x is failed/failed (result exit-code)").
     async fn not_active(&mut self, services: &[String]) -> Result<Vec<String>>;
+}
+
+/// Everything the executor does to a host: its systemd ([`Units`]), its
+/// unit directory, nginx and the pending record. Each call is one step that
+/// may fail on its own; none of them is partial on success.
+#[allow(async_fn_in_trait)]
+pub trait Host: Units {
+    /// cgipool's entries in the unit directory (and foreign files with our names).
+    async fn read_unit_dir(&mut self) -> Result<OnDisk>;
+    async fn write_entry(&mut self, rel: &Path, entry: &Entry) -> Result<()>;
+    async fn remove_entry(&mut self, rel: &Path) -> Result<()>;
     /// None when nginx is not managed here (not installed or not active).
     async fn nginx(&mut self) -> Result<Option<ObservedNginx>>;
     /// Puts back the nginx files an interrupted check or install left
@@ -52,14 +60,54 @@ pub trait Host {
     async fn write_pending(&mut self, pending: &Pending) -> Result<()>;
 }
 
+/// A systemd on D-Bus and how long its jobs may take.
+pub struct Bus {
+    pub systemd: Systemd,
+    pub job_timeout: Duration,
+}
+
+/// A host whose units are a systemd's on D-Bus: the front's own bus, or
+/// another host's through ssh. Its [`Units`] are that systemd's.
+pub trait OnBus {
+    fn bus(&self) -> &Bus;
+}
+
+impl<T: OnBus> Units for T {
+    async fn list_units(&mut self, patterns: &[&str]) -> Result<Vec<UnitState>> {
+        self.bus().systemd.list(patterns).await
+    }
+
+    async fn daemon_reload(&mut self) -> Result<()> {
+        self.bus().systemd.daemon_reload().await
+    }
+
+    async fn reset_failed(&mut self, unit: &str) -> Result<()> {
+        self.bus().systemd.reset_failed(unit).await
+    }
+
+    async fn run_jobs(&mut self, jobs: &[Job]) -> Result<()> {
+        let bus = self.bus();
+        bus.systemd.run_jobs(jobs, bus.job_timeout).await
+    }
+
+    async fn not_active(&mut self, services: &[String]) -> Result<Vec<String>> {
+        not_active(&self.bus().systemd, services).await
+    }
+}
+
 /// The machine cgipool runs on.
 pub struct RealHost {
-    pub systemd: Systemd,
+    pub bus: Bus,
     pub unit_dir: PathBuf,
     pub nginx: Nginx,
     pub paths: Paths,
-    pub job_timeout: Duration,
     pub drain_timeout: Duration,
+}
+
+impl OnBus for RealHost {
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
 }
 
 impl Host for RealHost {
@@ -75,31 +123,11 @@ impl Host for RealHost {
         files::remove_entry(&self.unit_dir, rel)
     }
 
-    async fn list_units(&mut self, patterns: &[&str]) -> Result<Vec<UnitState>> {
-        self.systemd.list(patterns).await
-    }
-
-    async fn daemon_reload(&mut self) -> Result<()> {
-        self.systemd.daemon_reload().await
-    }
-
-    async fn reset_failed(&mut self, unit: &str) -> Result<()> {
-        self.systemd.reset_failed(unit).await
-    }
-
-    async fn run_jobs(&mut self, jobs: &[Job]) -> Result<()> {
-        self.systemd.run_jobs(jobs, self.job_timeout).await
-    }
-
-    async fn not_active(&mut self, services: &[String]) -> Result<Vec<String>> {
-        not_active(&self.systemd, services).await
-    }
-
     async fn nginx(&mut self) -> Result<Option<ObservedNginx>> {
         if !nginx::installed() {
             return Ok(None);
         }
-        let unit = self.systemd.list(&[self.nginx.unit.as_str()]).await?;
+        let unit = self.bus.systemd.list(&[self.nginx.unit.as_str()]).await?;
         if !unit.iter().any(|u| u.active_state == "active") {
             return Ok(None);
         }
@@ -121,9 +149,14 @@ impl Host for RealHost {
     }
 
     async fn nginx_reload(&mut self, generation: &str) -> Result<Drain> {
-        nginx::reload_and_verify(&self.systemd, &self.nginx, generation, self.job_timeout)
-            .await
-            .map(Drain)
+        nginx::reload_and_verify(
+            &self.bus.systemd,
+            &self.nginx,
+            generation,
+            self.bus.job_timeout,
+        )
+        .await
+        .map(Drain)
     }
 
     async fn nginx_drain(&mut self, drain: &Drain) -> Result<()> {

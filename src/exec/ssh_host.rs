@@ -10,12 +10,12 @@
 //! directory is read as a tar stream of cgipool's names (its files and the
 //! links in `.wants` directories), unpacked into a local temporary
 //! directory and read there exactly as the front's own directory is read.
-use super::host::{not_active, Drain, Host};
+use super::host::{Bus, Drain, Host, OnBus};
 use crate::files::{self, OnDisk};
 use crate::plan::{ObservedNginx, Pending};
 use crate::remote::{RemoteHost, SshTimeouts};
 use crate::render::{Entry, NginxFiles};
-use crate::systemd::{Job, Systemd, UnitState};
+use crate::systemd::Systemd;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,8 @@ pub struct SshHost {
     /// The section's name (what messages call the host).
     pub name: String,
     pub address: RemoteHost,
-    pub systemd: Systemd,
+    pub bus: Bus,
     pub unit_dir: PathBuf,
-    pub job_timeout: Duration,
     /// ssh's own timeouts, for the bus and for every file operation.
     pub timeouts: SshTimeouts,
 }
@@ -62,9 +61,11 @@ impl SshHost {
         let mut host = SshHost {
             name: name.to_string(),
             address: address.clone(),
-            systemd,
+            bus: Bus {
+                systemd,
+                job_timeout: timeout,
+            },
             unit_dir: unit_dir.to_path_buf(),
-            job_timeout: timeout,
             timeouts,
         };
         host.read_unit_dir()
@@ -157,6 +158,12 @@ fn write_script(path: &Path, entry: &Entry) -> String {
     }
 }
 
+impl OnBus for SshHost {
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
+}
+
 impl Host for SshHost {
     async fn read_unit_dir(&mut self) -> Result<OnDisk> {
         let tar = self.run(read_script(&self.unit_dir), Vec::new()).await?;
@@ -213,26 +220,6 @@ impl Host for SshHost {
         }
         self.run(script, Vec::new()).await?;
         Ok(())
-    }
-
-    async fn list_units(&mut self, patterns: &[&str]) -> Result<Vec<UnitState>> {
-        self.systemd.list(patterns).await
-    }
-
-    async fn daemon_reload(&mut self) -> Result<()> {
-        self.systemd.daemon_reload().await
-    }
-
-    async fn reset_failed(&mut self, unit: &str) -> Result<()> {
-        self.systemd.reset_failed(unit).await
-    }
-
-    async fn run_jobs(&mut self, jobs: &[Job]) -> Result<()> {
-        self.systemd.run_jobs(jobs, self.job_timeout).await
-    }
-
-    async fn not_active(&mut self, services: &[String]) -> Result<Vec<String>> {
-        not_active(&self.systemd, services).await
     }
 
     async fn nginx(&mut self) -> Result<Option<ObservedNginx>> {

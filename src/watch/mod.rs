@@ -480,7 +480,7 @@ impl Watcher {
             }
             intent.counts.insert(pool.clone(), decision.to);
             intent.written_by = "watch".into();
-            intent = match state::write_intent(&self.paths, &lock, intent) {
+            intent = match state::write_intent(&lock, intent) {
                 Ok(i) => i,
                 Err(e) => {
                     eprintln!("watch: {why}: {e:#}");
@@ -512,8 +512,7 @@ impl Watcher {
             leave_failed: true,
             hosts_out: hosts_out.clone(),
         };
-        let result =
-            apply::converge_front(&self.paths, &lock, &intent, &opts, &Interrupt::never()).await;
+        let result = apply::converge_front(&lock, &intent, &opts, &Interrupt::never()).await;
         if let Change::Restart(unit) = &change {
             let job = Job::new(JobKind::Restart, unit.as_str());
             if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
