@@ -110,6 +110,12 @@ fn quick(m: &mut Machine, mode: Mode, n: u32, r: &mut Value) -> Result<()> {
         nochange.push(v);
     }
     r["apply_nochange"] = json!(nochange);
+    r["show_batched"] = batched_shows(m, mode, n)?;
+    Ok(())
+}
+
+/// `quick_reps` batched `systemctl show` of the units of N workers.
+fn batched_shows(m: &mut Machine, mode: Mode, n: u32) -> Result<Value> {
     let mut show = Vec::new();
     for _ in 0..mode.quick_reps {
         show.push(timed(
@@ -117,8 +123,7 @@ fn quick(m: &mut Machine, mode: Mode, n: u32, r: &mut Value) -> Result<()> {
             &bash(format!("systemctl show {} >/dev/null", units(n))),
         )?);
     }
-    r["show_batched"] = json!(show);
-    Ok(())
+    Ok(json!(show))
 }
 
 /// One round at N = `mode.workers`: nothing → apply N → no-change applies
@@ -162,14 +167,7 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
     ))?;
     r["start_batched"] = timed(m, &bash(format!("systemctl start {}", units(n))))?;
     wait_active(m, POOL, n)?;
-    let mut show = Vec::new();
-    for _ in 0..mode.quick_reps {
-        show.push(timed(
-            m,
-            &bash(format!("systemctl show {} >/dev/null", units(n))),
-        )?);
-    }
-    r["show_batched"] = json!(show);
+    r["show_batched"] = batched_shows(m, mode, n)?;
     r["stop_batched"] = timed(m, &bash(format!("systemctl stop {}", units_range(2..=n))))?;
     m.succeed(&format!("systemctl stop 'cgipool-{POOL}@*'"))?;
     r["start_loop"] = timed(
@@ -182,14 +180,9 @@ fn full_round(m: &mut Machine, mode: Mode, rep: u32) -> Result<Value> {
     m.succeed(&format!("systemctl stop 'cgipool-{POOL}@*'"))?;
     // Back to nothing for the next round and the data path.
     m.succeed_within(&format!("cgipool down {CONFIG}"), Duration::from_secs(120))?;
+    let [up, start, start_loop, down, _, nochange, show] = full_round_cells(&r);
     eprintln!(
-        "  round {rep}: apply 0→{n} {}, batched start {}, loop {}, apply {n}→1 {}, no-change apply {}, batched show {} (s)",
-        fmt_secs(&r["apply_up"]),
-        fmt_secs(&r["start_batched"]),
-        fmt_secs(&r["start_loop"]),
-        fmt_secs(&r["apply_down"]),
-        fmt_med(&r["apply_nochange"]),
-        fmt_med(&r["show_batched"]),
+        "  round {rep}: apply 0→{n} {up}, batched start {start}, loop {start_loop}, apply {n}→1 {down}, no-change apply {nochange}, batched show {show} (s)"
     );
     Ok(r)
 }
@@ -232,14 +225,9 @@ pub(super) fn size_round(m: &mut Machine, mode: Mode, n: u32) -> Result<Value> {
         &format!("every unit of {POOLS_GLOB} to be gone after down"),
         jobs_limit(n),
     )?;
+    let [up, start, down, stop, nochange, show] = size_round_cells(&r);
     eprintln!(
-        "  {n} workers: apply 0→{n} {}, batched start {}, down {}, batched stop {}, no-change apply {}, batched show {} (s)",
-        fmt_secs(&r["apply_up"]),
-        fmt_secs(&r["start_batched"]),
-        fmt_secs(&r["down"]),
-        fmt_secs(&r["stop_all_batched"]),
-        fmt_med(&r["apply_nochange"]),
-        fmt_med(&r["show_batched"]),
+        "  {n} workers: apply 0→{n} {up}, batched start {start}, down {down}, batched stop {stop}, no-change apply {nochange}, batched show {show} (s)"
     );
     Ok(r)
 }

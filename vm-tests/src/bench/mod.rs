@@ -15,6 +15,8 @@ mod runs;
 mod setup;
 mod stats;
 mod summary;
+mod summary_control;
+mod summary_data_path;
 
 use control::*;
 use report::*;

@@ -38,6 +38,35 @@ pub(super) fn fmt_med(v: &Value) -> String {
     }
 }
 
+/// A full round's figures (control.rs) as cells, in the order of the
+/// report's table: apply 0→N, batched start, loop of starts, apply N→1,
+/// batched stop of N-1, no-change apply and batched show (medians).
+pub(super) fn full_round_cells(r: &Value) -> [String; 7] {
+    [
+        fmt_secs(&r["apply_up"]),
+        fmt_secs(&r["start_batched"]),
+        fmt_secs(&r["start_loop"]),
+        fmt_secs(&r["apply_down"]),
+        fmt_secs(&r["stop_batched"]),
+        fmt_med(&r["apply_nochange"]),
+        fmt_med(&r["show_batched"]),
+    ]
+}
+
+/// A round at a further size's figures (control.rs) as cells, in the order
+/// of the report's table: apply 0→N, batched start, `cgipool down` N→0,
+/// batched stop of 2N units, no-change apply and batched show (medians).
+pub(super) fn size_round_cells(r: &Value) -> [String; 6] {
+    [
+        fmt_secs(&r["apply_up"]),
+        fmt_secs(&r["start_batched"]),
+        fmt_secs(&r["down"]),
+        fmt_secs(&r["stop_all_batched"]),
+        fmt_med(&r["apply_nochange"]),
+        fmt_med(&r["show_batched"]),
+    ]
+}
+
 pub(super) fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value) {
     let rows = rows(rep, mode);
     let mi = &rep.machine;
@@ -185,15 +214,9 @@ pub(super) fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value
         let up = &r["apply_up"];
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB |",
+            "| {} | {} | {:.1} / {:.1} MiB |",
             r["round"],
-            fmt_secs(up),
-            fmt_secs(&r["start_batched"]),
-            fmt_secs(&r["start_loop"]),
-            fmt_secs(&r["apply_down"]),
-            fmt_secs(&r["stop_batched"]),
-            fmt_med(&r["apply_nochange"]),
-            fmt_med(&r["show_batched"]),
+            full_round_cells(r).join(" | "),
             up["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
             up["tree_maxrss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
         );
@@ -211,14 +234,9 @@ pub(super) fn render(rep: &Report, mode: Mode, took: Duration) -> (String, Value
         for r in sized {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} MiB |",
+                "| {} | {} | {:.1} MiB |",
                 r["workers"],
-                fmt_secs(&r["apply_up"]),
-                fmt_secs(&r["start_batched"]),
-                fmt_secs(&r["down"]),
-                fmt_secs(&r["stop_all_batched"]),
-                fmt_med(&r["apply_nochange"]),
-                fmt_med(&r["show_batched"]),
+                size_round_cells(r).join(" | "),
                 r["apply_up"]["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0,
             );
         }
