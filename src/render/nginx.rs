@@ -351,13 +351,13 @@ route = "/local"
         assert!(ng.locations.contains("proxy_read_timeout 60s;"));
         assert!(ng
             .locations
-            .contains("limit_req zone=cgipool_search_req burst=10 nodelay;"));
+            .contains("limit_req zone=cgipool_search-req burst=10 nodelay;"));
         assert!(ng
             .locations
-            .contains("limit_req zone=cgipool_auth_req nodelay;"));
+            .contains("limit_req zone=cgipool_auth-req nodelay;"));
         assert!(ng
             .upstreams
-            .contains("limit_req_zone $binary_remote_addr zone=cgipool_auth_req:10m rate=600r/m;"));
+            .contains("limit_req_zone $binary_remote_addr zone=cgipool_auth-req:10m rate=600r/m;"));
         assert_eq!(nginx_time("1min 30s", 0), "90s");
         assert_eq!(nginx_time("1500ms", 0), "1500ms");
         assert_eq!(nginx_time("2h", 0), "7200s");
@@ -436,7 +436,7 @@ route = "/local"
             "fastcgi_param PATH_INFO $cgipool_path_info;",
             "fastcgi_read_timeout 1500ms;",
             "client_max_body_size 16m;",
-            "limit_req zone=cgipool_php_req burst=10 nodelay;",
+            "limit_req zone=cgipool_php-req burst=10 nodelay;",
             "location /app {\n    fastcgi_pass cgipool_app;",
             "fastcgi_keep_conn on;",
         ] {
@@ -513,12 +513,37 @@ route = "/local"
         );
     }
 
+    #[test]
+    fn the_dotfile_rule_applies_below_the_route() {
+        let c = cfg(
+            "x.toml",
+            "[pool.wk]\nprotocol = \"fastcgi\"\nexec = \"/bin/true\"\n\
+             route = \"/.well-known/\"\ndocument_root = \"/usr\"\n",
+        );
+        let ng = nginx(&c, &all_active(&c));
+        assert!(
+            ng.locations
+                .contains("    location ~ ^/\\\\.well-known/(.*/)?\\. {\n        return 404;"),
+            "{}",
+            ng.locations
+        );
+    }
+
     /// `nginx -t` on the rendered files (skipped with a notice when nginx is
     /// not installed).
     #[test]
     fn nginx_accepts_rendered_files() {
         const LARGEST: &str =
             "[pool.big]\nexec = \"/bin/true\"\nroute = \"/big\"\nmin = 512\nmax = 512\n";
+        // Zone names that a join with `_` would make the same: pool `a`'s
+        // limit zones and pools `a_req` and `a_conn`'s upstream zones.
+        const ZONES: &str = "[pool.a]\nexec = \"/bin/true\"\nroute = \"/a\"\n\
+             rate_limit = \"10r/s\"\nmax_connections = 10\n\
+             [pool.a_req]\nexec = \"/bin/true\"\nroute = \"/b\"\nqueue = \"per-worker\"\n\
+             [pool.a_conn]\nexec = \"/bin/true\"\nroute = \"/c\"\nqueue = \"per-worker\"\n";
+        // A PHP-style pool on a route with a dot segment.
+        const DOTTED: &str = "[pool.wk]\nprotocol = \"fastcgi\"\nexec = \"/bin/true\"\n\
+             route = \"/.well-known/\"\ndocument_root = \"/usr\"\nrate_limit = \"1r/s\"\n";
         if std::process::Command::new("nginx")
             .arg("-v")
             .output()
@@ -542,6 +567,8 @@ route = "/local"
             // The largest pool the config allows, every worker active: the
             // upstream zone must hold 512 servers.
             (LARGEST, None),
+            (ZONES, None),
+            (DOTTED, None),
         ] {
             let c = cfg("x.toml", text);
             let active = active.unwrap_or_else(|| all_active(&c));

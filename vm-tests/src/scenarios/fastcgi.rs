@@ -61,7 +61,16 @@ pub(super) fn apply_and_route(m: &mut Machine, url: &str) -> Result<()> {
 /// an uploaded file), a 50 MiB streamed response, PCRE in the sandbox.
 fn php_scripts(m: &mut Machine) -> Result<()> {
     install_php(m)?;
-    write_config(m, &php_pool("php", "/php", "min = 2\nbody_limit = \"8m\""))?;
+    // A second pool on a route with a dot segment (/.well-known): the
+    // dotfile rule applies below a route, never to the route itself.
+    write_config(
+        m,
+        &format!(
+            "{}{}",
+            php_pool("php", "/php", "min = 2\nbody_limit = \"8m\""),
+            php_pool("wk", "/.well-known", "min = 1\nmax = 1")
+        ),
+    )?;
     apply_and_route(m, "http://127.0.0.1/php/hello.php")?;
     assert_pool_running(m, "php", 2)?;
     let unit = m.succeed("cat /etc/systemd/system/cgipool-php@.service")?;
@@ -178,8 +187,26 @@ fn php_scripts(m: &mut Machine) -> Result<()> {
     let (code, _, _) = request(m, "http://127.0.0.1/php/missing.php")?;
     ensure!(code == 404, "a missing script answered {code}");
     m.succeed(&format!("echo secret > {DOCROOT}/.env"))?;
-    let (code, _, _) = request(m, "http://127.0.0.1/php/.env")?;
-    ensure!(code == 404, "a dotfile answered {code}");
+    m.succeed(&format!("echo secret > {DOCROOT}/static/.env"))?;
+    for url in [
+        "http://127.0.0.1/php/.env",
+        "http://127.0.0.1/php/static/.env",
+        "http://127.0.0.1/.well-known/.env",
+        "http://127.0.0.1/.well-known/static/.env",
+    ] {
+        let (code, _, _) = request(m, url)?;
+        ensure!(code == 404, "the dotfile {url} answered {code}");
+    }
+    let (code, _, body) = request(m, "http://127.0.0.1/.well-known/static/style.css")?;
+    ensure!(
+        code == 200 && body.contains("color"),
+        "a static file under /.well-known answered {code}: {body}"
+    );
+    let (code, _, body) = request(m, "http://127.0.0.1/.well-known/hello.php")?;
+    ensure!(
+        code == 200 && body.contains("hello from"),
+        "a script under /.well-known answered {code}: {body}"
+    );
 
     // 50 MiB streamed; the worker's peak memory stays far below it.
     let out = m.succeed(
