@@ -13,7 +13,7 @@ FUZZ_LONG_SECONDS ?= 300
 PAYLOAD := target/vm-payload
 export VM_TEST_TIMEOUT_FACTOR
 
-.PHONY: all build deps test test-all cargo-test workers-test gateway-fuzz fuzz image payload vm-test demo demo-run bench bench-smoke clean lint \
+.PHONY: all build deps test test-all cargo-test workers-test gateway-fuzz fuzz image payload vm-test demo demo-run bench bench-smoke bench-cpu clean lint \
         cargo-deb deb-assets deb deb-lint deb-payload
 
 all: build
@@ -127,6 +127,13 @@ bench: export PROFILE = release
 bench: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
 	  CGIPOOL_BENCH_PROFILE=$(PROFILE) $(CARGO) run -q -p vm-tests -- bench
+
+# The CPU one CGI request costs on this host, outside any guest: cgipool's
+# gateway against fcgiwrap, the same program, and the program alone
+# (bench/host/cpu_per_request.py; root, fcgiwrap installed).
+bench-cpu: export PROFILE = release
+bench-cpu: build
+	python3 bench/host/cpu_per_request.py
 
 bench-smoke: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \
