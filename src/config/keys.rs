@@ -62,13 +62,23 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "index",
     "pcre_jit",
 ];
-/// Environment variables the units set for every worker.
+/// Environment variables the units or systemd set for the workers: a
+/// pool's `environment` would override them (systemd puts Environment=
+/// after its own), breaking socket activation, the watchdog or php-cgi's
+/// one process per unit.
 const RESERVED_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
     "CGIPOOL_POOL",
     "CGIPOOL_WORKER",
     "CGIPOOL_MAX_REQUESTS",
     "CGIPOOL_ACCESS_LOG",
+    "PHP_FCGI_CHILDREN",
+    "PHP_FCGI_MAX_REQUESTS",
 ];
 
 /// Reject keys that are not pool keys. Returns true when the key is one.

@@ -14,8 +14,8 @@ use super::fastcgi::{self, FastCgiFields};
 use super::keys::{check_pool_key, parse_env};
 use super::model::{Pool, Protocol, Queue, MAX_WORKERS};
 use super::values::{
-    check_abs_path, get_abs_path, get_abs_path_list, get_duration, health_path_problem, memory_ok,
-    nginx_size_ok, percent, positive, rate_ok, route_problem, user_name_ok,
+    get_abs_path, get_abs_path_list, get_duration, get_program_path, health_path_problem,
+    memory_ok, nginx_size_ok, percent, positive, rate_ok, route_problem, user_name_ok,
 };
 
 /// Fewest requests `max_requests` allows: every recycle is a start, and
@@ -78,11 +78,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
     let sp = src.span();
     let key = src.key.as_str();
     match src.name.as_str() {
-        "exec" => {
-            if let Some(s) = get_str(cx, src) {
-                f.exec = check_abs_path(cx, sp, key, &s);
-            }
-        }
+        "exec" => f.exec = get_program_path(cx, src),
         "args" => f.args = get_str_list(cx, src).map(|l| l.into_iter().map(|(s, _)| s).collect()),
         "description" => {
             if let Some(s) = get_str(cx, src) {
@@ -242,7 +238,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
             }
         }
         "gateway" => {
-            f.gateway = get_abs_path(cx, src);
+            f.gateway = get_program_path(cx, src);
             f.gateway_at = Some((sp, key.to_string()));
         }
         "working_directory" => f.working_directory = get_abs_path(cx, src),
@@ -273,7 +269,8 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
             }
         }
         "burst" => f.burst = get_u32(cx, src, 0, 1_000_000),
-        "max_connections" => f.max_connections = get_u32(cx, src, 1, 1_000_000),
+        // nginx's limit_conn takes at most 65535.
+        "max_connections" => f.max_connections = get_u32(cx, src, 1, 65_535),
         "health_path" => {
             if let Some(s) = get_str(cx, src) {
                 match health_path_problem(&s) {

@@ -299,3 +299,34 @@ fn a_value_ending_in_a_backslash_is_refused() {
         "{e}"
     );
 }
+
+/// Values systemd or nginx would refuse, or silently ignore, when they read
+/// the rendered files: refused here, at their key and line.
+#[test]
+fn values_the_host_would_refuse_are_refused_here() {
+    // systemd drops a MemoryMax= past u64 and runs the worker unlimited.
+    let e = one_err("memory_max = \"99999999999999999T\"");
+    assert!(e.starts_with("t.toml:4:14: pool.p.memory_max:"), "{e}");
+    ok(&pool_with("memory_max = \"16777215T\""));
+    // nginx: client_max_body_size past i64, limit_conn past 65535.
+    let e = one_err("body_limit = \"999999999999g\"");
+    assert!(e.starts_with("t.toml:4:14: pool.p.body_limit:"), "{e}");
+    ok(&pool_with("body_limit = \"8589934591g\""));
+    let e = one_err("max_connections = 70000");
+    assert!(e.contains("pool.p.max_connections") && e.contains("65535"), "{e}");
+    ok(&pool_with("max_connections = 65535"));
+    // systemd refuses an ExecStart= that names a directory.
+    let e = errs("[pool.p]\nexec = \"/usr/bin/\"\nroute = \"/p\"\n");
+    assert!(
+        e.iter().any(|l| l.starts_with("t.toml:2:8: pool.p.exec:") && l.contains("directory")),
+        "{e:#?}"
+    );
+    let e = one_err("protocol = \"cgi\"\ngateway = \"/opt/cgipool/\"");
+    assert!(e.starts_with("t.toml:5:11: pool.p.gateway:"), "{e}");
+    // The pool's environment comes after the unit's own Environment= and
+    // systemd's: it must not replace what activation and php-cgi rely on.
+    for name in ["LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC", "PHP_FCGI_CHILDREN"] {
+        let e = one_err(&format!("environment = {{ {name} = \"8\" }}"));
+        assert!(e.contains(&format!("{name} is reserved")), "{e}");
+    }
+}

@@ -61,6 +61,24 @@ pub(crate) fn abs_path_problem(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A program to run (`exec`, `gateway`): an absolute path that names a
+/// file, not a directory (systemd refuses an ExecStart= ending in `/`).
+pub(super) fn get_program_path(cx: &mut Cx<'_>, src: &Src<'_>) -> Option<PathBuf> {
+    let p = get_abs_path(cx, src)?;
+    if p.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        cx.err(
+            src.span(),
+            &src.key,
+            format!(
+                "{:?} names a directory: give the program's file",
+                p.display().to_string()
+            ),
+        );
+        return None;
+    }
+    Some(p)
+}
+
 pub(super) fn get_abs_path_list(cx: &mut Cx<'_>, src: &Src<'_>) -> Option<Vec<PathBuf>> {
     let list = get_str_list(cx, src)?;
     let mut out = Vec::new();
@@ -132,14 +150,36 @@ pub(super) fn memory_ok(s: &str) -> bool {
     if let Some(p) = percent(s) {
         return (1..=100).contains(&p);
     }
-    let n = s.strip_suffix(['K', 'M', 'G', 'T']).unwrap_or(s);
-    positive(n)
+    // systemd refuses (and then ignores: no limit at all) a size past u64.
+    const UNITS: &[(char, u32)] = &[('K', 10), ('M', 20), ('G', 30), ('T', 40)];
+    bytes_with_suffix(s, UNITS).is_some_and(|b| b > 0)
 }
 
-/// nginx size: bytes with an optional k/K/m/M/g/G suffix ("0" disables).
+/// nginx size: bytes with an optional k/K/m/M/g/G suffix ("0" disables),
+/// at most what nginx's offsets hold (i64).
 pub(super) fn nginx_size_ok(s: &str) -> bool {
-    let n = s.strip_suffix(['k', 'K', 'm', 'M', 'g', 'G']).unwrap_or(s);
-    all_digits(n) && n.len() <= 12
+    const UNITS: &[(char, u32)] = &[
+        ('k', 10),
+        ('K', 10),
+        ('m', 20),
+        ('M', 20),
+        ('g', 30),
+        ('G', 30),
+    ];
+    bytes_with_suffix(s, UNITS).is_some_and(|b| b <= i64::MAX as u64)
+}
+
+/// `s` in bytes: decimal digits, then at most one suffix of `units` (a
+/// power of two, by its exponent). None when it is not that or overflows u64.
+fn bytes_with_suffix(s: &str, units: &[(char, u32)]) -> Option<u64> {
+    let (digits, shift) = match units.iter().find(|(c, _)| s.ends_with(*c)) {
+        Some((c, shift)) => (&s[..s.len() - c.len_utf8()], *shift),
+        None => (s, 0),
+    };
+    if !all_digits(digits) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 /// nginx rate: "20r/s" or "600r/m".
