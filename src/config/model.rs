@@ -172,7 +172,38 @@ pub struct Pool {
     pub port: Option<u16>,
 }
 
+/// How nginx tells two locations apart when it looks for duplicates: `=`
+/// locations among themselves, prefix locations (with or without `^~`)
+/// among themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LocationKind {
+    Exact,
+    Prefix,
+}
+
 impl Pool {
+    /// Every location nginx may get for this pool's route (render::nginx):
+    /// the route as a prefix (every pool, and a pool without workers); with
+    /// PHP-style routing (`document_root`) also `^~ /blog/` and `= /blog`
+    /// (the redirect; none for `/`).
+    pub fn nginx_locations(&self) -> Vec<(LocationKind, String)> {
+        let mut v = vec![(LocationKind::Prefix, self.route.clone())];
+        if self
+            .fastcgi
+            .as_ref()
+            .is_some_and(|f| f.document_root.is_some())
+        {
+            let base = self.route.trim_end_matches('/');
+            v.push((LocationKind::Prefix, format!("{base}/")));
+            if !base.is_empty() {
+                v.push((LocationKind::Exact, base.to_string()));
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// True when some of the workers run on a host other than the front.
     pub fn is_remote(&self) -> bool {
         self.hosts.iter().any(|h| h != LOCAL_HOST)

@@ -8,7 +8,9 @@ use toml_edit::TableLike;
 
 use super::diag::{entries, get_bool, get_str, type_err, unknown_key, Cx, Src};
 use super::keys::{check_pool_key, parse_env, NGINX_KEYS, POOL_KEYS, TOP_KEYS, WATCH_SECTION_KEYS};
-use super::model::{Config, Nginx, DEFAULT_LOCATIONS, DEFAULT_UPSTREAMS, MAX_POOL_NAME};
+use super::model::{
+    Config, LocationKind, Nginx, DEFAULT_LOCATIONS, DEFAULT_UPSTREAMS, MAX_POOL_NAME,
+};
 use super::pool::{apply_field, parse_pool, PoolFields};
 use super::values::{get_abs_path, pool_name_ok, unit_name_ok, user_name_ok};
 
@@ -83,7 +85,8 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
     }
 
     let mut pools = BTreeMap::new();
-    let mut routes: BTreeMap<String, (String, Src<'_>)> = BTreeMap::new();
+    // Every pool's nginx locations: the pool and its route.
+    let mut routes: BTreeMap<(LocationKind, String), (String, String)> = BTreeMap::new();
     let mut pool_sources = BTreeMap::new();
     match &pool_section {
         None => cx.err(
@@ -121,22 +124,34 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
                     if let Some(pool) =
                         parse_pool(cx, &raw_name, psrc, ptable, &default_values, &default_env)
                     {
-                        // Route uniqueness.
+                        // Route uniqueness, as nginx sees it: no location
+                        // of this pool's may be another pool's.
                         let route_src = entries(&psrc.key, ptable)
                             .into_iter()
                             .find(|s| s.name == "route");
                         if let Some(rs) = route_src {
-                            if let Some((other, _)) = routes.get(&pool.route) {
+                            let mine = pool.nginx_locations();
+                            let taken = mine.iter().find_map(|l| routes.get(l).map(|o| (l, o)));
+                            if let Some(((_, at), (other, other_route))) = taken {
+                                let how = if *at == pool.route && at == other_route {
+                                    String::new()
+                                } else {
+                                    format!(
+                                        " (nginx would get location {at:?} for both routes, {other_route:?} and this)"
+                                    )
+                                };
                                 cx.err(
                                     rs.span(),
                                     &rs.key,
                                     format!(
-                                        "route {:?} is already used by pool.{other}",
+                                        "route {:?} is already used by pool.{other}{how}",
                                         pool.route
                                     ),
                                 );
                             } else {
-                                routes.insert(pool.route.clone(), (raw_name.clone(), rs));
+                                for l in mine {
+                                    routes.insert(l, (raw_name.clone(), pool.route.clone()));
+                                }
                             }
                         }
                         pool_sources.insert(

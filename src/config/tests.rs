@@ -313,20 +313,49 @@ fn values_the_host_would_refuse_are_refused_here() {
     assert!(e.starts_with("t.toml:4:14: pool.p.body_limit:"), "{e}");
     ok(&pool_with("body_limit = \"8589934591g\""));
     let e = one_err("max_connections = 70000");
-    assert!(e.contains("pool.p.max_connections") && e.contains("65535"), "{e}");
+    assert!(
+        e.contains("pool.p.max_connections") && e.contains("65535"),
+        "{e}"
+    );
     ok(&pool_with("max_connections = 65535"));
     // systemd refuses an ExecStart= that names a directory.
     let e = errs("[pool.p]\nexec = \"/usr/bin/\"\nroute = \"/p\"\n");
     assert!(
-        e.iter().any(|l| l.starts_with("t.toml:2:8: pool.p.exec:") && l.contains("directory")),
+        e.iter()
+            .any(|l| l.starts_with("t.toml:2:8: pool.p.exec:") && l.contains("directory")),
         "{e:#?}"
     );
     let e = one_err("protocol = \"cgi\"\ngateway = \"/opt/cgipool/\"");
     assert!(e.starts_with("t.toml:5:11: pool.p.gateway:"), "{e}");
     // The pool's environment comes after the unit's own Environment= and
     // systemd's: it must not replace what activation and php-cgi rely on.
-    for name in ["LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC", "PHP_FCGI_CHILDREN"] {
+    for name in [
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "WATCHDOG_USEC",
+        "PHP_FCGI_CHILDREN",
+    ] {
         let e = one_err(&format!("environment = {{ {name} = \"8\" }}"));
         assert!(e.contains(&format!("{name} is reserved")), "{e}");
     }
+}
+
+/// Two routes that differ as text but give nginx the same location: a
+/// PHP-style pool on /x has `^~ /x/`, the location of a pool on /x/.
+#[test]
+fn routes_are_unique_as_nginx_locations() {
+    let php = "[pool.php]\nprotocol = \"fastcgi\"\nexec = \"/usr/local/bin/app\"\nroute = \"/x\"\n\
+               document_root = \"/usr\"\n";
+    let api = "[pool.api]\nexec = \"/bin/p\"\nroute = \"/x/\"\n";
+    let e = errs(&format!("{php}{api}"));
+    assert_eq!(
+        e,
+        ["t.toml:8:9: pool.api.route: route \"/x/\" is already used by pool.php \
+          (nginx would get location \"/x/\" for both routes, \"/x\" and this)"]
+    );
+    // Without document_root the FastCGI pool has one location, /x.
+    ok(&format!("{}{api}", php.replace("document_root = \"/usr\"\n", "")));
+    // The same route as text, as before.
+    let e = errs(&format!("{api}{}", api.replace("pool.api", "pool.b")));
+    assert_eq!(e, ["t.toml:6:9: pool.b.route: route \"/x/\" is already used by pool.api"]);
 }
