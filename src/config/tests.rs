@@ -350,12 +350,143 @@ fn routes_are_unique_as_nginx_locations() {
     let e = errs(&format!("{php}{api}"));
     assert_eq!(
         e,
-        ["t.toml:8:9: pool.api.route: route \"/x/\" is already used by pool.php \
-          (nginx would get location \"/x/\" for both routes, \"/x\" and this)"]
+        [
+            "t.toml:8:9: pool.api.route: route \"/x/\" is already used by pool.php \
+          (nginx would get location \"/x/\" for both routes, \"/x\" and this)"
+        ]
     );
     // Without document_root the FastCGI pool has one location, /x.
-    ok(&format!("{}{api}", php.replace("document_root = \"/usr\"\n", "")));
+    ok(&format!(
+        "{}{api}",
+        php.replace("document_root = \"/usr\"\n", "")
+    ));
     // The same route as text, as before.
     let e = errs(&format!("{api}{}", api.replace("pool.api", "pool.b")));
-    assert_eq!(e, ["t.toml:6:9: pool.b.route: route \"/x/\" is already used by pool.api"]);
+    assert_eq!(
+        e,
+        ["t.toml:6:9: pool.b.route: route \"/x/\" is already used by pool.api"]
+    );
+}
+
+// Pool keys (pool.rs).
+#[test]
+fn burst_defaults_to_10_with_rate_limit() {
+    let c = ok(&pool_with("rate_limit = \"20r/s\""));
+    assert_eq!(c.pools["p"].burst, 10);
+    let c = ok(&pool_with("rate_limit = \"20r/s\"\nburst = 0"));
+    assert_eq!(c.pools["p"].burst, 0);
+}
+
+#[test]
+fn ranges() {
+    assert!(one_err("min = 0").contains("must be between 1 and 512, got 0"));
+    assert!(one_err("max = 513").contains("must be between 1 and 512, got 513"));
+    assert!(one_err("min = -1").contains("must be between 1 and 512"));
+    // min > max where max comes from the default (5).
+    assert!(one_err("min = 6").contains("min (6) must not be greater than max (5)"));
+    // max < default min (2): reported at the pool header.
+    assert_eq!(
+        one_err("max = 1"),
+        "t.toml:1:1: pool.p.min: min (2) must not be greater than max (1)"
+    );
+    ok(&pool_with("min = 1\nmax = 1"));
+}
+
+#[test]
+fn queue_modes() {
+    assert_eq!(ok(&pool_with("")).pools["p"].queue, Queue::Shared);
+    let c = ok(&pool_with("queue = \"per-worker\""));
+    assert_eq!(c.pools["p"].queue, Queue::PerWorker);
+    let c = ok(&pool_with("queue = \"shared\""));
+    assert_eq!(c.pools["p"].queue, Queue::Shared);
+    let e = one_err("queue = \"perworker\"");
+    assert!(e.starts_with("t.toml:"), "{e}");
+    assert!(
+        e.contains("pool.p.queue: expected \"shared\" or \"per-worker\", got \"perworker\""),
+        "{e}"
+    );
+    assert!(one_err("queue = 1").contains("pool.p.queue"));
+}
+
+#[test]
+fn cgi_pools() {
+    let c = ok(&pool_with("protocol = \"cgi\""));
+    assert_eq!(c.pools["p"].protocol, Protocol::Cgi);
+    assert_eq!(c.pools["p"].gateway, crate::paths::cgipool_binary());
+    for bad in ["notify = true", "watchdog_sec = \"5s\""] {
+        let e = errs(&pool_with(&format!("protocol = \"cgi\"\n{bad}")));
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        assert!(
+            e[0].contains("not available for protocol = \"cgi\""),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn reap_abandoned_is_on_by_default_and_not_for_cgi() {
+    assert!(ok(&pool_with("")).pools["p"].reap_abandoned);
+    assert!(!ok(&pool_with("reap_abandoned = false")).pools["p"].reap_abandoned);
+    let e = errs(&pool_with("protocol = \"cgi\"\nreap_abandoned = false"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("pool.p.reap_abandoned"), "{e:?}");
+}
+
+#[test]
+fn keepalive_is_on_for_http_pools_and_only_theirs() {
+    assert!(ok(&pool_with("")).pools["p"].keepalive);
+    assert!(!ok(&pool_with("keepalive = false")).pools["p"].keepalive);
+    assert!(!ok(&pool_with("protocol = \"cgi\"")).pools["p"].keepalive);
+    let e = errs(&pool_with("protocol = \"cgi\"\nkeepalive = true"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("pool.p.keepalive: `keepalive` is only for protocol = \"http\""),
+        "{e:?}"
+    );
+    assert!(one_err("keepalive = \"yes\"").contains("pool.p.keepalive"));
+}
+
+#[test]
+fn max_requests_and_protocols() {
+    assert_eq!(
+        ok(&pool_with("max_requests = 5000")).pools["p"].max_requests,
+        Some(5000)
+    );
+    assert_eq!(ok(&pool_with("")).pools["p"].max_requests, None);
+    let e = one_err("max_requests = 4999");
+    assert!(
+        e.starts_with("t.toml:4:16: pool.p.max_requests: must be at least 5000, got 4999")
+            && e.contains("20 starts within 10 s"),
+        "{e}"
+    );
+    assert!(one_err("max_requests = \"5\"").contains("expected an integer"));
+    assert!(one_err("environment = { CGIPOOL_MAX_REQUESTS = \"5\" }").contains("reserved"));
+    assert!(one_err("protocol = \"scgi\"")
+        .contains("expected \"http\", \"cgi\" or \"fastcgi\", got \"scgi\""));
+    let c = ok(&pool_with("protocol = \"fastcgi\""));
+    assert_eq!(c.pools["p"].protocol, Protocol::FastCgi);
+    assert!(c.pools["p"].fastcgi.is_some());
+    assert!(ok(&pool_with("")).pools["p"].fastcgi.is_none());
+}
+
+/// A `[defaults]` key that is only for some protocols applies to the pools
+/// of those protocols and is left out for the others.
+#[test]
+fn defaults_apply_where_they_fit_the_protocol() {
+    let c = ok("[defaults]\nkeepalive = false\nreap_abandoned = false\n\
+                gateway = \"/opt/cgipool/bin/cgipool\"\nkeep_conn = true\n\
+                [pool.web]\nexec = \"/bin/p\"\nroute = \"/web\"\n\
+                [pool.cgi]\nprotocol = \"cgi\"\nexec = \"/bin/p\"\nroute = \"/cgi\"\n\
+                [pool.app]\nprotocol = \"fastcgi\"\nexec = \"/usr/local/bin/app\"\nroute = \"/app\"\n");
+    let (web, cgi, app) = (&c.pools["web"], &c.pools["cgi"], &c.pools["app"]);
+    assert!(!web.keepalive && !web.reap_abandoned && web.fastcgi.is_none());
+    assert_eq!(cgi.gateway, PathBuf::from("/opt/cgipool/bin/cgipool"));
+    assert!(!app.reap_abandoned);
+    assert!(app.fastcgi.as_ref().is_some_and(|f| f.keep_conn));
+    // In a pool's own table the same key is still an error.
+    let e = one_err("protocol = \"cgi\"\nreap_abandoned = true");
+    assert!(
+        e.contains("reap_abandoned is not for protocol = \"cgi\""),
+        "{e}"
+    );
 }
