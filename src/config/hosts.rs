@@ -136,7 +136,7 @@ pub(super) fn check_pools(
     pools: &BTreeMap<String, Pool>,
     sources: &BTreeMap<String, PoolSources<'_>>,
     front_address: Option<IpAddr>,
-    nginx_at: Option<std::ops::Range<usize>>,
+    front_at: Option<std::ops::Range<usize>>,
 ) {
     let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
     let mut any_remote = false;
@@ -199,12 +199,27 @@ pub(super) fn check_pools(
             }
         }
     }
-    if any_remote && front_address.is_none() {
-        cx.err(
-            nginx_at.or(Some(0..0)),
+    match front_address {
+        None if any_remote => cx.err(
+            front_at.or(Some(0..0)),
             "nginx.front_address",
             "missing required key `front_address`: the front's IP address as the other hosts see it (their workers accept connections from it only)",
-        );
+        ),
+        // nginx reaches a host's `listen` address from an address of the
+        // same family, and its workers accept only `front_address`.
+        Some(front) => {
+            for h in hosts.values().filter(|h| h.listen.is_ipv4() != front.is_ipv4()) {
+                cx.err(
+                    front_at.clone().or(Some(0..0)),
+                    "nginx.front_address",
+                    format!(
+                        "{front} and host {}'s address {} are not of one family (IPv4, IPv6): nginx would connect to it from an address its workers refuse",
+                        h.name, h.listen
+                    ),
+                );
+            }
+        }
+        None => {}
     }
 }
 
@@ -282,6 +297,15 @@ mod tests {
         assert!(
             e.len() == 1 && e[0].contains("nginx.front_address: missing required key"),
             "{e:?}"
+        );
+        // An IPv6 host behind an IPv4 front: its sockets would refuse nginx.
+        let e = errs(&format!(
+            "{}[host.web3]\naddress = \"root@[fd00::13]\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n",
+            TWO
+        ));
+        assert_eq!(
+            e,
+            ["t.toml:2:17: nginx.front_address: 10.0.0.10 and host web3's address fd00::13 are not of one family (IPv4, IPv6): nginx would connect to it from an address its workers refuse"]
         );
         let e = errs(&format!(
             "{TWO}[host.local]\naddress = \"x\"\n[pool.p]\nexec = \"/bin/p\"\nroute = \"/p\"\n"

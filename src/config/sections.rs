@@ -38,7 +38,18 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
         }
     }
 
-    let nginx_at = nginx.as_ref().and_then(|n| n.key_span.clone());
+    // Where `front_address` is written, else the [nginx] header.
+    let front_at = nginx.as_ref().and_then(|n| {
+        n.item
+            .as_table_like()
+            .and_then(|t| {
+                entries("nginx", t)
+                    .into_iter()
+                    .find(|s| s.name == "front_address")
+            })
+            .and_then(|s| s.span())
+            .or_else(|| n.key_span.clone())
+    });
     let nginx = parse_nginx(cx, nginx.as_ref());
     let hosts = super::hosts::parse_hosts(cx, host_section.as_ref());
     let watch_enabled = parse_watch(cx, watch.as_ref());
@@ -172,7 +183,7 @@ pub(super) fn parse_root(cx: &mut Cx<'_>, source: &Path, root: &dyn TableLike) -
         &pools,
         &pool_sources,
         nginx.front_address,
-        nginx_at,
+        front_at,
     );
     Some(Config {
         source: source.to_path_buf(),

@@ -78,10 +78,10 @@ mod tests {
 enabled = false
 
 [nginx]
-front_address = "10.231.0.10"
+front_address = "fd00::10"
 
 [host.web1]
-address = "root@10.231.0.11"
+address = "root@[fd00::11]"
 
 [host.web2]
 address = "deploy@web2.example:2222"
@@ -152,7 +152,7 @@ min = 1
         );
         assert_eq!(
             line(&sock, "IPAddress"),
-            ["IPAddressAllow=10.231.0.10", "IPAddressDeny=any"]
+            ["IPAddressAllow=fd00::10", "IPAddressDeny=any"]
         );
         let web1 = host_units(
             &c,
@@ -162,7 +162,7 @@ min = 1
         );
         assert_eq!(
             line(&unit_file(&web1, "cgipool-hello.socket"), "ListenStream="),
-            ["ListenStream=10.231.0.11:9101"]
+            ["ListenStream=[fd00::11]:9101"]
         );
         assert!(web1.entries.contains_key(Path::new(
             "cgipool-hello.target.wants/cgipool-hello@3.service"
@@ -171,7 +171,7 @@ min = 1
         let ng = nginx(&c, &BTreeMap::new());
         assert!(
             ng.upstreams
-                .contains("server 10.231.0.11:9101 max_fails=1 fail_timeout=5s;"),
+                .contains("server [fd00::11]:9101 max_fails=1 fail_timeout=5s;"),
             "{}",
             ng.upstreams
         );
