@@ -73,7 +73,16 @@ pub fn parse(source: &Path, text: &str) -> Result<Config, ConfigError> {
     let doc = match toml_edit::Document::parse(text) {
         Ok(doc) => doc,
         Err(e) => {
-            cx.err(e.span(), "", e.message().trim_end().to_string());
+            let mut msg = e.message().trim_end().to_string();
+            // toml_edit says "duplicate key" without the key: its span has it.
+            if let Some(key) = e
+                .span()
+                .and_then(|r| text.get(r))
+                .filter(|k| msg == "duplicate key" && !k.is_empty())
+            {
+                msg = format!("duplicate key `{}`", key.trim());
+            }
+            cx.err(e.span(), "", msg);
             return Err(cx.into_error());
         }
     };

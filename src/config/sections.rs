@@ -277,7 +277,7 @@ fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
             "check_address" => {
                 if let Some(s) = get_str(cx, &src) {
                     match s.parse::<std::net::SocketAddr>() {
-                        Ok(a) if a.ip().is_loopback() => n.check_address = s,
+                        Ok(a) if a.ip().is_loopback() && a.port() != 0 => n.check_address = s,
                         _ => cx.err(
                             src.span(),
                             &src.key,

@@ -490,3 +490,26 @@ fn defaults_apply_where_they_fit_the_protocol() {
         "{e}"
     );
 }
+
+#[test]
+fn a_duplicate_key_is_named_and_nginx_keys_are_checked() {
+    let e = errs(&pool_with("min = 1\nmin = 2"));
+    assert_eq!(e, ["t.toml:5:1: duplicate key `min`"]);
+    let e = errs(&format!(
+        "[nginx]\nunit = \"nginx@.service\"\ncheck_address = \"127.0.0.1:0\"\n{}",
+        pool_with("")
+    ));
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e[0].starts_with("t.toml:2:8: nginx.unit: invalid unit name"),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with("t.toml:3:17: nginx.check_address:"),
+        "{e:#?}"
+    );
+    ok(&format!(
+        "[nginx]\nunit = \"nginx@main.service\"\n{}",
+        pool_with("")
+    ));
+}

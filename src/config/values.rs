@@ -221,6 +221,9 @@ pub(super) fn unit_name_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c))
         && s.ends_with(".service")
         && s.len() > ".service".len()
+        // A template (`x@.service`) is no unit systemd can reload.
+        && !s.starts_with('@')
+        && !s.ends_with("@.service")
 }
 
 /// A probe path: sent verbatim in a request line, so no spaces or controls.
