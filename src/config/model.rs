@@ -24,6 +24,20 @@ pub struct Config {
     pub hosts: BTreeMap<String, Host>,
 }
 
+impl Config {
+    /// No pools, no hosts, nginx's defaults: what nothing applied looks like
+    /// (a config file needs at least one pool).
+    pub fn empty(source: &std::path::Path) -> Config {
+        Config {
+            source: source.to_path_buf(),
+            nginx: Nginx::default(),
+            watch_enabled: false,
+            pools: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
 /// The name of the front (the host running `cgipool apply` and nginx) in a
 /// pool's `hosts`.
 pub const LOCAL_HOST: &str = "local";
@@ -50,6 +64,20 @@ pub struct Nginx {
     /// The front's IP address as other hosts see it: their worker sockets
     /// accept connections from it only (`IPAddressAllow=`).
     pub front_address: Option<std::net::IpAddr>,
+}
+
+/// `[nginx]` when the config leaves a key out.
+impl Default for Nginx {
+    fn default() -> Nginx {
+        Nginx {
+            upstreams: PathBuf::from(DEFAULT_UPSTREAMS),
+            locations: PathBuf::from(DEFAULT_LOCATIONS),
+            unit: "nginx.service".to_string(),
+            socket_group: "www-data".to_string(),
+            check_address: "127.0.0.1:80".to_string(),
+            front_address: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

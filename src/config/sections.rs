@@ -2,15 +2,13 @@
 //! `[pool.NAME]` tables (names, route uniqueness).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use toml_edit::TableLike;
 
 use super::diag::{entries, get_bool, get_str, type_err, unknown_key, Cx, Src};
 use super::keys::{check_pool_key, parse_env, NGINX_KEYS, POOL_KEYS, TOP_KEYS, WATCH_SECTION_KEYS};
-use super::model::{
-    Config, LocationKind, Nginx, DEFAULT_LOCATIONS, DEFAULT_UPSTREAMS, MAX_POOL_NAME,
-};
+use super::model::{Config, LocationKind, Nginx, MAX_POOL_NAME};
 use super::pool::{apply_field, parse_pool, PoolFields};
 use super::values::{get_abs_path, pool_name_ok, unit_name_ok, user_name_ok};
 
@@ -217,14 +215,7 @@ fn pool_sources_of<'d>(
 }
 
 fn parse_nginx(cx: &mut Cx<'_>, sec: Option<&Src<'_>>) -> Option<Nginx> {
-    let mut n = Nginx {
-        upstreams: PathBuf::from(DEFAULT_UPSTREAMS),
-        locations: PathBuf::from(DEFAULT_LOCATIONS),
-        unit: "nginx.service".to_string(),
-        socket_group: "www-data".to_string(),
-        check_address: "127.0.0.1:80".to_string(),
-        front_address: None,
-    };
+    let mut n = Nginx::default();
     let Some(sec) = sec else { return Some(n) };
     let Some(t) = sec.item.as_table_like() else {
         type_err(cx, sec, "a table");

@@ -80,7 +80,19 @@ impl Watcher {
                 ));
                 continue;
             }
-            for &n in ns.iter().chain(self.unhealthy_of(pool).iter()) {
+            // An unhealthy worker is probed again once systemd has it
+            // running: not while it starts (a slow start is no failure), and
+            // never once it failed (watch does not revive a failed worker).
+            let restarted: BTreeSet<u32> = self
+                .unhealthy_of(pool)
+                .into_iter()
+                .filter(|&n| {
+                    self.states
+                        .get(&plan::service(pool, n))
+                        .is_some_and(|u| u.active_state == "active")
+                })
+                .collect();
+            for &n in ns.iter().chain(restarted.iter()) {
                 let unit = plan::service(pool, n);
                 let state = self.probes.entry(unit.clone()).or_default();
                 if state.next_at.map(|t| now < t).unwrap_or(false) {

@@ -64,6 +64,9 @@ struct Shared {
     since: BTreeMap<String, u64>,
     /// Active numbered workers per pool at the last read.
     active: BTreeMap<String, BTreeMap<String, u32>>,
+    /// Hosts lost since the watch loop last asked ([`Hosts::take_lost`]):
+    /// one lost and back while the loop was busy is still converged again.
+    lost: BTreeSet<String>,
 }
 
 type SeenMap = Arc<Mutex<Shared>>;
@@ -152,6 +155,14 @@ impl Hosts {
         self.seen.lock().map(|s| s.seen.clone()).unwrap_or_default()
     }
 
+    /// The hosts lost since the last call, whatever they are now.
+    pub fn take_lost(&self) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.lost))
+            .unwrap_or_default()
+    }
+
     /// Every followed host's verdict, since when, and active workers.
     pub fn readings(&self) -> BTreeMap<String, HostReading> {
         let Ok(s) = self.seen.lock() else {
@@ -191,6 +202,7 @@ fn record(seen: &SeenMap, changed: &Notify, name: &str, address: &RemoteHost, no
             }
             if matches!(now, Seen::Lost(_)) {
                 s.active.remove(name);
+                s.lost.insert(name.to_string());
             }
             before
         }
@@ -396,8 +408,10 @@ impl Watcher {
 
     /// Converges each other host that answers and is behind `intent`, one
     /// at a time over ssh (watch's short timeouts: a host that goes away
-    /// meanwhile fails within seconds); a host that fails is logged, left
-    /// out of nginx and tried again after a backoff. Returns, per pool, the
+    /// meanwhile fails within seconds, one that hangs within
+    /// [`HOST_CONVERGE_TIMEOUT`]); a host that fails is logged and tried
+    /// again after a backoff (a host back from being lost stays out of nginx
+    /// until it converged). Returns, per pool, the
     /// hosts nginx must not route to. Call under the lock.
     pub(super) async fn converge_hosts(
         &mut self,
@@ -427,7 +441,17 @@ impl Watcher {
                 };
                 crate::hosts::converge_one(&mut h, goal, &Interrupt::never()).await
             };
-            match converging.await {
+            // A host whose sshd answers but whose systemd hangs must not
+            // hold the loop (and the lock): bound the whole converge.
+            let done = tokio::time::timeout(HOST_CONVERGE_TIMEOUT, converging)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "no converge within {} s",
+                        HOST_CONVERGE_TIMEOUT.as_secs()
+                    ))
+                });
+            match done {
                 Ok(()) => {
                     println!(
                         "watch: host {name} ({}): converged to intent {}",
@@ -440,8 +464,13 @@ impl Watcher {
                 Err(e) => {
                     let failures = self.host_retry.get(name).map(|(_, n)| n + 1).unwrap_or(1);
                     let wait = Duration::from_secs(1 << failures.min(5));
+                    let routed = if self.host_returning.contains(name) {
+                        "it stays out of nginx"
+                    } else {
+                        "nginx routes to what it runs"
+                    };
                     eprintln!(
-                        "watch: host {name} ({}): {e:#}; it stays out of nginx, trying again in {}s",
+                        "watch: host {name} ({}): {e:#}; {routed}, trying again in {}s",
                         host.address,
                         wait.as_secs()
                     );
@@ -462,6 +491,9 @@ impl Watcher {
 
 /// How long watch waits for a job on another host, and for its bus.
 const HOST_JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one host's whole converge may take (a few jobs' worth).
+const HOST_CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[cfg(test)]
 mod tests {
@@ -485,6 +517,26 @@ mod tests {
 
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_host_lost_and_back_between_two_looks_is_still_reported() {
+        let hosts = Hosts::new(Arc::new(Notify::new()));
+        let address: RemoteHost = "root@10.0.0.11".parse().unwrap();
+        let up = Seen::Up(BTreeSet::new());
+        record(&hosts.seen, &hosts.changed, "web1", &address, up.clone());
+        assert!(hosts.take_lost().is_empty());
+        record(
+            &hosts.seen,
+            &hosts.changed,
+            "web1",
+            &address,
+            Seen::Lost("gone".into()),
+        );
+        record(&hosts.seen, &hosts.changed, "web1", &address, up);
+        assert_eq!(hosts.seen()["web1"], Seen::Up(BTreeSet::new()));
+        assert_eq!(hosts.take_lost(), BTreeSet::from(["web1".to_string()]));
+        assert!(hosts.take_lost().is_empty());
     }
 
     #[test]

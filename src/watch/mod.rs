@@ -141,10 +141,33 @@ struct ProbeState {
     held: Option<health::HeldProbe>,
 }
 
-/// The empty config watch shows before anything is applied.
-fn no_config() -> Result<Config> {
-    config::parse(Path::new("(nothing applied yet)"), "")
-        .map_err(|e| anyhow::anyhow!("the empty config does not parse: {e}"))
+/// Why a scaling decision made on an older view does not hold under the
+/// intent recorded now (None: it holds): the pool's count moved, the pool
+/// is gone, or the applied config's [min, max] no longer has its target.
+fn stale(intent: &Intent, pool: &str, decision: &scaler::Decision) -> Option<String> {
+    let Some(now) = intent.counts.get(pool).copied() else {
+        return Some("the intent has no such pool now".into());
+    };
+    if now != decision.from {
+        return Some(format!("the intent says {now} now"));
+    }
+    match intent.config() {
+        Ok(cfg) => match cfg.pools.get(pool) {
+            Some(p) if (p.min..=p.max).contains(&decision.to) => None,
+            Some(p) => Some(format!(
+                "the applied config's [min, max] is [{}, {}] now",
+                p.min, p.max
+            )),
+            None => Some("the applied config has no such pool now".into()),
+        },
+        Err(e) => Some(format!("{e:#}")),
+    }
+}
+
+/// The empty config watch shows before anything is applied (no pools: a
+/// config file would not parse without one).
+fn no_config() -> Config {
+    Config::empty(Path::new("(nothing applied yet)"))
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -152,7 +175,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let intent = state::read_intent(&paths)?;
     let cfg = match &intent {
         Some(i) => i.config()?,
-        None => no_config()?,
+        None => no_config(),
     };
     let systemd = Systemd::connect().await?;
     // Drain systemd's signals in their own task: a stream nobody reads
@@ -283,6 +306,29 @@ impl Watcher {
         }
         self.scalers.retain(|name, _| cfg.pools.contains_key(name));
         self.counts.retain(|name, _| cfg.pools.contains_key(name));
+        // What watch holds per worker is for the front's workers this intent
+        // wants, and a probe's for pools that still probe: a worker left
+        // unhealthy after its pool lost its health_path (or after a scale
+        // took it away) was kept out of nginx, or restarted, for good.
+        let wanted = plan::numbered(&crate::hosts::front_counts(&cfg, &intent.counts));
+        let is_wanted = |unit: &str| {
+            plan::parse_instance(unit)
+                .is_some_and(|(pool, n, _)| wanted.get(pool).is_some_and(|ns| ns.contains(&n)))
+        };
+        let probed = |unit: &str| {
+            let pool = plan::parse_instance(unit)
+                .map(|(pool, _, _)| pool)
+                .or_else(|| {
+                    unit.strip_prefix("cgipool-")
+                        .and_then(|u| u.strip_suffix(".socket"))
+                });
+            pool.and_then(|p| cfg.pools.get(p))
+                .is_some_and(|p| p.health_path.is_some())
+        };
+        self.unhealthy.retain(|u| is_wanted(u) && probed(u));
+        self.probes
+            .retain(|u, _| probed(u) && (u.ends_with(".socket") || is_wanted(u)));
+        self.down_since.retain(|u, _| is_wanted(u));
         self.cfg = cfg;
         self.intent = Some(intent);
     }
@@ -309,9 +355,7 @@ impl Watcher {
                 if self.intent.take().is_some() {
                     println!("watch: the intent was removed (cgipool down); nothing to watch");
                     self.counts.clear();
-                    if let Ok(c) = no_config() {
-                        self.cfg = c;
-                    }
+                    self.cfg = no_config();
                 }
             }
             Err(e) => eprintln!("watch: {e:#}"),
@@ -321,6 +365,13 @@ impl Watcher {
     async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
         self.refresh_intent();
         self.hosts.follow(&self.cfg);
+        // A host lost since the last step may come back changed (rebooted,
+        // its runtime units gone): converge it again before routing to it,
+        // even if it answers again by now.
+        for name in self.hosts.take_lost() {
+            self.host_serials.remove(&name);
+            self.host_returning.insert(name);
+        }
         let Some(intent) = self.intent.clone() else {
             return Ok(());
         };
@@ -465,14 +516,10 @@ impl Watcher {
             }
         };
         if let Change::Scale { pool, decision } = &change {
-            let now = intent.counts.get(pool).copied();
-            if now != Some(decision.from) {
+            if let Some(why_not) = stale(&intent, pool, decision) {
                 println!(
-                    "watch: pool {pool}: dropping the decision {} -> {}: the intent says {} now (recorded by {})",
-                    decision.from,
-                    decision.to,
-                    now.map(|n| n.to_string()).unwrap_or_else(|| "no such pool".into()),
-                    intent.written_by
+                    "watch: pool {pool}: dropping the decision {} -> {}: {why_not} (recorded by {})",
+                    decision.from, decision.to, intent.written_by
                 );
                 drop(lock);
                 self.refresh_intent();
@@ -560,3 +607,6 @@ fn diff(
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+//! The watcher's own state across intents: what it keeps per worker, the
+//! guard on scaling decisions, and starting with nothing applied.
+use super::*;
+
+fn watcher(dir: &Path) -> Watcher {
+    Watcher {
+        opts: Options {
+            tick: Duration::from_millis(500),
+            grace: Duration::from_secs(1),
+        },
+        paths: Paths::under(&dir.join("run"), &dir.join("state")),
+        cfg: no_config(),
+        intent: None,
+        converged: None,
+        retry_at: None,
+        failures: 0,
+        scalers: BTreeMap::new(),
+        counts: BTreeMap::new(),
+        down_since: HashMap::new(),
+        routed: None,
+        decisions: BTreeMap::new(),
+        scale_events: BTreeMap::new(),
+        steps: 0,
+        details: BTreeMap::new(),
+        details_at: None,
+        states: BTreeMap::new(),
+        probes: HashMap::new(),
+        unhealthy: BTreeSet::new(),
+        reaper: reaper::Reaper::default(),
+        figures: figures::Figures::new(0),
+        hosts: hosts::Hosts::new(Arc::new(tokio::sync::Notify::new())),
+        host_serials: BTreeMap::new(),
+        remote_connections: BTreeMap::new(),
+        host_retry: BTreeMap::new(),
+        host_returning: BTreeSet::new(),
+        routed_out: None,
+    }
+}
+
+fn intent(serial: u64, text: &str, count: u32) -> Intent {
+    Intent {
+        serial,
+        config_path: "/etc/cgipool/cgipool.toml".into(),
+        config_text: text.into(),
+        counts: BTreeMap::from([("a".to_string(), count)]),
+        unit_dir: "/etc/systemd/system".into(),
+        written_by: "apply".into(),
+        at_unix: 0,
+    }
+}
+
+const PROBED: &str = "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 2\nmax = 4\n\
+                      queue = \"per-worker\"\nhealth_path = \"/healthz\"\n";
+const PLAIN: &str = "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 2\nmax = 4\n";
+
+#[test]
+fn watch_starts_with_nothing_applied() {
+    let c = no_config();
+    assert!(c.pools.is_empty() && c.hosts.is_empty());
+}
+
+#[test]
+fn a_worker_is_unhealthy_only_while_its_pool_probes_and_wants_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = watcher(dir.path());
+    w.set_intent(intent(1, PROBED, 3));
+    for n in [2, 3] {
+        w.unhealthy.insert(plan::service("a", n));
+        w.probes
+            .insert(plan::service("a", n), ProbeState::default());
+        w.down_since.insert(plan::service("a", n), Instant::now());
+    }
+    // A scale to 2 takes a@3 away: nothing of it stays.
+    w.set_intent(intent(2, PROBED, 2));
+    assert_eq!(w.unhealthy_of("a"), BTreeSet::from([2]));
+    assert!(!w.probes.contains_key(&plan::service("a", 3)));
+    assert!(!w.down_since.contains_key(&plan::service("a", 3)));
+    // The pool stops probing: a@2 comes back into nginx.
+    w.set_intent(intent(3, PLAIN, 2));
+    assert!(w.unhealthy_of("a").is_empty(), "{:?}", w.unhealthy);
+    assert!(w.probes.is_empty());
+    assert!(w.down_since.contains_key(&plan::service("a", 2)));
+}
+
+#[test]
+fn a_scaling_decision_holds_only_within_the_applied_limits() {
+    let wide = "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 2\nmax = 8\n";
+    let narrow = "[pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 2\nmax = 4\n";
+    let up = scaler::Decision {
+        from: 4,
+        to: 8,
+        reason: "saturated".into(),
+    };
+    assert_eq!(stale(&intent(1, wide, 4), "a", &up), None);
+    // `cgipool apply` narrowed max to 4 meanwhile, keeping the count.
+    assert_eq!(
+        stale(&intent(2, narrow, 4), "a", &up).as_deref(),
+        Some("the applied config's [min, max] is [2, 4] now")
+    );
+    // Someone else changed the count.
+    assert_eq!(
+        stale(&intent(2, wide, 5), "a", &up).as_deref(),
+        Some("the intent says 5 now")
+    );
+    assert!(stale(&intent(2, wide, 4), "b", &up).is_some());
+}
