@@ -1,5 +1,6 @@
 //! The watcher's own state across intents: what it keeps per worker, the
 //! guard on scaling decisions, and starting with nothing applied.
+use super::intent::stale;
 use super::*;
 
 fn watcher(dir: &Path) -> Watcher {

@@ -1,0 +1,122 @@
+//! watch converges the other hosts itself: one that answers and is behind
+//! the recorded intent (or back from being lost) is converged over ssh
+//! before nginx routes to it again, each host on its own and bounded, so a
+//! host that does not answer never holds the front (see `hosts` for how
+//! they are followed).
+use super::hosts::{hosts_out, Seen};
+use super::Watcher;
+use crate::exec::interrupt::Interrupt;
+use crate::exec::ssh_host::SshHost;
+use crate::remote::SshTimeouts;
+use crate::state::Intent;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+impl Watcher {
+    /// True when `name` answers, is behind the intent `serial`, and its
+    /// last failed converge's backoff (if any) is over.
+    fn host_behind(&self, name: &str, seen: Option<&Seen>, serial: u64, now: Instant) -> bool {
+        matches!(seen, Some(Seen::Up(_)))
+            && self.host_serials.get(name) != Some(&serial)
+            && self
+                .host_retry
+                .get(name)
+                .map(|(at, _)| now >= *at)
+                .unwrap_or(true)
+    }
+
+    /// True when a host that answers may be converged to `serial` now.
+    pub(super) fn host_due(&self, seen: &BTreeMap<String, Seen>, serial: u64) -> bool {
+        let now = Instant::now();
+        seen.iter()
+            .any(|(name, s)| self.host_behind(name, Some(s), serial, now))
+    }
+
+    /// Converges each other host that answers and is behind `intent`, one
+    /// at a time over ssh (watch's short timeouts: a host that goes away
+    /// meanwhile fails within seconds, one that hangs within
+    /// [`HOST_CONVERGE_TIMEOUT`]); a host that fails is logged and tried
+    /// again after a backoff (a host back from being lost stays out of nginx
+    /// until it converged). Returns, per pool, the
+    /// hosts nginx must not route to. Call under the lock.
+    pub(super) async fn converge_hosts(
+        &mut self,
+        intent: &Intent,
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let cfg = self.cfg.clone();
+        let seen = self.hosts.seen();
+        let now = Instant::now();
+        for (name, host) in &cfg.hosts {
+            if !self.host_behind(name, seen.get(name), intent.serial, now) {
+                continue;
+            }
+            let converging = async {
+                let mut h = SshHost::connect_with(
+                    name,
+                    &host.address,
+                    &intent.unit_dir,
+                    HOST_JOB_TIMEOUT,
+                    SshTimeouts::WATCH,
+                )
+                .await?;
+                let goal = crate::hosts::Goal {
+                    cfg: &cfg,
+                    counts: &intent.counts,
+                    unit_dir: &intent.unit_dir,
+                    leave_failed: true,
+                };
+                crate::hosts::converge_one(&mut h, goal, &Interrupt::never()).await
+            };
+            // A host whose sshd answers but whose systemd hangs must not
+            // hold the loop (and the lock): bound the whole converge.
+            let done = tokio::time::timeout(HOST_CONVERGE_TIMEOUT, converging)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "no converge within {} s",
+                        HOST_CONVERGE_TIMEOUT.as_secs()
+                    ))
+                });
+            match done {
+                Ok(()) => {
+                    println!(
+                        "watch: host {name} ({}): converged to intent {}",
+                        host.address, intent.serial
+                    );
+                    self.host_serials.insert(name.clone(), intent.serial);
+                    self.host_retry.remove(name);
+                    self.host_returning.remove(name);
+                }
+                Err(e) => {
+                    let failures = self.host_retry.get(name).map(|(_, n)| n + 1).unwrap_or(1);
+                    let wait = Duration::from_secs(1 << failures.min(5));
+                    let routed = if self.host_returning.contains(name) {
+                        "it stays out of nginx"
+                    } else {
+                        "nginx routes to what it runs"
+                    };
+                    eprintln!(
+                        "watch: host {name} ({}): {e:#}; {routed}, trying again in {}s",
+                        host.address,
+                        wait.as_secs()
+                    );
+                    self.host_retry
+                        .insert(name.clone(), (Instant::now() + wait, failures));
+                }
+            }
+        }
+        self.host_retry
+            .retain(|name, _| cfg.hosts.contains_key(name));
+        self.host_serials
+            .retain(|name, _| cfg.hosts.contains_key(name));
+        self.host_returning
+            .retain(|name| cfg.hosts.contains_key(name));
+        hosts_out(&cfg, &self.hosts.seen(), &self.host_returning)
+    }
+}
+
+/// How long watch waits for a job on another host, and for its bus.
+const HOST_JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one host's whole converge may take (a few jobs' worth).
+const HOST_CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
