@@ -187,35 +187,7 @@ pub async fn run(opts: Options) -> Result<()> {
             pinger.ping();
         }
     });
-    let mut w = Watcher {
-        scalers: BTreeMap::new(),
-        counts: BTreeMap::new(),
-        decisions: state::last_decisions(&paths),
-        cfg,
-        intent: None,
-        converged: None,
-        retry_at: None,
-        failures: 0,
-        paths,
-        opts,
-        down_since: HashMap::new(),
-        routed: None,
-        scale_events: BTreeMap::new(),
-        steps: 0,
-        details: BTreeMap::new(),
-        details_at: None,
-        states: BTreeMap::new(),
-        probes: HashMap::new(),
-        unhealthy: BTreeSet::new(),
-        reaper: reaper::Reaper::default(),
-        figures: figures::Figures::new(state::now_unix()),
-        hosts: hosts::Hosts::new(Arc::clone(&changed)),
-        host_serials: BTreeMap::new(),
-        remote_connections: BTreeMap::new(),
-        host_retry: BTreeMap::new(),
-        host_returning: BTreeSet::new(),
-        routed_out: None,
-    };
+    let mut w = Watcher::new(opts, paths, cfg, Arc::clone(&changed));
     if let Some(i) = intent {
         w.set_intent(i);
     }
@@ -256,6 +228,40 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 impl Watcher {
+    /// A watcher of `cfg` that has looked at nothing yet; `changed` wakes
+    /// its loop when a followed host's verdict changes.
+    fn new(opts: Options, paths: Paths, cfg: Config, changed: Arc<tokio::sync::Notify>) -> Watcher {
+        Watcher {
+            scalers: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            decisions: state::last_decisions(&paths),
+            cfg,
+            intent: None,
+            converged: None,
+            retry_at: None,
+            failures: 0,
+            paths,
+            opts,
+            down_since: HashMap::new(),
+            routed: None,
+            scale_events: BTreeMap::new(),
+            steps: 0,
+            details: BTreeMap::new(),
+            details_at: None,
+            states: BTreeMap::new(),
+            probes: HashMap::new(),
+            unhealthy: BTreeSet::new(),
+            reaper: reaper::Reaper::default(),
+            figures: figures::Figures::new(state::now_unix()),
+            hosts: hosts::Hosts::new(changed),
+            host_serials: BTreeMap::new(),
+            remote_connections: BTreeMap::new(),
+            host_retry: BTreeMap::new(),
+            host_returning: BTreeSet::new(),
+            routed_out: None,
+        }
+    }
+
     async fn step(&mut self, systemd: &Systemd, sample: bool) -> Result<()> {
         self.refresh_intent();
         self.hosts.follow(&self.cfg);

@@ -4,38 +4,17 @@ use super::intent::stale;
 use super::*;
 
 fn watcher(dir: &Path) -> Watcher {
-    Watcher {
-        opts: Options {
-            tick: Duration::from_millis(500),
-            grace: Duration::from_secs(1),
-        },
-        paths: Paths::under(&dir.join("run"), &dir.join("state")),
-        cfg: no_config(),
-        intent: None,
-        converged: None,
-        retry_at: None,
-        failures: 0,
-        scalers: BTreeMap::new(),
-        counts: BTreeMap::new(),
-        down_since: HashMap::new(),
-        routed: None,
-        decisions: BTreeMap::new(),
-        scale_events: BTreeMap::new(),
-        steps: 0,
-        details: BTreeMap::new(),
-        details_at: None,
-        states: BTreeMap::new(),
-        probes: HashMap::new(),
-        unhealthy: BTreeSet::new(),
-        reaper: reaper::Reaper::default(),
-        figures: figures::Figures::new(0),
-        hosts: hosts::Hosts::new(Arc::new(tokio::sync::Notify::new())),
-        host_serials: BTreeMap::new(),
-        remote_connections: BTreeMap::new(),
-        host_retry: BTreeMap::new(),
-        host_returning: BTreeSet::new(),
-        routed_out: None,
-    }
+    let opts = Options {
+        tick: Duration::from_millis(500),
+        grace: Duration::from_secs(1),
+    };
+    let paths = Paths::under(&dir.join("run"), &dir.join("state"));
+    Watcher::new(
+        opts,
+        paths,
+        no_config(),
+        Arc::new(tokio::sync::Notify::new()),
+    )
 }
 
 fn intent(serial: u64, text: &str, count: u32) -> Intent {
