@@ -19,13 +19,23 @@ pub(super) fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A guest command that waits (at most `limit`) until `server` is in the
-/// front's upstreams file (`present`) or not, then writes the wall clock
-/// into `/tmp/seen-at`.
+/// The front's locations file: its `/.cgipool/generation` answer names the
+/// files on disk.
+const LOCATIONS: &str = "/etc/nginx/snippets/cgipool-locations.conf";
+
+/// A guest command that waits (at most `limit`) until nginx serves an
+/// upstream with `server` (`present`) or without it, then writes the wall
+/// clock into `/tmp/seen-at`. Served, not written: the upstreams file must
+/// say so and nginx must serve the generation of the files on disk (a
+/// converge checks its candidate files in place with `nginx -t` and puts
+/// the old ones back before it writes them for good, so the file alone
+/// flips back and forth for a moment).
 pub(super) fn upstream_wait(server: &str, present: bool, limit: Duration) -> String {
-    let until = if present { "until" } else { "while" };
+    let listed = if present { "" } else { "! " };
     format!(
-        "timeout {} sh -c '{until} grep -qF {server} {UPSTREAMS}; do sleep 0.05; done; date +%s.%N > /tmp/seen-at'",
+        "timeout {} sh -c 'until {listed}grep -qF {server} {UPSTREAMS} && \
+           g=$(curl -sf http://127.0.0.1/.cgipool/generation) && [ -n \"$g\" ] && grep -qF \"$g\" {LOCATIONS}; \
+         do sleep 0.05; done; date +%s.%N > /tmp/seen-at'",
         limit.as_secs().max(1)
     )
 }
