@@ -1,6 +1,10 @@
 //! A raw HTTP/1.1 client over a unix socket, for the gateway's host tests
-//! (each test binary uses part of it).
+//! (each test binary uses part of it), and the gateway they start
+//! ([`gateway`]).
 #![allow(dead_code)]
+
+pub mod gateway;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 
