@@ -17,9 +17,10 @@
 //! - one request ([`serve`]): its framing and meta-variables per RFC 3875
 //!   §4.1 ([`meta`]), the body (a chunked one is decoded into a bounded
 //!   temporary file first, so CONTENT_LENGTH is always known; at most
-//!   `--body-limit` bytes), the program started with the gateway's own
-//!   environment (the pool's `environment`) without `LISTEN_*` and
-//!   `NOTIFY_SOCKET`;
+//!   `--body-limit` bytes; fed to stdin by [`feed`], which kills the
+//!   program before its stdin ends if the body ends early), the program
+//!   started with the gateway's own environment (the pool's `environment`)
+//!   without `LISTEN_*` and `NOTIFY_SOCKET`;
 //! - its run ([`run`]): the response header block ([`response`]) is at most
 //!   `--max-header-bytes`; the body is streamed (Content-Length when the
 //!   program gives one, chunked otherwise to HTTP/1.1, delimited by closing
@@ -36,6 +37,7 @@
 pub mod chunked;
 pub mod conns;
 pub mod contract;
+pub mod feed;
 pub mod http;
 pub mod meta;
 pub mod output;

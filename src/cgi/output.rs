@@ -7,16 +7,20 @@
 //! pipe. When the deadline passes, every descendant of the gateway is
 //! killed, again every 50 ms while anything still holds a pipe open (a
 //! process could fork meanwhile), also while the program keeps writing;
-//! reads then end at EOF. No thread and no timer per request.
+//! reads then end at EOF. No thread and no timer per request. The feeder of
+//! a request body that ends early kills them too ([`super::feed`]); then
+//! [`ProgramOutput::body_cut`] says so.
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::process::{Child, ChildStderr, ChildStdout, ExitStatus};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
+use super::feed::{Cut, Feed};
 use super::reap;
 
 /// Longest stderr line logged as one; longer lines are split.
@@ -37,6 +41,8 @@ pub struct ProgramOutput<'a> {
     /// The last stderr line was cut at MAX_LINE (a newline right after it
     /// ends that line, not a new empty one).
     split: bool,
+    /// Shared with the feeder of a Content-Length body.
+    feed: Option<Arc<Feed>>,
 }
 
 /// What a wait is for, besides stderr and the deadline.
@@ -54,6 +60,7 @@ impl<'a> ProgramOutput<'a> {
         stderr: Option<ChildStderr>,
         rid: &'a str,
         deadline: Instant,
+        feed: Option<Arc<Feed>>,
     ) -> Self {
         ProgramOutput {
             stdout,
@@ -64,12 +71,20 @@ impl<'a> ProgramOutput<'a> {
             timed_out: false,
             killed_at: None,
             split: false,
+            feed,
         }
     }
 
-    /// Whether the deadline passed (and the request's processes were killed).
+    /// Whether the deadline passed (and the request's processes were
+    /// killed), here or while the request body was read.
     pub fn timed_out(&self) -> bool {
-        self.timed_out
+        self.timed_out || self.body_cut().is_some_and(|c| c.timeout)
+    }
+
+    /// Whether the request body ended early (and the request's processes
+    /// were killed for it).
+    pub fn body_cut(&self) -> Option<Cut> {
+        self.feed.as_ref().and_then(|f| f.cut())
     }
 
     /// Waits until `target` is readable (Ok(true)) or gone (Ok(false)),

@@ -85,6 +85,25 @@ pub fn kill_descendants() -> usize {
     d.len()
 }
 
+/// SIGKILLs every descendant of this process, then again those a new scan
+/// finds that were not killed yet (forked while the scan before ran; a
+/// killed process forks no more, and the orphans of killed parents are
+/// reparented to this subreaper), until a scan finds none new or `passes`
+/// scans were made.
+pub fn kill_descendants_settled(passes: usize) {
+    let mut killed = BTreeSet::new();
+    for _ in 0..passes {
+        let new: Vec<i32> = descendants().difference(&killed).copied().collect();
+        if new.is_empty() {
+            return;
+        }
+        for &pid in &new {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        killed.extend(new);
+    }
+}
+
 /// Reaps every child that has exited, without blocking. Returns true when
 /// this process has no children left at all.
 fn reap_exited() -> bool {

@@ -7,19 +7,21 @@
 //! The deadline holds on both sides: [`ProgramOutput`] kills the program
 //! when it passes while the gateway waits for output, and every write to
 //! the client fails once it passes ([`super::sock`]), so a client that
-//! stops reading is cut at the deadline too.
+//! stops reading is cut at the deadline too. A request body that ends early
+//! kills the program too ([`super::feed`]), before its stdin ends.
 
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::chunked::ChunkedWriter;
 use super::conns::Conn;
+use super::feed::{self, Feed};
 use super::output::ProgramOutput;
-use super::serve::{feed, simple, Body, Outcome};
+use super::serve::{simple, Body, Outcome};
 use super::signals::stopping;
 use super::sock::{In, Sock, IO_BUF};
 use super::{http, reap, response, Gateway};
@@ -39,7 +41,8 @@ pub(super) struct Run<'a> {
 enum Sent {
     /// Complete.
     Done,
-    /// Cut short (the connection must close without a proper end).
+    /// Cut short, or the request aborted: the connection must close (a
+    /// response begun ends without its proper end), and the log says why.
     Aborted(String),
 }
 
@@ -50,31 +53,35 @@ const FEED_GRACE: Duration = Duration::from_secs(1);
 impl Run<'_> {
     pub fn run(&self, child: &mut Child, body: Body, conn: &mut Conn) -> Outcome {
         let deadline = self.deadline;
-        // The body goes to stdin from its own thread, so a program that
-        // writes before it has read everything cannot deadlock the gateway.
-        // A body read from the connection comes back with its reader.
+        // The body goes to stdin from its own thread ([`feed`]). A body
+        // read from the connection comes back with its reader.
         let (fed_tx, fed_rx) = mpsc::channel::<Option<In>>();
+        let mut feed_state: Option<Arc<Feed>> = None;
         let feeding = match (child.stdin.take(), body) {
             (Some(sin), Body::Socket(n)) => conn.reader.take().and_then(|reader| {
+                let shared = Arc::new(Feed::default());
+                let theirs = Arc::clone(&shared);
+                feed_state = Some(shared);
                 thread::Builder::new()
                     .name("cgi-stdin".into())
                     .spawn(move || {
-                        let mut body = reader.take(n);
-                        let whole = feed(&mut body, sin) && body.limit() == 0;
-                        let _ = fed_tx.send(whole.then(|| body.into_inner()));
+                        let _ = fed_tx.send(feed::from_connection(reader, n, sin, &theirs));
                     })
                     .ok()
             }),
             (Some(sin), Body::File(f)) => thread::Builder::new()
                 .name("cgi-stdin".into())
-                .spawn(move || {
-                    feed(f, sin);
-                })
+                .spawn(move || feed::whole(f, sin))
                 .ok(),
             _ => None,
         };
-        let mut output =
-            ProgramOutput::new(child.stdout.take(), child.stderr.take(), self.rid, deadline);
+        let mut output = ProgramOutput::new(
+            child.stdout.take(),
+            child.stderr.take(),
+            self.rid,
+            deadline,
+            feed_state.clone(),
+        );
         let mut outcome = Outcome::new(0);
         let sent = self.respond(&mut output, &mut conn.out, &mut outcome);
         if let Sent::Aborted(why) = &sent {
@@ -109,6 +116,15 @@ impl Run<'_> {
             }
         }
         output.finish_stderr(Duration::from_secs(1));
+        // Every process of the request is gone: the feeder kills nothing
+        // from now on. A body cut short after the program's response was
+        // sent (a program that did not read it) still ends the connection.
+        if let Some(cut) = feed_state.as_ref().and_then(|f| f.over()) {
+            outcome.complete = false;
+            if !outcome.note.iter().any(|n| n.starts_with("aborted: ")) && !cut.timeout {
+                outcome.note.push(format!("aborted: {cut}"));
+            }
+        }
         // A body from the connection: the reader comes back once the body
         // was read to its end; otherwise the connection is closed (which
         // also ends a feeder still waiting for nginx).
@@ -124,6 +140,15 @@ impl Run<'_> {
         o.status = status;
         o.bytes = simple(out, &self.gw.worker, status, msg).unwrap_or(0);
         Sent::Done
+    }
+
+    /// The request body ended early and the program was killed for it
+    /// before it answered: 400 (a client that only shut its side reads it)
+    /// and the request is logged as aborted.
+    fn body_cut_short(&self, out: &mut impl Write, o: &mut Outcome, cut: feed::Cut) -> Sent {
+        let msg = format!("the {cut} (Content-Length)");
+        self.instead(out, o, 400, &msg);
+        Sent::Aborted(cut.to_string())
     }
 
     /// Reads the program's output and sends the response.
@@ -152,13 +177,13 @@ impl Run<'_> {
                     Err(e) => return Sent::Aborted(format!("stdout: {e}")),
                 }
             }
-            if stdout.timed_out() {
-                if o.bytes == 0 {
-                    return self.instead(out, o, 504, "the CGI program timed out");
-                }
-                return Sent::Aborted("timeout".into());
+            if stdout.timed_out() && o.bytes == 0 {
+                return self.instead(out, o, 504, "the CGI program timed out");
             }
-            return Sent::Done;
+            if let Some(cut) = stdout.body_cut().filter(|_| o.bytes == 0) {
+                return self.body_cut_short(out, o, cut);
+            }
+            return check_end(stdout);
         }
 
         // The header block.
@@ -186,6 +211,9 @@ impl Run<'_> {
         };
         if stdout.timed_out() && head_end.is_err() {
             return self.instead(out, o, 504, "the CGI program did not answer in time");
+        }
+        if let Some(cut) = stdout.body_cut().filter(|_| head_end.is_err()) {
+            return self.body_cut_short(out, o, cut);
         }
         let parsed = head_end.and_then(|e| {
             let block = &buf[..e];
@@ -265,7 +293,7 @@ impl Run<'_> {
             // Drain (and drop) whatever the program still writes.
             let _ = out.flush();
             let _ = io::copy(stdout, &mut io::sink());
-            return check_timeout(stdout);
+            return check_end(stdout);
         }
         if chunked {
             let mut w = ChunkedWriter::new(&mut *out);
@@ -273,7 +301,7 @@ impl Run<'_> {
             if let Err(e) = r {
                 return Sent::Aborted(e);
             }
-            if let Sent::Aborted(why) = check_timeout(stdout) {
+            if let Sent::Aborted(why) = check_end(stdout) {
                 return Sent::Aborted(why);
             }
             if let Err(e) = w.finish() {
@@ -286,14 +314,14 @@ impl Run<'_> {
             if let Err(e) = pump(&first, stdout, &mut chunk, out, None, o) {
                 return Sent::Aborted(e);
             }
-            return check_timeout(stdout);
+            return check_end(stdout);
         }
         let want = head.content_length.unwrap_or(0);
         if let Err(e) = pump(&first, stdout, &mut chunk, out, Some(want), o) {
             return Sent::Aborted(e);
         }
         if o.bytes < want {
-            return Sent::Aborted(match check_timeout(stdout) {
+            return Sent::Aborted(match check_end(stdout) {
                 Sent::Aborted(why) => why,
                 Sent::Done => format!(
                     "output ended after {} of {want} bytes (Content-Length)",
@@ -317,9 +345,13 @@ impl Run<'_> {
     }
 }
 
-fn check_timeout(output: &ProgramOutput<'_>) -> Sent {
+/// Whether the program's output ended because the program was killed: the
+/// deadline passed, or the request body was cut short.
+fn check_end(output: &ProgramOutput<'_>) -> Sent {
     if output.timed_out() {
         Sent::Aborted("timeout".into())
+    } else if let Some(cut) = output.body_cut() {
+        Sent::Aborted(cut.to_string())
     } else {
         Sent::Done
     }

@@ -6,13 +6,13 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::chunked::ChunkedReader;
 use super::conns::Conn;
 use super::run::Run;
-use super::sock::{Sock, IO_BUF};
+use super::sock::Sock;
 use super::{http, meta, Gateway};
 
 /// A request id fit for a log line.
@@ -90,27 +90,6 @@ pub(super) enum Body {
     Socket(u64),
     /// A chunked body, already decoded into a temporary file.
     File(File),
-}
-
-/// Feeds `body` to the program's stdin, then EOF. If the program stops
-/// reading, the rest is read and dropped so nginx can finish sending.
-/// True when the body was read to its end.
-pub(super) fn feed(mut body: impl Read, sin: ChildStdin) -> bool {
-    let mut sin = Some(sin);
-    let mut buf = vec![0u8; IO_BUF];
-    loop {
-        let n = match body.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        };
-        if let Some(s) = sin.as_mut() {
-            if s.write_all(&buf[..n]).is_err() {
-                sin = None;
-            }
-        }
-    }
 }
 
 /// How long the gateway's own answer to a refused head may take to send.

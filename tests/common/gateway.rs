@@ -22,6 +22,11 @@ case "$QUERY_STRING" in
         done
         printf 'Content-Type: text/plain\n\nslow\n' ;;
   flood) echo "flooding" >&2; printf 'Content-Type: text/plain\n\n'; exec yes ;;
+  store) echo "store: started" >&2
+         # What a CGI program does with its body once stdin ends: takes it
+         # for the whole one (here: stores it next to this program).
+         body=$(cat); printf '%s' "$body" > "${0%/*}/stored"
+         printf 'Content-Type: text/plain\n\nstored %s\n' "${#body}" ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
 esac
 "#;
@@ -87,6 +92,11 @@ impl Gateway {
 
     pub fn sock(&self) -> PathBuf {
         self.dir.path().join("sock")
+    }
+
+    /// Whether a `store` request stored its body.
+    pub fn stored(&self) -> bool {
+        self.dir.path().join("stored").exists()
     }
 
     /// Lets every `slow` request finish.

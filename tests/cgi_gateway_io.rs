@@ -1,0 +1,66 @@
+//! The CGI gateway's two streams at their edges: a request body that ends
+//! before its Content-Length, output that comes slowly, a client that
+//! half-closes its connection, a header block at its limit. The gateway and
+//! its shell program are those of `cgi_gateway.rs` ([`common::gateway`]).
+
+mod common;
+
+use common::gateway::{Gateway, TIMEOUT, TIMEOUT_FLAG};
+use std::net::Shutdown;
+use std::time::Instant;
+
+/// A request body that ends before its Content-Length (the client shuts
+/// its side after 100 of 1000 bytes) never reaches the program as a whole
+/// one: the program is killed before its stdin ends, so it stores nothing;
+/// the client gets 400, not the program's 200, and the log says the request
+/// was aborted.
+#[test]
+fn a_body_cut_short_is_never_taken_for_the_whole_one() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    c.send(
+        "POST /?store HTTP/1.1\r\nHost: t\r\nX-Request-ID: cut\r\nContent-Length: 1000\r\n\r\n",
+        &[b'x'; 100],
+    );
+    // The program runs and reads its stdin when the body ends.
+    gw.wait_log("cut stderr: store: started");
+    c.stream.shutdown(Shutdown::Write).expect("shutdown");
+    let r = c.response();
+    assert_eq!(
+        (r.status, r.header("Connection")),
+        (400, Some("close")),
+        "{r:?}"
+    );
+    assert!(c.closed(), "kept the connection of a cut body");
+    let log = gw.wait_log("POST /?store 400");
+    assert!(
+        log.contains("aborted: request body ended after 100 of 1000 bytes"),
+        "{log}"
+    );
+    // The log line is written once every process of the request is gone.
+    assert!(!gw.stored(), "the program stored a body cut short:\n{log}");
+}
+
+/// A body that stalls until the request's deadline: 504 at the deadline,
+/// and the program never sees the end of its stdin (it stores nothing).
+#[test]
+fn a_body_that_stalls_gets_504_at_the_deadline() {
+    let gw = Gateway::start_with(&["--timeout", TIMEOUT_FLAG]);
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(
+        "POST /?store HTTP/1.1\r\nHost: t\r\nX-Request-ID: stall\r\nContent-Length: 100\r\n\r\n",
+        b"0123456789",
+    );
+    let r = c.response();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        started.elapsed() >= TIMEOUT,
+        "504 after {:?}, before the 10 s timeout",
+        started.elapsed()
+    );
+    assert!(c.closed(), "kept the connection of a timed-out request");
+    let log = gw.wait_log("POST /?store 504");
+    assert!(log.contains("timeout"), "{log}");
+    assert!(!gw.stored(), "the program stored a body cut short:\n{log}");
+}
