@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::gateway::{Gateway, TIMEOUT, TIMEOUT_FLAG};
+use common::gateway::{get, Gateway, TIMEOUT, TIMEOUT_FLAG};
 use std::net::Shutdown;
 use std::time::Instant;
 
@@ -63,4 +63,40 @@ fn a_body_that_stalls_gets_504_at_the_deadline() {
     let log = gw.wait_log("POST /?store 504");
     assert!(log.contains("timeout"), "{log}");
     assert!(!gw.stored(), "the program stored a body cut short:\n{log}");
+}
+
+/// The response body is streamed: a program that prints its header block
+/// and a first line and then waits (until the test releases it) has that
+/// line delivered while it waits, not when it exits.
+#[test]
+fn output_reaches_the_client_while_the_program_runs() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    c.send(&get("/?ticks", ""), b"");
+    let status = c.line();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut head = Vec::new();
+    loop {
+        let l = c.line();
+        if l.is_empty() {
+            break;
+        }
+        head.push(l);
+    }
+    assert!(
+        head.iter().any(|h| h == "Transfer-Encoding: chunked"),
+        "{head:?}"
+    );
+    // Read while the program waits for the release (bounded by the
+    // client's read timeout).
+    // (A chunk of "first\n": its size, the line, the chunk's CRLF.)
+    for want in ["6", "first", ""] {
+        assert_eq!(c.line(), want);
+    }
+    gw.release();
+    for want in ["7", "second", "", "0", ""] {
+        assert_eq!(c.line(), want);
+    }
+    let log = gw.wait_log("GET /?ticks 200");
+    assert!(log.contains("exit=0"), "{log}");
 }

@@ -22,7 +22,8 @@
 //!   started with the gateway's own environment (the pool's `environment`)
 //!   without `LISTEN_*` and `NOTIFY_SOCKET`;
 //! - its run ([`run`]): the response header block ([`response`]) is at most
-//!   `--max-header-bytes`; the body is streamed (Content-Length when the
+//!   `--max-header-bytes`; the body is streamed, flushed to the client
+//!   within 10 ms of the program writing it (Content-Length when the
 //!   program gives one, chunked otherwise to HTTP/1.1, delimited by closing
 //!   the connection to HTTP/1.0). `nph-` programs pass through; stderr goes
 //!   to the journal line by line, prefixed with the request's X-Request-ID

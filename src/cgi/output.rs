@@ -89,8 +89,15 @@ impl<'a> ProgramOutput<'a> {
 
     /// Waits until `target` is readable (Ok(true)) or gone (Ok(false)),
     /// logging stderr and enforcing the deadline meanwhile. With `cap`, it
-    /// also returns Ok(false) once `cap` has passed.
-    fn wait(&mut self, target: Target<'_>, cap: Option<Duration>) -> io::Result<bool> {
+    /// also returns Ok(false) once `cap` has passed. With `flush` (a grace
+    /// and a call), the first look waits at most the grace, and the call is
+    /// made if nothing was ready by then.
+    fn wait(
+        &mut self,
+        target: Target<'_>,
+        cap: Option<Duration>,
+        mut flush: Option<(Duration, Flush<'_>)>,
+    ) -> io::Result<bool> {
         let until = cap.map(|c| Instant::now() + c);
         loop {
             // The deadline holds whether or not the program keeps writing.
@@ -125,14 +132,24 @@ impl<'a> ProgramOutput<'a> {
             if fds.is_empty() && until.is_none() {
                 return Ok(false);
             }
-            // Rounded up, so the deadline is never polled for as 0 ms early.
-            let ms = u16::try_from(wait.as_millis() + 1).unwrap_or(u16::MAX);
+            let ms = match &flush {
+                Some((grace, _)) if *grace < wait => {
+                    u16::try_from(grace.as_millis()).unwrap_or(u16::MAX)
+                }
+                // Rounded up, so the deadline is never polled for as 0 ms
+                // early.
+                _ => u16::try_from(wait.as_millis() + 1).unwrap_or(u16::MAX),
+            };
             let n = match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(io::Error::from(e)),
             };
             if n == 0 {
+                drop(fds);
+                if let Some((_, f)) = flush.take() {
+                    f()?;
+                }
                 continue;
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
@@ -217,9 +234,9 @@ impl<'a> ProgramOutput<'a> {
                 return Ok(status);
             }
             match &pidfd {
-                Some(fd) => self.wait(Target::Fd(fd.as_fd()), None)?,
+                Some(fd) => self.wait(Target::Fd(fd.as_fd()), None, None)?,
                 // No pidfd (a kernel before 5.3): look again every 5 ms.
-                None => self.wait(Target::Nothing, Some(Duration::from_millis(5)))?,
+                None => self.wait(Target::Nothing, Some(Duration::from_millis(5)), None)?,
             };
         }
     }
@@ -247,11 +264,33 @@ impl<'a> ProgramOutput<'a> {
     }
 }
 
-impl Read for ProgramOutput<'_> {
-    /// The program's stdout; Ok(0) at EOF.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+/// Sends what the gateway buffered for the client; see
+/// [`ProgramOutput::read_or_flush`].
+pub type Flush<'f> = &'f mut dyn FnMut() -> io::Result<()>;
+
+impl ProgramOutput<'_> {
+    /// Reads the program's stdout like `read`, but when nothing comes
+    /// within `grace`, first calls `flush` (then waits as `read` does): the
+    /// response so far reaches the client while the gateway waits for a
+    /// program that writes slowly. Output (or its end) that comes within
+    /// `grace` is read after the same one poll as without `flush`. An error
+    /// of `flush` is returned as is.
+    pub fn read_or_flush(
+        &mut self,
+        buf: &mut [u8],
+        grace: Duration,
+        flush: Flush<'_>,
+    ) -> io::Result<usize> {
+        self.read_stdout(buf, Some((grace, flush)))
+    }
+
+    fn read_stdout(
+        &mut self,
+        buf: &mut [u8],
+        mut flush: Option<(Duration, Flush<'_>)>,
+    ) -> io::Result<usize> {
         loop {
-            if !self.wait(Target::Stdout, None)? {
+            if !self.wait(Target::Stdout, None, flush.take())? {
                 return Ok(0);
             }
             let Some(out) = self.stdout.as_mut() else {
@@ -267,6 +306,13 @@ impl Read for ProgramOutput<'_> {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Read for ProgramOutput<'_> {
+    /// The program's stdout; Ok(0) at EOF.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_stdout(buf, None)
     }
 }
 

@@ -21,6 +21,12 @@ case "$QUERY_STRING" in
           n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
         done
         printf 'Content-Type: text/plain\n\nslow\n' ;;
+  ticks) printf 'Content-Type: text/plain\n\nfirst\n'
+         # Then waits until released, like "slow".
+         n=0; while [ ! -e "${0%/*}/release" ]; do
+           n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
+         done
+         printf 'second\n' ;;
   flood) echo "flooding" >&2; printf 'Content-Type: text/plain\n\n'; exec yes ;;
   store) echo "store: started" >&2
          # What a CGI program does with its body once stdin ends: takes it
@@ -99,7 +105,7 @@ impl Gateway {
         self.dir.path().join("stored").exists()
     }
 
-    /// Lets every `slow` request finish.
+    /// Lets every `slow` and `ticks` request finish.
     pub fn release(&self) {
         std::fs::write(self.dir.path().join("release"), b"").expect("creating the release file");
     }
