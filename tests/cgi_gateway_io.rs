@@ -100,3 +100,32 @@ fn output_reaches_the_client_while_the_program_runs() {
     let log = gw.wait_log("GET /?ticks 200");
     assert!(log.contains("exit=0"), "{log}");
 }
+
+/// A complete request followed by the end of the client's side (request
+/// bytes, then shutdown(SHUT_WR), like `nc -N`) is served, without
+/// keep-alive. It is sent while the gateway is busy, so the gateway finds
+/// the request and the end together when it takes the connection.
+#[test]
+fn a_request_then_a_half_close_is_served() {
+    let gw = Gateway::start();
+    let mut busy = gw.connect();
+    busy.send(&get("/?slow", ""), b"");
+    gw.wait_log("slow: started");
+    let mut c = gw.connect();
+    c.send(&get("/half", ""), b"");
+    c.stream.shutdown(Shutdown::Write).expect("shutdown");
+    gw.release();
+    assert_eq!(busy.response().status, 200);
+    let r = c.response();
+    assert_eq!((r.status, r.body.as_str()), (200, "hello GET\n"), "{r:?}");
+    assert_eq!(r.header("Connection"), Some("close"), "{r:?}");
+    assert!(c.closed(), "the connection stayed open");
+    // A head cut short by the end gets nothing, and the gateway serves on.
+    let mut cut = gw.connect();
+    cut.send("GET /cut HTTP/1.1\r\nHost:", b"");
+    cut.stream.shutdown(Shutdown::Write).expect("shutdown");
+    assert!(cut.closed(), "a head cut short was answered");
+    let mut c = gw.connect();
+    c.send(&get("/after", ""), b"");
+    assert_eq!(c.response().status, 200);
+}

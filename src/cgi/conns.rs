@@ -54,6 +54,9 @@ pub struct Conn {
     /// requests it carried before the current one: for the log line.
     pub id: u64,
     pub served: u64,
+    /// The peer shut its side: what is buffered is all that comes, so the
+    /// response does not offer keep-alive.
+    pub peer_closed: bool,
     /// Idle since then, or (with part of a head) the head's first byte.
     since: Instant,
     /// Part of a head is buffered.
@@ -71,6 +74,7 @@ impl Conn {
             out: BufWriter::with_capacity(IO_BUF, Sock::new(stream)),
             id,
             served: 0,
+            peer_closed: false,
             since: Instant::now(),
             partial: false,
             scanned: 0,
@@ -290,8 +294,18 @@ impl Conns {
                 }
                 Ok(Got::Nothing) => break,
                 // A clean close between requests, or a head cut short:
-                // nothing to answer.
-                Ok(Got::Eof) => return Step::Close(c),
+                // nothing to answer. A complete head before the end (the
+                // client shut only its side) is still served.
+                Ok(Got::Eof) => {
+                    if r.buffered().is_empty() {
+                        return Step::Close(c);
+                    }
+                    c.peer_closed = true;
+                    return match self.parse(c) {
+                        Step::Wait(c) => Step::Close(c),
+                        step => step,
+                    };
+                }
                 Err(e) => {
                     if e.kind() != io::ErrorKind::ConnectionReset {
                         eprintln!("- reading a request head: {e}");

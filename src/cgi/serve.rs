@@ -112,7 +112,7 @@ impl Gateway {
         let deadline = started + self.timeout;
         conn.set_deadline(deadline);
         let rid = log_id(req.header("X-Request-ID"));
-        let keep_alive = http::keep_alive(req);
+        let keep_alive = http::keep_alive(req) && !conn.peer_closed;
         let outcome = self.handle(req, &rid, keep_alive, deadline, conn);
         let flushed = conn.out.flush().is_ok();
         let mut line = format!(
