@@ -129,3 +129,27 @@ fn a_request_then_a_half_close_is_served() {
     c.send(&get("/after", ""), b"");
     assert_eq!(c.response().status, 200);
 }
+
+/// The program's header block is at most `--max-header-bytes` (64 KiB by
+/// default), its blank line included: one byte more gets 502, however the
+/// gateway's reads of it fall.
+#[test]
+fn a_header_block_one_byte_over_the_limit_gets_502() {
+    let gw = Gateway::start();
+    for (size, want) in [(65536, 200), (65537, 502), (100_000, 502), (2000, 200)] {
+        let mut c = gw.connect();
+        c.send(&get("/?bighead", &format!("X-Size: {size}\r\n")), b"");
+        let r = c.response();
+        assert_eq!(r.status, want, "a block of {size} bytes: {}", r.body);
+        if want == 200 {
+            assert_eq!(r.body, "big\n");
+            let pad = r.header("X-Pad").map_or(0, str::len);
+            assert_eq!(pad, size - 34, "the block arrived whole");
+        }
+    }
+    let log = gw.log();
+    assert!(
+        log.contains("header block larger than 65536 bytes"),
+        "{log}"
+    );
+}

@@ -190,16 +190,17 @@ impl Run<'_> {
             return check_end(stdout);
         }
 
-        // The header block.
+        // The header block: at most max_header bytes, its blank line
+        // included, checked after every read (one read may bring up to
+        // IO_BUF bytes more).
+        let max = self.gw.max_header;
+        let too_large = || format!("header block larger than {max} bytes");
         let head_end = loop {
             if let Some(e) = response::header_end(&buf) {
-                break Ok(e);
+                break if e > max { Err(too_large()) } else { Ok(e) };
             }
-            if buf.len() > self.gw.max_header {
-                break Err(format!(
-                    "header block larger than {} bytes",
-                    self.gw.max_header
-                ));
+            if buf.len() > max {
+                break Err(too_large());
             }
             match stdout.read(&mut chunk) {
                 Ok(0) if buf.is_empty() => break Err("no output at all".to_string()),

@@ -27,6 +27,9 @@ case "$QUERY_STRING" in
            n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
          done
          printf 'second\n' ;;
+  bighead) # A header block of $HTTP_X_SIZE bytes, its blank line included.
+         pad=$(head -c $((HTTP_X_SIZE - 34)) /dev/zero | tr '\0' a)
+         printf 'Content-Type: text/plain\nX-Pad: %s\n\nbig\n' "$pad" ;;
   flood) echo "flooding" >&2; printf 'Content-Type: text/plain\n\n'; exec yes ;;
   store) echo "store: started" >&2
          # What a CGI program does with its body once stdin ends: takes it
