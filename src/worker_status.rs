@@ -13,10 +13,12 @@
 //! milliseconds when the request was taken), `method=`, `uri=` and,
 //! optionally, `id=` (the `X-Request-ID`). Values are percent-encoded: every
 //! byte outside `!`..`~`, and `%` itself, as `%XX`, so the line is printable
-//! ASCII (systemd drops a STATUS= that is not valid UTF-8). Unknown
-//! `key=value` words are ignored (later versions may add some); anything
-//! else makes the whole line unreadable, and watch then shows only what
-//! systemd and the kernel know of the worker.
+//! ASCII (systemd drops a STATUS= that is not valid UTF-8); `method=`
+//! decodes to an HTTP token (RFC 9110: letters, digits and
+//! ``!#$%&'*+-.^_`|~``) of at most 32 bytes. Unknown `key=value` words are
+//! ignored (later versions may add some); anything else makes the whole
+//! line unreadable, and watch then shows only what systemd and the kernel
+//! know of the worker.
 //!
 //! This file depends on std only: the fuzz target `worker_status` compiles it
 //! as is.
@@ -24,6 +26,8 @@
 /// Longest `uri=` value a worker sends (encoded bytes): systemd takes
 /// notification datagrams up to 4 KiB.
 pub const MAX_URI: usize = 1024;
+/// Longest method a report carries (bytes, decoded).
+pub const MAX_METHOD: usize = 32;
 
 /// A worker's parsed report.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,16 +70,14 @@ pub fn parse(text: &str) -> Option<Report> {
         }
         match key {
             "since" => since = Some(digits(value)?),
+            // Percent-encoded like every value; an HTTP method is a token,
+            // which may hold `_`, `.`, `%` (sent as %25) and more.
             "method" => {
-                if value.is_empty()
-                    || value.len() > 32
-                    || !value
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                {
+                let m = decode(value)?;
+                if m.is_empty() || m.len() > MAX_METHOD || !m.bytes().all(is_token_char) {
                     return None;
                 }
-                method = Some(value.to_string());
+                method = Some(m);
             }
             "uri" => uri = Some(decode(value)?),
             "id" => {
@@ -92,6 +94,11 @@ pub fn parse(text: &str) -> Option<Report> {
         c.uri = uri?;
     }
     Some(Report { requests, current })
+}
+
+/// A character of an HTTP token (RFC 9110 §5.6.2), what a method is made of.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn digits(s: &str) -> Option<u64> {
@@ -164,7 +171,7 @@ pub fn format(report: &Report) -> String {
                 "cgipool requests={} busy since={} method={} uri={}",
                 report.requests,
                 c.since_ms,
-                encode(&c.method, 32),
+                encode(&c.method, MAX_METHOD),
                 encode(&c.uri, MAX_URI)
             );
             if let Some(id) = &c.id {
@@ -219,6 +226,10 @@ mod tests {
             "cgipool requests=1 busy since=1 uri=/",
             "cgipool requests=1 busy method=GET uri=/",
             "cgipool requests=1 busy since=1 method=G\u{e9}T uri=/",
+            "cgipool requests=1 busy since=1 method=G%C3%A9T uri=/",
+            "cgipool requests=1 busy since=1 method=G%20T uri=/",
+            "cgipool requests=1 busy since=1 method=%4 uri=/",
+            "cgipool requests=1 busy since=1 method=%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D%2D uri=/",
             "cgipool requests=1 busy since=1 method=GET uri=/%",
             "cgipool requests=1 busy since=1 method=GET uri=/%4",
             "cgipool requests=1 busy since=1 method=GET uri=/%zz",
@@ -258,6 +269,33 @@ mod tests {
             current: None,
         };
         assert_eq!(parse(&format(&idle)), Some(idle));
+    }
+
+    /// Any method nginx passes on (an HTTP token: letters, digits and
+    /// ``!#$%&'*+-.^_`|~``) reads back as it was sent.
+    #[test]
+    fn every_token_method_reads_back() {
+        for method in [
+            "GET",
+            "FOO_BAR",
+            "A.B",
+            "M-SEARCH",
+            "X%Y",
+            "!#$%&'*+-.^_`|~",
+            "Z09az",
+        ] {
+            let r = Report {
+                requests: 1,
+                current: Some(Current {
+                    method: method.into(),
+                    uri: "/".into(),
+                    id: None,
+                    since_ms: 2,
+                }),
+            };
+            let line = format(&r);
+            assert_eq!(parse(&line), Some(r), "{line}");
+        }
     }
 
     #[test]
