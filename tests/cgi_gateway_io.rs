@@ -153,3 +153,28 @@ fn a_header_block_one_byte_over_the_limit_gets_502() {
         "{log}"
     );
 }
+
+/// A chunked body that stalls until the request's deadline gets 504, as a
+/// Content-Length one does (it is decoded before the program starts, so
+/// the program never runs).
+#[test]
+fn a_chunked_body_that_stalls_gets_504_at_the_deadline() {
+    let gw = Gateway::start_with(&["--timeout", TIMEOUT_FLAG]);
+    let mut c = gw.connect();
+    let started = Instant::now();
+    c.send(
+        "POST /?store HTTP/1.1\r\nHost: t\r\nX-Request-ID: chunks\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"64\r\n0123456789",
+    );
+    let r = c.response();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        started.elapsed() >= TIMEOUT,
+        "504 after {:?}, before the 10 s timeout",
+        started.elapsed()
+    );
+    assert!(c.closed(), "kept the connection of a timed-out request");
+    let log = gw.wait_log("POST /?store 504");
+    assert!(log.contains("timeout"), "{log}");
+    assert!(!log.contains("store: started"), "the program ran:\n{log}");
+}

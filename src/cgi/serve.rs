@@ -180,6 +180,16 @@ impl Gateway {
                         "request body larger than the pool's body_limit",
                     )
                 }
+                // The request's deadline, as for a Content-Length body.
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    let mut o = refuse(
+                        &mut conn.out,
+                        504,
+                        "the request body did not arrive in time",
+                    );
+                    o.note.push("timeout".to_string());
+                    return o;
+                }
                 Err(e) => return refuse(&mut conn.out, 400, &format!("bad chunked body: {e}")),
             },
         };
