@@ -178,3 +178,36 @@ fn a_chunked_body_that_stalls_gets_504_at_the_deadline() {
     assert!(log.contains("timeout"), "{log}");
     assert!(!log.contains("store: started"), "the program ran:\n{log}");
 }
+
+/// Nothing of the response reaches the client before the request body was
+/// read to its end, however early the program writes: nginx stops sending
+/// a body once the response begins, so a program that answers its head
+/// first and then reads (git http-backend receiving a push) would wait for
+/// the rest of its body forever. Streaming starts after the body.
+#[test]
+fn nothing_is_sent_before_the_request_body_was_read() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    c.send(
+        "POST /?headfirst HTTP/1.1\r\nHost: t\r\nX-Request-ID: first\r\nContent-Length: 200000\r\n\r\n",
+        &[b'x'; 100_000],
+    );
+    gw.wait_log("first stderr: headfirst: wrote its head");
+    // Streaming flushes after 10 ms; 300 ms on: still nothing.
+    c.stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("read timeout");
+    let mut byte = [0u8; 1];
+    let early = std::io::Read::read(&mut c.stream, &mut byte);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the response began before the request body was read: {early:?}"
+    );
+    c.stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("read timeout");
+    std::io::Write::write_all(&mut c.stream, &[b'x'; 100_000]).expect("the rest of the body");
+    let r = c.response();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "first\nread 200000\n", "{r:?}");
+}

@@ -20,6 +20,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::process::ChildStdin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::reap;
@@ -58,12 +59,15 @@ enum State {
 /// What the feeder of a Content-Length body and the request's thread share.
 pub struct Feed {
     state: Mutex<State>,
+    /// The whole body was read from the connection.
+    read_all: AtomicBool,
 }
 
 impl Default for Feed {
     fn default() -> Self {
         Feed {
             state: Mutex::new(State::Running),
+            read_all: AtomicBool::new(false),
         }
     }
 }
@@ -84,6 +88,12 @@ impl Feed {
             reap::kill_descendants_settled(5);
             *state = State::Cut(cut);
         }
+    }
+
+    /// Whether the whole body was read from the connection: until then
+    /// nothing of the response may reach the client (see run.rs `pump`).
+    pub fn read_all(&self) -> bool {
+        self.read_all.load(Ordering::Acquire)
     }
 
     /// Whether the body ended early (the program was killed for it).
@@ -153,6 +163,7 @@ pub fn from_connection(reader: In, length: u64, sin: ChildStdin, feed: &Feed) ->
         drop(sin);
         return None;
     }
+    feed.read_all.store(true, Ordering::Release);
     drop(sin);
     Some(body.into_inner())
 }

@@ -81,6 +81,12 @@ impl<'a> ProgramOutput<'a> {
         self.timed_out || self.body_cut().is_some_and(|c| c.timeout)
     }
 
+    /// Whether the request body (if it comes from the connection) was read
+    /// to its end.
+    pub fn body_in(&self) -> bool {
+        self.feed.as_ref().is_none_or(|f| f.read_all())
+    }
+
     /// Whether the request body ended early (and the request's processes
     /// were killed for it).
     pub fn body_cut(&self) -> Option<Cut> {

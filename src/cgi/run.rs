@@ -365,10 +365,11 @@ fn check_end(output: &ProgramOutput<'_>) -> Sent {
 /// Copies `first` and then the program's output to `w`, at most `limit`
 /// bytes in total; counts into `o.bytes`. Errors name the side that failed.
 ///
-/// Streamed: what `w` buffered (the response head the caller wrote to it
-/// too) is flushed once the program pauses for FLUSH_AFTER, and before the
-/// next read once it is older than that (a program that never pauses that
-/// long). A program whose output (and its end) comes within FLUSH_AFTER
+/// Streamed once the request body was read to its end (before, nginx
+/// would stop sending it): what `w` buffered (the response head the caller
+/// wrote to it too) is flushed once the program pauses for FLUSH_AFTER, and
+/// before the next read once it is older than that (a program that never
+/// pauses that long). A program whose output (and its end) comes within FLUSH_AFTER
 /// costs no syscall more: the look that finds it is the read's own poll.
 fn pump(
     first: &[u8],
@@ -399,14 +400,22 @@ fn pump(
         if limit.is_some_and(|l| o.bytes >= l) {
             return Ok(());
         }
+        // Nothing reaches the client before the request body was read to
+        // its end: nginx stops sending a body once the response begins, so
+        // a program that writes its head and then reads its body (git
+        // http-backend receiving a push) would wait for the rest forever.
+        let streaming = stdout.body_in();
         // A program that never pauses that long still streams.
-        if unflushed.is_some_and(|since| since.elapsed() >= FLUSH_AFTER) {
+        if streaming && unflushed.is_some_and(|since| since.elapsed() >= FLUSH_AFTER) {
             w.flush().map_err(|e| format!("client: {e}"))?;
             unflushed = None;
         }
         let want = room(o, chunk.len());
         let mut client = None;
-        let got = match unflushed.map(|since| FLUSH_AFTER.saturating_sub(since.elapsed())) {
+        let got = match unflushed
+            .filter(|_| streaming)
+            .map(|since| FLUSH_AFTER.saturating_sub(since.elapsed()))
+        {
             None => stdout.read(&mut chunk[..want]),
             Some(grace) => stdout.read_or_flush(&mut chunk[..want], grace, &mut || {
                 unflushed = None;

@@ -27,6 +27,10 @@ case "$QUERY_STRING" in
            n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
          done
          printf 'second\n' ;;
+  headfirst) # Its head and a first line before it reads its body (as git
+         # http-backend does for a push), then what it read.
+         printf 'Content-Type: text/plain\n\nfirst\n'; echo "headfirst: wrote its head" >&2
+         echo "read $(wc -c | tr -d ' ')" ;;
   bighead) # A header block of $HTTP_X_SIZE bytes, its blank line included.
          pad=$(head -c $((HTTP_X_SIZE - 34)) /dev/zero | tr '\0' a)
          printf 'Content-Type: text/plain\nX-Pad: %s\n\nbig\n' "$pad" ;;
