@@ -1,6 +1,6 @@
-//! nginx at the edge: installs the generated upstream and location files as
-//! candidates, checks them with `nginx -t`, puts the previous bytes back on
-//! failure, reloads the unit over D-Bus and proves the reload by polling the
+//! nginx at the edge: checks the generated upstream and location files with
+//! `nginx -t` in a view of their own before they replace the live ones,
+//! reloads the unit over D-Bus and proves the reload by polling the
 //! loopback-only generation location; waits for old workers to drain.
 use crate::config::Nginx;
 use crate::files::write_atomic;
@@ -71,8 +71,14 @@ struct Backup {
     files: Vec<(PathBuf, Option<String>)>,
 }
 
-/// Installs `files`, runs `nginx -t`, and puts the previous files back if
-/// the check fails, or whatever its result unless `keep`.
+/// Checks `files` with `nginx -t` and installs them if it passes and
+/// `keep`. The check sees the candidates in place of the live files in a
+/// mount namespace of its own ([`test_in_private_view`]): the live files do
+/// not change for a check, so a reload by anybody else meanwhile (an
+/// operator, a package upgrade) never loads a candidate. Where that view
+/// cannot be had (a live file does not exist yet, to be mounted over, or
+/// the process may not make a mount namespace) the candidates are checked
+/// in place as before: recorded, written, checked, put back.
 pub fn install_checked(
     cfg: &Nginx,
     backup_path: &Path,
@@ -81,6 +87,38 @@ pub fn install_checked(
 ) -> Result<()> {
     check_ownership(cfg)?;
     recover(backup_path)?;
+    if cfg.upstreams.exists() && cfg.locations.exists() {
+        match test_in_private_view(cfg, files)? {
+            Checked::Passed if keep => return install(cfg, backup_path, files),
+            Checked::Passed => return Ok(()),
+            Checked::Rejected(e) => return Err(e),
+            Checked::NoPrivateView(why) => eprintln!(
+                "nginx: checking the candidate files in place: no mount namespace of its own for nginx -t ({why})"
+            ),
+        }
+    }
+    let backup = record_backup(cfg, backup_path)?;
+    let written = write_both(cfg, files);
+    let checked = written.and_then(|()| test_config(None));
+    if checked.is_err() || !keep {
+        restore(&backup).context("putting the previous nginx files back")?;
+    }
+    remove_backup(backup_path)?;
+    checked
+}
+
+/// Writes checked files for good. Each file is replaced atomically; the pair
+/// is recorded first, so a run killed between the two renames is undone by
+/// the next one (a new upstreams file beside old locations may not load).
+fn install(cfg: &Nginx, backup_path: &Path, files: &NginxFiles) -> Result<()> {
+    record_backup(cfg, backup_path)?;
+    write_both(cfg, files)?;
+    remove_backup(backup_path)
+}
+
+/// Records (synced) our two files as they are, before the first byte of a
+/// candidate is written.
+fn record_backup(cfg: &Nginx, backup_path: &Path) -> Result<Backup> {
     let backup = Backup {
         files: vec![
             (cfg.upstreams.clone(), read_optional(&cfg.upstreams)?),
@@ -93,15 +131,59 @@ pub fn install_checked(
         0o600,
     )
     .with_context(|| format!("recording the nginx files in {}", backup_path.display()))?;
-    let written = write_atomic(&cfg.upstreams, files.upstreams.as_bytes(), 0o644)
-        .and_then(|()| write_atomic(&cfg.locations, files.locations.as_bytes(), 0o644));
-    let checked = written.and_then(|()| test_config());
-    if checked.is_err() || !keep {
-        restore(&backup).context("putting the previous nginx files back")?;
-    }
-    remove_backup(backup_path)?;
-    checked
+    Ok(backup)
 }
+
+fn write_both(cfg: &Nginx, files: &NginxFiles) -> Result<()> {
+    write_atomic(&cfg.upstreams, files.upstreams.as_bytes(), 0o644)?;
+    write_atomic(&cfg.locations, files.locations.as_bytes(), 0o644)
+}
+
+/// What a check in a private view found.
+enum Checked {
+    Passed,
+    Rejected(anyhow::Error),
+    /// The view could not be made; nothing was checked.
+    NoPrivateView(String),
+}
+
+/// Runs `nginx -t` in a mount namespace of its own in which the candidate
+/// files are bind-mounted over the live ones (which must exist). Nothing
+/// outside that process sees them.
+fn test_in_private_view(cfg: &Nginx, files: &NginxFiles) -> Result<Checked> {
+    let dir = tempfile::Builder::new()
+        .prefix("cgipool-nginx-check-")
+        .tempdir()
+        .context("creating a directory for the nginx candidates")?;
+    let mut binds = Vec::new();
+    for (live, text, name) in [
+        (&cfg.upstreams, &files.upstreams, "upstreams.conf"),
+        (&cfg.locations, &files.locations, "locations.conf"),
+    ] {
+        let candidate = dir.path().join(name);
+        fs::write(&candidate, text)
+            .with_context(|| format!("writing the candidate {}", candidate.display()))?;
+        binds.push((cstring(&candidate)?, cstring(live)?));
+    }
+    match test_config(Some(binds)) {
+        Ok(()) => Ok(Checked::Passed),
+        Err(e) => match e.downcast::<NoView>() {
+            Ok(NoView(why)) => Ok(Checked::NoPrivateView(why)),
+            Err(e) => Ok(Checked::Rejected(e)),
+        },
+    }
+}
+
+fn cstring(path: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))
+}
+
+/// The private view for `nginx -t` could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoView(String);
 
 /// Puts back what an interrupted `install_checked` recorded; true if it did.
 pub fn recover(backup_path: &Path) -> Result<bool> {
@@ -139,22 +221,62 @@ fn restore(backup: &Backup) -> Result<()> {
     Ok(())
 }
 
-/// Runs `nginx -t`; the error carries nginx's own message.
-pub fn test_config() -> Result<()> {
+/// Runs `nginx -t`; the error carries nginx's own message. With `binds`
+/// (candidate, live path) it runs in a mount namespace of its own, each
+/// candidate bind-mounted over its live path there.
+fn test_config(binds: Option<Vec<(std::ffi::CString, std::ffi::CString)>>) -> Result<()> {
     // Its own process group: a Ctrl-C meant for cgipool (the terminal
     // signals the whole foreground group) must not kill the check and read
     // as a rejection; cgipool itself stops at its next step.
-    let out = Command::new("nginx")
-        .args(["-t", "-q"])
-        .process_group(0)
-        .output()
-        .context("running nginx -t")?;
+    let mut cmd = Command::new("nginx");
+    cmd.args(["-t", "-q"]).process_group(0);
+    let private = binds.is_some();
+    if let Some(binds) = binds {
+        // SAFETY: between fork and exec only system calls are made, on
+        // strings allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || private_view(&binds));
+        }
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        // The child failed before exec: in setting up the view (nginx's
+        // own absence is ENOENT from exec, reported as such below).
+        Err(e) if private && e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(NoView(e.to_string()).into())
+        }
+        Err(e) => return Err(e).context("running nginx -t"),
+    };
     if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
         bail!("nginx -t was killed by signal {sig}");
     }
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
         bail!("nginx -t rejected the configuration:\n{}", msg.trim_end());
+    }
+    Ok(())
+}
+
+/// In the child before exec: a mount namespace of its own, whose mounts do
+/// not propagate back, with each candidate bind-mounted over its live file.
+fn private_view(binds: &[(std::ffi::CString, std::ffi::CString)]) -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    for (candidate, live) in binds {
+        mount(
+            Some(candidate.as_c_str()),
+            live.as_c_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
     }
     Ok(())
 }

@@ -272,32 +272,29 @@ impl Host for FakeHost {
     }
 
     async fn nginx_install(&mut self, files: &NginxFiles, keep: bool) -> Result<()> {
-        // Each part may be where the process dies.
-        self.tick("nginx backup")?;
+        // Each part may be where the process dies. The check sees the
+        // candidates in a view of its own: the files on disk do not change.
+        self.tick("nginx recover")?;
         if let Some(b) = self.backup.take() {
             self.nginx_disk = b;
         }
-        let before = self.nginx_disk.clone();
-        self.backup = Some(before.clone());
-        self.tick("nginx write")?;
-        self.nginx_disk = NginxDisk {
-            upstreams: Some(files.upstreams.clone()),
-            locations: Some(files.locations.clone()),
-            generation: Some(files.generation.clone()),
-        };
-        let checked = self.tick("nginx -t").and_then(|()| {
-            if self.nginx_t_fails {
-                bail!("nginx -t rejected the configuration")
-            }
-            Ok(())
-        });
-        if checked.is_err() || !keep {
-            self.tick("nginx restore")?;
-            self.nginx_disk = before;
+        self.tick("nginx -t")?;
+        if self.nginx_t_fails {
+            bail!("nginx -t rejected the configuration")
         }
+        if !keep {
+            return Ok(());
+        }
+        self.tick("nginx backup")?;
+        self.backup = Some(self.nginx_disk.clone());
+        self.tick("nginx write upstreams")?;
+        self.nginx_disk.upstreams = Some(files.upstreams.clone());
+        self.tick("nginx write locations")?;
+        self.nginx_disk.locations = Some(files.locations.clone());
+        self.nginx_disk.generation = Some(files.generation.clone());
         self.tick("nginx remove backup")?;
         self.backup = None;
-        checked
+        Ok(())
     }
 
     async fn nginx_reload(&mut self, generation: &str) -> Result<Drain> {

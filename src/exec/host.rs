@@ -46,8 +46,8 @@ pub trait Host: Units {
     /// Puts back the nginx files an interrupted check or install left
     /// behind; true if there was something to put back.
     async fn nginx_recover(&mut self) -> Result<bool>;
-    /// Installs the files and runs `nginx -t`; the previous files are put
-    /// back when the check fails, and also when it passes unless `keep`.
+    /// Checks the files with `nginx -t` and, if they pass and `keep`,
+    /// installs them; the live files are as they were otherwise.
     async fn nginx_install(&mut self, files: &NginxFiles, keep: bool) -> Result<()>;
     /// Reloads nginx and waits until it serves `generation` and no old
     /// worker accepts connections; returns the old workers.

@@ -35,7 +35,7 @@ pub struct NginxRejected;
 
 impl std::fmt::Display for NginxRejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the new nginx files were put back; no unit was changed")
+        f.write_str("nginx's live files are as they were; no unit was changed")
     }
 }
 
@@ -171,7 +171,7 @@ async fn converge_steps(
 }
 
 /// Phase 1: the nginx files the plan expects pass `nginx -t` before any
-/// unit changes (and are put back right after: routing comes later). Many
+/// unit changes (in a view of their own: routing comes later). Many
 /// hosts: apply runs it on the front before any other host changes, too.
 pub(crate) async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interrupt) -> Result<()> {
     let Some(route) = plan.route.as_ref().filter(|_| plan.nginx_check) else {

@@ -90,7 +90,11 @@ fn routes_balance(m: &mut Machine) -> Result<()> {
 fn bad_config_rolls_back(m: &mut Machine) -> Result<()> {
     install(m)?;
     apply(m)?;
-    let files = "sha256sum /etc/nginx/conf.d/cgipool-upstreams.conf /etc/nginx/snippets/cgipool-locations.conf; find /etc/systemd/system -name 'cgipool*' | sort";
+    // The inodes too: the live nginx files are never replaced for a check
+    // (nginx -t sees the candidates in a mount namespace of its own), so a
+    // reload by anybody else meanwhile cannot load them.
+    let files = "stat -c '%n %i' /etc/nginx/conf.d/cgipool-upstreams.conf /etc/nginx/snippets/cgipool-locations.conf; \
+                 sha256sum /etc/nginx/conf.d/cgipool-upstreams.conf /etc/nginx/snippets/cgipool-locations.conf; find /etc/systemd/system -name 'cgipool*' | sort";
     let before = m.succeed(files)?;
     let units_before = m.succeed("systemctl list-units --no-legend --plain 'cgipool*' | sort")?;
     // "/" passes cgipool's validation but clashes with the site's own `location /`.
@@ -110,8 +114,13 @@ fn bad_config_rolls_back(m: &mut Machine) -> Result<()> {
         o.stderr
     );
     ensure!(
-        o.stderr.contains("put back"),
-        "apply does not say the files were put back:\n{}",
+        o.stderr.contains("live files are as they were"),
+        "apply does not say the live files are as they were:\n{}",
+        o.stderr
+    );
+    ensure!(
+        !o.stderr.contains("checking the candidate files in place"),
+        "nginx -t did not get a view of its own:\n{}",
         o.stderr
     );
     ensure!(

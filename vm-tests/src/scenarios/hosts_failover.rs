@@ -27,9 +27,8 @@ const LOCATIONS: &str = "/etc/nginx/snippets/cgipool-locations.conf";
 /// upstream with `server` (`present`) or without it, then writes the wall
 /// clock into `/tmp/seen-at`. Served, not written: the upstreams file must
 /// say so and nginx must serve the generation of the files on disk (a
-/// converge checks its candidate files in place with `nginx -t` and puts
-/// the old ones back before it writes them for good, so the file alone
-/// flips back and forth for a moment).
+/// converge writes the files before it reloads nginx, so the file alone
+/// is ahead of what nginx serves for a moment).
 pub(super) fn upstream_wait(server: &str, present: bool, limit: Duration) -> String {
     let listed = if present { "" } else { "! " };
     format!(

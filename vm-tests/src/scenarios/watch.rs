@@ -237,6 +237,14 @@ fn failed_worker_leaves_upstream(m: &mut Machine) -> Result<()> {
         "failed worker left the upstream {:.1}s after it failed",
         failed_at.elapsed().as_secs_f64()
     );
+    // watch's sandbox lets its nginx -t have a mount namespace of its own
+    // (RestrictNamespaces=mnt): no candidate was written in place.
+    let log = m.succeed("journalctl -b -o cat -u cgipool-watch.service")?;
+    ensure!(
+        log.contains("nginx: files written, nginx -t passed")
+            && !log.contains("checking the candidate files in place"),
+        "watch's nginx -t did not run in a view of its own:\n{log}"
+    );
     let codes = m.succeed("for i in $(seq 40); do curl -s -o /dev/null -w '%{http_code}\\n' 'http://127.0.0.1/api/search?q=x'; done | sort | uniq -c")?;
     ensure!(
         codes.trim() == "40 200",
