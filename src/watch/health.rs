@@ -80,18 +80,7 @@ impl Watcher {
                 ));
                 continue;
             }
-            // An unhealthy worker is probed again once systemd has it
-            // running: not while it starts (a slow start is no failure), and
-            // never once it failed (watch does not revive a failed worker).
-            let restarted: BTreeSet<u32> = self
-                .unhealthy_of(pool)
-                .into_iter()
-                .filter(|&n| {
-                    self.states
-                        .get(&plan::service(pool, n))
-                        .is_some_and(|u| u.active_state == "active")
-                })
-                .collect();
+            let restarted = self.unhealthy_to_probe_again(pool);
             for &n in ns.iter().chain(restarted.iter()) {
                 let unit = plan::service(pool, n);
                 let state = self.probes.entry(unit.clone()).or_default();
@@ -382,6 +371,21 @@ impl Watcher {
                     .filter(|&pid| pid > 0)
                     .is_some_and(|pid| reaper::socket_inodes(pid, unit).contains(&peer))
             })
+    }
+
+    /// The unhealthy workers of `pool` probed again: those systemd has
+    /// running (active) by its latest list. Not while one starts (a slow
+    /// start is no failure), and never once it failed (watch does not
+    /// revive a failed worker).
+    pub(super) fn unhealthy_to_probe_again(&self, pool: &str) -> BTreeSet<u32> {
+        self.unhealthy_of(pool)
+            .into_iter()
+            .filter(|&n| {
+                self.states
+                    .get(&plan::service(pool, n))
+                    .is_some_and(|u| u.active_state == "active")
+            })
+            .collect()
     }
 
     pub(super) fn unhealthy_of(&self, pool: &str) -> BTreeSet<u32> {

@@ -1,5 +1,6 @@
-//! The watcher's own state across intents: what it keeps per worker, the
-//! guard on scaling decisions, and starting with nothing applied.
+//! The watcher's own state across intents: what it keeps per worker, which
+//! unhealthy workers it probes again, the guard on scaling decisions, and
+//! starting with nothing applied.
 use super::intent::stale;
 use super::*;
 
@@ -60,6 +61,41 @@ fn a_worker_is_unhealthy_only_while_its_pool_probes_and_wants_it() {
     assert!(w.unhealthy_of("a").is_empty(), "{:?}", w.unhealthy);
     assert!(w.probes.is_empty());
     assert!(w.down_since.contains_key(&plan::service("a", 2)));
+}
+
+fn unit_in(pool: &str, n: u32, active_state: &str) -> (String, UnitState) {
+    let name = plan::service(pool, n);
+    let state = UnitState {
+        name: name.clone(),
+        load_state: "loaded".into(),
+        active_state: active_state.into(),
+        sub_state: String::new(),
+        path: String::new(),
+    };
+    (name, state)
+}
+
+#[test]
+fn an_unhealthy_worker_is_probed_again_only_while_systemd_has_it_active() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = watcher(dir.path());
+    w.set_intent(intent(1, PROBED, 4));
+    for n in 1..=4 {
+        w.unhealthy.insert(plan::service("a", n));
+    }
+    // a@1 runs again after its restart; a@2 is still starting (a slow
+    // start is no failure); a@3 failed (watch does not revive it); a@4 is
+    // not in systemd's list at all.
+    w.states = BTreeMap::from([
+        unit_in("a", 1, "active"),
+        unit_in("a", 2, "activating"),
+        unit_in("a", 3, "failed"),
+    ]);
+    assert_eq!(w.unhealthy_to_probe_again("a"), BTreeSet::from([1]));
+    // Once systemd has a@2 running, it is probed again.
+    w.states.extend([unit_in("a", 2, "active")]);
+    assert_eq!(w.unhealthy_to_probe_again("a"), BTreeSet::from([1, 2]));
+    assert!(w.unhealthy_to_probe_again("b").is_empty());
 }
 
 #[test]
