@@ -5,12 +5,20 @@
 //! they are followed).
 use super::hosts::{hosts_out, Seen};
 use super::Watcher;
+use crate::config::{Config, Host};
 use crate::exec::interrupt::Interrupt;
 use crate::exec::ssh_host::SshHost;
 use crate::remote::SshTimeouts;
 use crate::state::Intent;
+use anyhow::Result;
+use futures_util::future::{FutureExt, LocalBoxFuture};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+
+/// Converges one other host (its name, its `[host.NAME]`) to the intent:
+/// over ssh in the daemon ([`converge_over_ssh`]), a fake in the tests.
+pub(super) type ConvergeHost =
+    for<'a> fn(&'a Config, &'a str, &'a Host, &'a Intent) -> LocalBoxFuture<'a, Result<()>>;
 
 impl Watcher {
     /// True when `name` answers, is behind the intent `serial`, and its
@@ -43,6 +51,15 @@ impl Watcher {
         &mut self,
         intent: &Intent,
     ) -> BTreeMap<String, BTreeSet<String>> {
+        self.converge_hosts_with(intent, converge_over_ssh).await
+    }
+
+    /// [`Self::converge_hosts`], each host converged by `converge_host`.
+    pub(super) async fn converge_hosts_with(
+        &mut self,
+        intent: &Intent,
+        converge_host: ConvergeHost,
+    ) -> BTreeMap<String, BTreeSet<String>> {
         let cfg = self.cfg.clone();
         let seen = self.hosts.seen();
         let now = Instant::now();
@@ -50,23 +67,7 @@ impl Watcher {
             if !self.host_behind(name, seen.get(name), intent.serial, now) {
                 continue;
             }
-            let converging = async {
-                let mut h = SshHost::connect_with(
-                    name,
-                    &host.address,
-                    &intent.unit_dir,
-                    HOST_JOB_TIMEOUT,
-                    SshTimeouts::WATCH,
-                )
-                .await?;
-                let goal = crate::hosts::Goal {
-                    cfg: &cfg,
-                    counts: &intent.counts,
-                    unit_dir: &intent.unit_dir,
-                    leave_failed: true,
-                };
-                crate::hosts::converge_one(&mut h, goal, &Interrupt::never()).await
-            };
+            let converging = converge_host(&cfg, name, host, intent);
             // A host whose sshd answers but whose systemd hangs must not
             // hold the loop (and the lock): bound the whole converge.
             let done = tokio::time::timeout(HOST_CONVERGE_TIMEOUT, converging)
@@ -115,8 +116,35 @@ impl Watcher {
     }
 }
 
+/// Converges `name` to `intent` over ssh, with watch's short timeouts.
+fn converge_over_ssh<'a>(
+    cfg: &'a Config,
+    name: &'a str,
+    host: &'a Host,
+    intent: &'a Intent,
+) -> LocalBoxFuture<'a, Result<()>> {
+    async move {
+        let mut h = SshHost::connect_with(
+            name,
+            &host.address,
+            &intent.unit_dir,
+            HOST_JOB_TIMEOUT,
+            SshTimeouts::WATCH,
+        )
+        .await?;
+        let goal = crate::hosts::Goal {
+            cfg,
+            counts: &intent.counts,
+            unit_dir: &intent.unit_dir,
+            leave_failed: true,
+        };
+        crate::hosts::converge_one(&mut h, goal, &Interrupt::never()).await
+    }
+    .boxed_local()
+}
+
 /// How long watch waits for a job on another host, and for its bus.
 const HOST_JOB_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long one host's whole converge may take (a few jobs' worth).
-const HOST_CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const HOST_CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);

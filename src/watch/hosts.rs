@@ -160,6 +160,12 @@ impl Hosts {
             .unwrap_or_default()
     }
 
+    /// Records a verdict for `name` as its task would.
+    #[cfg(test)]
+    pub(super) fn saw(&self, name: &str, address: &RemoteHost, now: Seen) {
+        record(&self.seen, &self.changed, name, address, now);
+    }
+
     /// Every followed host's verdict, since when, and active workers.
     pub fn readings(&self) -> BTreeMap<String, HostReading> {
         let Ok(s) = self.seen.lock() else {

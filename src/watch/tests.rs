@@ -1,8 +1,11 @@
 //! The watcher's own state across intents: what it keeps per worker, which
 //! unhealthy workers it probes again, the guard on scaling decisions, and
-//! starting with nothing applied.
+//! starting with nothing applied, and the bound on converging another host.
+use super::host_converge::HOST_CONVERGE_TIMEOUT;
+use super::hosts::Seen;
 use super::intent::stale;
 use super::*;
+use futures_util::future::{FutureExt, LocalBoxFuture};
 
 fn watcher(dir: &Path) -> Watcher {
     let opts = Options {
@@ -119,4 +122,66 @@ fn a_scaling_decision_holds_only_within_the_applied_limits() {
         Some("the intent says 5 now")
     );
     assert!(stale(&intent(2, wide, 4), "b", &up).is_some());
+}
+
+const HOSTED: &str = "[nginx]\nfront_address = \"10.0.0.10\"\n\
+    [host.web1]\naddress = \"root@10.0.0.11\"\n[host.web2]\naddress = \"root@10.0.0.12\"\n\
+    [pool.a]\nexec = \"/bin/a\"\nroute = \"/a\"\nmin = 2\nmax = 4\n\
+    hosts = [\"local\", \"web1\", \"web2\"]\nport = 9001\n";
+
+/// A converge of another host where web1's systemd hangs behind a live
+/// sshd (it never answers) and web2 converges at once.
+fn web1_hangs<'a>(
+    _: &'a Config,
+    name: &'a str,
+    _: &'a config::Host,
+    _: &'a Intent,
+) -> LocalBoxFuture<'a, Result<()>> {
+    let hangs = name == "web1";
+    async move {
+        if hangs {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    .boxed_local()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = watcher(dir.path());
+    let intent = intent(1, HOSTED, 2);
+    w.set_intent(intent.clone());
+    for (name, address) in [("web1", "root@10.0.0.11"), ("web2", "root@10.0.0.12")] {
+        let pools = Seen::Up(BTreeSet::from(["a".to_string()]));
+        w.hosts.saw(name, &address.parse().unwrap(), pools);
+    }
+    // web1 is back from being lost: out of nginx until it converged.
+    w.host_returning.insert("web1".to_string());
+    let started = tokio::time::Instant::now();
+    let out = tokio::time::timeout(
+        HOST_CONVERGE_TIMEOUT * 10,
+        w.converge_hosts_with(&intent, web1_hangs),
+    )
+    .await
+    .expect("converging the hosts ends although web1 hangs");
+    let took = started.elapsed();
+    assert!(
+        took >= HOST_CONVERGE_TIMEOUT && took < HOST_CONVERGE_TIMEOUT + Duration::from_secs(1),
+        "took {took:?}"
+    );
+    // web1 failed: tried again after a backoff, still out of nginx; the
+    // host after it was converged all the same.
+    assert_eq!(
+        w.host_retry.get("web1").map(|(_, failures)| *failures),
+        Some(1)
+    );
+    assert!(!w.host_serials.contains_key("web1"));
+    assert_eq!(w.host_serials.get("web2"), Some(&1));
+    assert!(!w.host_retry.contains_key("web2"));
+    assert_eq!(
+        out,
+        BTreeMap::from([("a".to_string(), BTreeSet::from(["web1".to_string()]))])
+    );
 }
