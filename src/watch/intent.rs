@@ -1,7 +1,8 @@
 //! watch and the recorded intent: reading it again when someone recorded
 //! a new one, keeping per pool and per worker only what that intent wants,
 //! and recording watch's own scaling decisions in it (under the lock, only
-//! while they still hold) before it converges.
+//! while they still hold) before it converges; a restart after a failed
+//! probe, too, is carried out only while it still holds.
 use super::*;
 
 /// Why a scaling decision made on an older view does not hold under the
@@ -25,6 +26,36 @@ pub(super) fn stale(intent: &Intent, pool: &str, decision: &scaler::Decision) ->
         },
         Err(e) => Some(format!("{e:#}")),
     }
+}
+
+/// Why restarting `unit`, whose probe failed on an older view, does not
+/// hold under the intent recorded now (None: it holds): the front no longer
+/// runs that worker (systemd's restart would start it again, beyond the
+/// count), or its pool no longer probes.
+pub(super) fn restart_stale(intent: &Intent, unit: &str) -> Option<String> {
+    let Some((pool, n, _)) = plan::parse_instance(unit) else {
+        return Some("it is no worker".into());
+    };
+    let cfg = match intent.config() {
+        Ok(cfg) => cfg,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    let Some(p) = cfg.pools.get(pool) else {
+        return Some("the applied config has no such pool now".into());
+    };
+    if p.health_path.is_none() {
+        return Some(format!("pool {pool} no longer probes"));
+    }
+    let count = crate::hosts::front_counts(&cfg, &intent.counts)
+        .get(pool)
+        .copied()
+        .unwrap_or(0);
+    if !(1..=count).contains(&n) {
+        return Some(format!(
+            "the intent counts {count} for pool {pool} here now"
+        ));
+    }
+    None
 }
 
 impl Watcher {
@@ -175,9 +206,15 @@ impl Watcher {
         };
         let result = apply::converge_front(&lock, &intent, &opts, &Interrupt::never()).await;
         if let Change::Restart(unit) = &change {
-            let job = Job::new(JobKind::Restart, unit.as_str());
-            if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
-                eprintln!("watch: restarting {unit}: {e:#}");
+            // Decided on the intent of the step; a scale or an apply may
+            // have recorded another since (read above, under the lock).
+            if let Some(why_not) = restart_stale(&intent, unit) {
+                println!("watch: {unit}: not restarting it: {why_not}");
+            } else {
+                let job = Job::new(JobKind::Restart, unit.as_str());
+                if let Err(e) = systemd.run_jobs(&[job], Duration::from_secs(90)).await {
+                    eprintln!("watch: restarting {unit}: {e:#}");
+                }
             }
         }
         match result {

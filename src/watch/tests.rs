@@ -3,7 +3,7 @@
 //! starting with nothing applied, and the bound on converging another host.
 use super::host_converge::HOST_CONVERGE_TIMEOUT;
 use super::hosts::Seen;
-use super::intent::stale;
+use super::intent::{restart_stale, stale};
 use super::*;
 use futures_util::future::{FutureExt, LocalBoxFuture};
 
@@ -64,6 +64,24 @@ fn a_worker_is_unhealthy_only_while_its_pool_probes_and_wants_it() {
     assert!(w.unhealthy_of("a").is_empty(), "{:?}", w.unhealthy);
     assert!(w.probes.is_empty());
     assert!(w.down_since.contains_key(&plan::service("a", 2)));
+}
+
+#[test]
+fn a_restart_decided_on_an_older_intent_holds_only_for_a_worker_still_run_and_probed() {
+    let a2 = plan::service("a", 2);
+    assert_eq!(restart_stale(&intent(1, PROBED, 2), &a2), None);
+    // `cgipool scale a 1` recorded meanwhile: restarting a@2 would start
+    // it again beyond the count.
+    assert_eq!(
+        restart_stale(&intent(2, PROBED, 1), &a2).as_deref(),
+        Some("the intent counts 1 for pool a here now")
+    );
+    // `cgipool apply` dropped the pool's health_path meanwhile.
+    assert_eq!(
+        restart_stale(&intent(2, PLAIN, 2), &a2).as_deref(),
+        Some("pool a no longer probes")
+    );
+    assert!(restart_stale(&intent(2, PROBED, 2), &plan::service("b", 1)).is_some());
 }
 
 fn unit_in(pool: &str, n: u32, active_state: &str) -> (String, UnitState) {
