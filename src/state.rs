@@ -11,7 +11,7 @@
 use crate::config::{self, Config};
 use crate::files::write_atomic;
 use crate::plan::Pending;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -82,6 +82,15 @@ impl Lock {
 }
 
 /// Takes the lock, waiting up to `wait` for another cgipool to finish.
+/// The lock is held by another cgipool process (any other failure to take
+/// it is an error of its own).
+#[derive(Debug, thiserror::Error)]
+#[error("another cgipool apply/scale/down/watch holds {} (waited {}s)", path.display(), waited.as_secs())]
+pub struct Busy {
+    pub path: PathBuf,
+    pub waited: Duration,
+}
+
 pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
     let path = &paths.lock;
     if let Some(dir) = path.parent() {
@@ -105,11 +114,13 @@ pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
             Err((_, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(100))
             }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
-                "another cgipool apply/scale/down/watch holds {} (waited {}s)",
-                path.display(),
-                wait.as_secs()
-            ),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Busy {
+                    path: path.clone(),
+                    waited: wait,
+                }
+                .into())
+            }
             Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
         }
     }

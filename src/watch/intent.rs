@@ -59,6 +59,30 @@ pub(super) fn restart_stale(intent: &Intent, unit: &str) -> Option<String> {
 }
 
 impl Watcher {
+    /// The shared lock, if it can be had now. None while an apply, scale or
+    /// down holds it (they are short; watch tries again at its next step);
+    /// any other failure (the state directory unwritable, say) is logged
+    /// once per cause, so that watch does not go quiet while it cannot act.
+    pub(super) fn try_lock(&mut self) -> Option<state::Lock> {
+        match state::lock(&self.paths, Duration::ZERO) {
+            Ok(lock) => {
+                if self.lock_error.take().is_some() {
+                    println!("watch: the lock can be taken again");
+                }
+                Some(lock)
+            }
+            Err(e) if e.downcast_ref::<state::Busy>().is_some() => None,
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.lock_error.as_deref() != Some(why.as_str()) {
+                    eprintln!("watch: cannot take the lock, so nothing converges: {why}");
+                    self.lock_error = Some(why);
+                }
+                None
+            }
+        }
+    }
+
     /// Takes the recorded intent; pools whose limits did not change keep
     /// their window, and a changed count resets it.
     pub(super) fn set_intent(&mut self, intent: Intent) {
@@ -148,8 +172,8 @@ impl Watcher {
     /// One converge to the recorded intent under the shared lock, after
     /// `change`; false if it could not run or failed (retried later).
     pub(super) async fn converge(&mut self, systemd: &Systemd, why: &str, change: Change) -> bool {
-        let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
-            return false; // an operator's apply/scale is running; next tick
+        let Some(lock) = self.try_lock() else {
+            return false; // next tick
         };
         self.release_held_probes();
         let mut intent = match state::read_intent(&self.paths) {

@@ -134,6 +134,9 @@ pub(crate) struct Watcher {
     host_returning: BTreeSet<String>,
     /// The hosts left out of nginx the last time a converge succeeded.
     routed_out: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// Why the lock could not be taken last time, other than another
+    /// process holding it (logged when it changes, not every step).
+    lock_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -259,6 +262,7 @@ impl Watcher {
             host_retry: BTreeMap::new(),
             host_returning: BTreeSet::new(),
             routed_out: None,
+            lock_error: None,
         }
     }
 

@@ -37,7 +37,7 @@
 use super::{sockdiag, Watcher};
 use crate::config::Protocol;
 use crate::plan;
-use crate::state::{self, RUN_DIR};
+use crate::state::RUN_DIR;
 use crate::systemd::Systemd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -223,7 +223,7 @@ impl Watcher {
             })
             .collect();
         for a in self.reaper.observe(now, &workers) {
-            let Ok(lock) = state::lock(&self.paths, Duration::ZERO) else {
+            let Some(lock) = self.try_lock() else {
                 self.reaper.retry(&a, now); // an apply, scale or converge runs; next time
                 continue;
             };

@@ -1,6 +1,7 @@
 //! The watcher's own state across intents: what it keeps per worker, which
 //! unhealthy workers it probes again, the guard on scaling decisions, and
-//! starting with nothing applied, and the bound on converging another host.
+//! starting with nothing applied, the bound on converging another host,
+//! and how a lock that cannot be taken is told apart from one held.
 use super::host_converge::HOST_CONVERGE_TIMEOUT;
 use super::hosts::Seen;
 use super::intent::{restart_stale, stale};
@@ -202,4 +203,25 @@ async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
         out,
         BTreeMap::from([("a".to_string(), BTreeSet::from(["web1".to_string()]))])
     );
+}
+
+#[test]
+fn the_lock_held_elsewhere_is_quiet_and_any_other_failure_is_logged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = watcher(dir.path());
+    let held = state::lock(&w.paths, Duration::ZERO).unwrap();
+    assert!(w.try_lock().is_none(), "taken while another holds it");
+    assert_eq!(w.lock_error, None, "a held lock is no failure");
+    drop(held);
+    assert!(w.try_lock().is_some());
+    // The run directory is a file: the lock cannot be made at all.
+    let run = dir.path().join("run");
+    std::fs::remove_dir_all(&run).unwrap();
+    std::fs::write(&run, "").unwrap();
+    assert!(w.try_lock().is_none());
+    let why = w.lock_error.clone().expect("the failure is remembered");
+    assert!(why.contains(&run.display().to_string()), "{why}");
+    std::fs::remove_file(&run).unwrap();
+    assert!(w.try_lock().is_some());
+    assert_eq!(w.lock_error, None, "cleared once the lock is taken");
 }
