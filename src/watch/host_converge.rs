@@ -1,8 +1,9 @@
 //! watch converges the other hosts itself: one that answers and is behind
 //! the recorded intent (or back from being lost) is converged over ssh
 //! before nginx routes to it again, each host on its own and bounded, so a
-//! host that does not answer never holds the front (see `hosts` for how
-//! they are followed).
+//! host that does not answer never holds the front, and one that fails
+//! slowly is tried again only after 4 times its attempt (see `hosts` for
+//! how they are followed).
 use super::hosts::{hosts_out, Seen};
 use super::Watcher;
 use crate::config::{Config, Host};
@@ -67,6 +68,7 @@ impl Watcher {
             if !self.host_behind(name, seen.get(name), intent.serial, now) {
                 continue;
             }
+            let attempt = tokio::time::Instant::now();
             let converging = converge_host(&cfg, name, host, intent);
             // A host whose sshd answers but whose systemd hangs must not
             // hold the loop (and the lock): bound the whole converge.
@@ -90,7 +92,13 @@ impl Watcher {
                 }
                 Err(e) => {
                     let failures = self.host_retry.get(name).map(|(_, n)| n + 1).unwrap_or(1);
-                    let wait = Duration::from_secs(1 << failures.min(5));
+                    // An attempt holds the loop and the lock as long as it
+                    // takes: one that took long to fail (a hang, up to the
+                    // bound) waits 4 times as long before the next, so such
+                    // a host keeps watch from routing at most a fifth of
+                    // its time.
+                    let wait = Duration::from_secs(1 << failures.min(5))
+                        .max(attempt.elapsed() * HOLD_BACKOFF);
                     let routed = if self.host_returning.contains(name) {
                         "it stays out of nginx"
                     } else {
@@ -145,6 +153,10 @@ fn converge_over_ssh<'a>(
 
 /// How long watch waits for a job on another host, and for its bus.
 const HOST_JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failed attempt's next try waits at least this many times as long as
+/// the attempt took.
+pub(super) const HOLD_BACKOFF: u32 = 4;
 
 /// How long one host's whole converge may take (a few jobs' worth).
 pub(super) const HOST_CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);

@@ -2,7 +2,7 @@
 //! unhealthy workers it probes again, the guard on scaling decisions, and
 //! starting with nothing applied, the bound on converging another host,
 //! and how a lock that cannot be taken is told apart from one held.
-use super::host_converge::HOST_CONVERGE_TIMEOUT;
+use super::host_converge::{HOLD_BACKOFF, HOST_CONVERGE_TIMEOUT};
 use super::hosts::Seen;
 use super::intent::{restart_stale, stale};
 use super::*;
@@ -195,6 +195,13 @@ async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
     assert_eq!(
         w.host_retry.get("web1").map(|(_, failures)| *failures),
         Some(1)
+    );
+    // Not after the usual 2 s: the hang held watch for the bound, so the
+    // next try waits 4 times that.
+    let retry_in = w.host_retry["web1"].0 - std::time::Instant::now();
+    assert!(
+        retry_in > HOST_CONVERGE_TIMEOUT * (HOLD_BACKOFF - 1),
+        "web1 is tried again in {retry_in:?}"
     );
     assert!(!w.host_serials.contains_key("web1"));
     assert_eq!(w.host_serials.get("web2"), Some(&1));
