@@ -58,10 +58,14 @@ image:
 
 # Build outputs travel to the guest separately from the image (read-only bind
 # mount for nspawn, payload.ext4 for QEMU), so a code change never rebuilds it.
+# BENCH_CGI_CC='musl-gcc -static' builds the bench's CGI program (hello_cgi)
+# with another compiler, e.g. one whose start makes no CPUID (bench/README
+# "CPUID"); the bench report names the build it ran.
 payload: build
 	rm -rf $(PAYLOAD) && mkdir -p $(PAYLOAD)/bin $(PAYLOAD)/lib/cgipool
 	install -m 0755 target/$(PROFILE)/cgipool $(PAYLOAD)/bin/cgipool
 	$(MAKE) -C cgi-src install DESTDIR=$(CURDIR)/$(PAYLOAD) PREFIX=/ LIBDIR=/lib/cgipool
+	$(if $(BENCH_CGI_CC),$(BENCH_CGI_CC) -O2 -Wall -Wextra -Werror -o $(PAYLOAD)/lib/cgipool/hello_cgi cgi-src/hello_cgi.c)
 	cp -r examples nginx units $(PAYLOAD)/
 	cp -r vm-tests/fixtures $(PAYLOAD)/fixtures
 
@@ -133,7 +137,10 @@ bench: payload image
 # (bench/host/cpu_per_request.py; root, fcgiwrap installed).
 bench-cpu: export PROFILE = release
 bench-cpu: build
+	@mkdir -p target && cc -O2 -Wall -Wextra -Werror -o target/cpuid_cost bench/host/cpuid_cost.c && target/cpuid_cost
 	python3 bench/host/cpu_per_request.py
+	$(if $(BENCH_CGI_CC),$(BENCH_CGI_CC) -O2 -Wall -Wextra -Werror -o target/hello_cgi.other cgi-src/hello_cgi.c \
+	  && python3 bench/host/cpu_per_request.py --program target/hello_cgi.other)
 
 bench-smoke: payload image
 	CGIPOOL_VM_IMAGE=$$(vm-tests/image/build.sh) CGIPOOL_VM_PAYLOAD=$(CURDIR)/$(PAYLOAD) \

@@ -113,7 +113,7 @@ async fn converge_steps(
     stop: &Interrupt,
 ) -> Result<Outcome> {
     if host.nginx_recover().await? {
-        println!("nginx: put back the files an interrupted run had installed for a check");
+        println!("nginx: put back the files an interrupted run had begun to write");
     }
     let (observed, foreign) = observe(host).await?;
     refuse_foreign(desired, &foreign)?;

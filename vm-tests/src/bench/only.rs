@@ -185,8 +185,9 @@ pub(super) fn run_cgi(env: &Env) -> Result<()> {
     m.save_transcript();
     drop(m);
     let notes = format!(
-        "- tier: {}\n- extra gateways: {}\n",
+        "- tier: {}\n- CGI program: {CGI_PROGRAM} ({})\n- extra gateways: {}\n",
         tier.name(),
+        super::setup::cgi_program_build(),
         if extra.is_empty() {
             "none".to_string()
         } else {

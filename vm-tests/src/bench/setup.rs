@@ -36,6 +36,39 @@ pub(super) const WORKER: &str = "/usr/local/lib/cgipool/search";
 /// The trivial C CGI program (cgi-src/hello_cgi.c) behind fcgiwrap and
 /// behind the `protocol = "cgi"` pool.
 pub(super) const CGI_PROGRAM: &str = "/usr/local/lib/cgipool/hello_cgi";
+
+/// How the payload's CGI program was linked: "dynamic" (glibc's ld.so, the
+/// default build) or "static" (`make bench BENCH_CGI_CC='musl-gcc
+/// -static'`): an ELF with a PT_INTERP segment is dynamic. The program's
+/// start differs a lot between the two on a VM where CPUID traps (bench/README
+/// "CPUID").
+pub(super) fn cgi_program_build() -> String {
+    let Ok(payload) = std::env::var("CGIPOOL_VM_PAYLOAD") else {
+        return "unknown (no CGIPOOL_VM_PAYLOAD)".into();
+    };
+    let path = std::path::Path::new(&payload).join("lib/cgipool/hello_cgi");
+    let Ok(elf) = std::fs::read(&path) else {
+        return format!("unknown ({} unreadable)", path.display());
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(|b: [u8; 8]| u64::from_le_bytes(b) as usize)
+    };
+    let (Some(phoff), Some(size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return "unknown (not a 64-bit ELF)".into();
+    };
+    let interp = (0..count).any(|i| {
+        elf.get(phoff + i * size..phoff + i * size + 4)
+            .is_some_and(|t| t == 3u32.to_le_bytes())
+    });
+    if interp {
+        "dynamic: glibc's ld.so".into()
+    } else {
+        "static".into()
+    }
+}
 pub(super) const CGI_BODY: &str = "hello\n";
 /// Our own fcgiwrap instance (`-c` = the pool size), in a directory its
 /// user (www-data, nginx's) owns.
@@ -436,6 +469,7 @@ pub(super) fn machine_info(m: &mut Machine) -> Result<Value> {
         // build (target/debug/cgipool).
         "cgipool_binary_bytes": get(m, "stat -c %s /payload/bin/cgipool")?.parse::<u64>().ok(),
         "cgipool_profile": std::env::var("CGIPOOL_BENCH_PROFILE").ok(),
+        "cgi_program_build": cgi_program_build(),
         "date": get(m, "date -u +%Y-%m-%dT%H:%M:%SZ")?,
         "loadavg_start": get(m, "cut -d' ' -f1-3 /proc/loadavg")?,
         // Other people's VM tests share the host's cores; this one excluded.
