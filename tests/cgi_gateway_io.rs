@@ -6,7 +6,9 @@
 mod common;
 
 use common::gateway::{get, Gateway, TIMEOUT, TIMEOUT_FLAG};
+use std::io::Write;
 use std::net::Shutdown;
+use std::os::unix::process::CommandExt;
 use std::time::Instant;
 
 /// A request body that ends before its Content-Length (the client shuts
@@ -210,4 +212,73 @@ fn nothing_is_sent_before_the_request_body_was_read() {
     let r = c.response();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body, "first\nread 200000\n", "{r:?}");
+}
+
+/// A chunked body of 64 KiB, sent whole (what the gateway leaves unread
+/// when it gives up is dropped: the client's send may fail then).
+fn send_chunked_64k(c: &mut common::Client, rid: &str) {
+    let head = format!(
+        "POST /?count HTTP/1.1\r\nHost: t\r\nX-Request-ID: {rid}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let mut body = b"10000\r\n".to_vec();
+    body.extend([b'x'; 0x10000]);
+    body.extend(b"\r\n0\r\n\r\n");
+    let _ = c.stream.write_all(head.as_bytes());
+    let _ = c.stream.write_all(&body);
+}
+
+/// A chunked body the gateway cannot spool (its temporary file cannot be
+/// created, or writing it fails) is the server's fault, not the client's:
+/// 500, the cause in the log, the program never runs, and the gateway
+/// serves on. Real failures: a TMPDIR that does not exist, and a file size
+/// limit (RLIMIT_FSIZE, SIGXFSZ ignored) under the body's size, so the
+/// write fails with EFBIG.
+#[test]
+fn a_chunked_body_that_cannot_be_spooled_gets_500() {
+    let no_dir = Gateway::start_configured(&[], |cmd| {
+        cmd.env("TMPDIR", "/nonexistent/cgipool-test");
+    });
+    let small_files = Gateway::start_configured(&[], |cmd| {
+        // SAFETY: setrlimit and signal are async-signal-safe; nothing else
+        // runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::libc;
+                let limit = libc::rlimit {
+                    rlim_cur: 16 * 1024,
+                    rlim_max: 16 * 1024,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+                    || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    for (gw, cause) in [
+        (&no_dir, "No such file or directory"),
+        (&small_files, "File too large"),
+    ] {
+        let mut c = gw.connect();
+        send_chunked_64k(&mut c, "spool");
+        let r = c.response();
+        assert_eq!(
+            (r.status, r.header("Connection")),
+            (500, Some("close")),
+            "{r:?}\n{}",
+            gw.log()
+        );
+        let log = gw.wait_log("POST /?count 500");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("server error") && l.contains(cause)),
+            "no server-side cause ({cause}) in the log:\n{log}"
+        );
+        assert!(!log.contains("spool stderr"), "the program ran:\n{log}");
+        let mut c = gw.connect();
+        c.send(&get("/after", ""), b"");
+        assert_eq!(c.response().status, 200);
+    }
 }

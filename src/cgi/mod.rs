@@ -16,7 +16,8 @@
 //!   requests (`CGIPOOL_MAX_REQUESTS`);
 //! - one request ([`serve`]): its framing and meta-variables per RFC 3875
 //!   §4.1 ([`meta`]), the body (a chunked one is decoded into a bounded
-//!   temporary file first, so CONTENT_LENGTH is always known; at most
+//!   temporary file first, so CONTENT_LENGTH is always known, and 500 with
+//!   the cause logged if that file cannot be written; at most
 //!   `--body-limit` bytes; fed to stdin by [`feed`], which kills the
 //!   program before its stdin ends if the body ends early), the program
 //!   started with the gateway's own environment (the pool's `environment`)

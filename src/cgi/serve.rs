@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::chunked::ChunkedReader;
 use super::conns::Conn;
 use super::run::Run;
-use super::sock::Sock;
+use super::sock::{Sock, IO_BUF};
 use super::{http, meta, Gateway};
 
 /// A request id fit for a log line.
@@ -90,6 +90,16 @@ pub(super) enum Body {
     Socket(u64),
     /// A chunked body, already decoded into a temporary file.
     File(File),
+}
+
+/// Why a chunked body was not spooled.
+enum Spool {
+    /// Reading or decoding the client's body failed: a malformed or cut
+    /// body (400), or the request's deadline (504).
+    Body(io::Error),
+    /// The temporary file could not be created or written (disk full, EIO,
+    /// a file size limit): the server's fault (500).
+    File(io::Error),
 }
 
 /// How long the gateway's own answer to a refused head may take to send.
@@ -181,7 +191,7 @@ impl Gateway {
                     )
                 }
                 // The request's deadline, as for a Content-Length body.
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                Err(Spool::Body(e)) if e.kind() == io::ErrorKind::TimedOut => {
                     let mut o = refuse(
                         &mut conn.out,
                         504,
@@ -190,7 +200,18 @@ impl Gateway {
                     o.note.push("timeout".to_string());
                     return o;
                 }
-                Err(e) => return refuse(&mut conn.out, 400, &format!("bad chunked body: {e}")),
+                Err(Spool::Body(e)) => {
+                    return refuse(&mut conn.out, 400, &format!("bad chunked body: {e}"))
+                }
+                // The client sent nothing wrong: the cause is logged here,
+                // the client only learns that the server failed.
+                Err(Spool::File(e)) => {
+                    eprintln!(
+                        "{rid} server error: the chunked request body could not be stored in a temporary file in {}: {e}",
+                        std::env::temp_dir().display()
+                    );
+                    return refuse(&mut conn.out, 500, "the request body could not be stored");
+                }
             },
         };
         let program = self.program.to_string_lossy();
@@ -236,19 +257,30 @@ impl Gateway {
     /// the worker's private /tmp), never more than the body limit. Ok(None):
     /// larger than the limit (413; the rest stays unread and the connection
     /// is closed).
-    fn spool_chunked(&self, conn: &mut Conn) -> io::Result<Option<(File, u64)>> {
+    fn spool_chunked(&self, conn: &mut Conn) -> Result<Option<(File, u64)>, Spool> {
         let reader = conn
             .reader
             .as_mut()
-            .ok_or_else(|| io::Error::other("no reader"))?;
-        let mut f = tempfile::tempfile()?;
-        let mut dec = ChunkedReader::new(reader);
-        let n = io::copy(&mut (&mut dec).take(self.body_limit + 1), &mut f)?;
+            .ok_or_else(|| Spool::File(io::Error::other("the connection has no reader")))?;
+        let mut f = tempfile::tempfile().map_err(Spool::File)?;
+        let mut body = ChunkedReader::new(reader).take(self.body_limit + 1);
+        let mut buf = vec![0u8; IO_BUF];
+        let mut n: u64 = 0;
+        loop {
+            let got = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Spool::Body(e)),
+            };
+            f.write_all(&buf[..got]).map_err(Spool::File)?;
+            n += got as u64;
+        }
         if n > self.body_limit {
             conn.reader = None;
             return Ok(None);
         }
-        f.rewind()?;
+        f.rewind().map_err(Spool::File)?;
         Ok(Some((f, n)))
     }
 }

@@ -72,12 +72,19 @@ impl Gateway {
 
     /// With more flags (replacing the defaults here).
     pub fn start_with(extra: &[&str]) -> Gateway {
+        Gateway::start_configured(extra, |_| {})
+    }
+
+    /// With more flags, and `configure` given the gateway's command before
+    /// it starts (its environment, resource limits, ...).
+    pub fn start_configured(extra: &[&str], configure: impl FnOnce(&mut Command)) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let program = dir.path().join("t.cgi");
         std::fs::write(&program, PROGRAM).expect("writing the program");
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_cgipool"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cgipool"));
+        command
             .arg("cgi-gateway")
             .args(
                 // A request deadline no request outlives on a loaded
@@ -94,9 +101,9 @@ impl Gateway {
             .arg(&program)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting cgipool cgi-gateway");
+            .stderr(log);
+        configure(&mut command);
+        let child = command.spawn().expect("starting cgipool cgi-gateway");
         let gw = Gateway { child, dir };
         // Logged once it listens.
         gw.wait_log("one request at a time");
