@@ -282,3 +282,82 @@ fn a_chunked_body_that_cannot_be_spooled_gets_500() {
         assert_eq!(c.response().status, 200);
     }
 }
+
+/// A killed program that does not exit (to its parent) does not hold up
+/// the gateway: it waits a few seconds, logs that the program did not
+/// exit, serves on without waiting for it again, and reaps it once it
+/// exits. A process in uninterruptible sleep would do that; here it is a
+/// real one held by a tracer: the test ptraces the program and does not
+/// wait for it, so once killed it is a zombie only the tracer sees.
+#[test]
+fn a_killed_program_that_does_not_exit_does_not_stop_the_gateway() {
+    use nix::libc;
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    c.send(
+        "POST /?traced HTTP/1.1\r\nHost: t\r\nX-Request-ID: traced\r\nContent-Length: 1000\r\n\r\n",
+        &[b'x'; 100],
+    );
+    let log = gw.wait_log("traced stderr: traced: pid ");
+    let pid: libc::pid_t = log
+        .split("traced: pid ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in the log:\n{log}"));
+    // SAFETY: PTRACE_SEIZE takes a pid and null address and data; it only
+    // makes this thread the program's tracer.
+    let seized = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    assert_eq!(
+        seized,
+        0,
+        "PTRACE_SEIZE {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    // The body ends early: the gateway kills the program, answers 400.
+    c.stream.shutdown(Shutdown::Write).expect("shutdown");
+    assert_eq!(c.response().status, 400);
+    // The next request is served (the client's read timeout bounds it).
+    let mut next = gw.connect();
+    next.send(&get("/next", ""), b"");
+    assert_eq!(next.response().status, 200, "{}", gw.log());
+    let log = gw.wait_log("GET /next 200");
+    assert!(
+        log.contains(&format!("the CGI program (pid {pid}) did not exit")),
+        "{log}"
+    );
+    // Not waited for again, nor counted as a leftover of its request or
+    // of the next.
+    for request in ["POST /?traced 400", "GET /next 200"] {
+        let line = log.lines().find(|l| l.contains(request)).unwrap_or("");
+        assert!(
+            !line.contains("killed=") && !line.contains("UNKILLABLE"),
+            "{request}: {log}"
+        );
+    }
+    // The tracer lets go of it; the gateway reaps it after its next request.
+    let mut status = 0;
+    // SAFETY: waitpid on the tracee, with a valid status pointer.
+    let waited = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+    assert_eq!(waited, pid, "{}", std::io::Error::last_os_error());
+    let mut again = gw.connect();
+    again.send(&get("/again", ""), b"");
+    assert_eq!(again.response().status, 200);
+    let proc_dir = format!("/proc/{pid}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(&proc_dir).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not reap {pid}:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -34,7 +34,9 @@
 //!   request is killed, the client gets 504 if nothing was sent yet and the
 //!   connection is closed otherwise. After every request nothing the
 //!   program started survives: the gateway is a child subreaper and kills
-//!   and reaps all its descendants ([`reap`]).
+//!   and reaps all its descendants ([`reap`]); one that SIGKILL does not
+//!   end within seconds (stuck in the kernel) is logged and reaped later,
+//!   and the gateway serves on.
 
 pub mod chunked;
 pub mod conns;
@@ -148,6 +150,8 @@ pub struct Gateway {
     env: Vec<(OsString, OsString)>,
     /// One line per request (`CGIPOOL_ACCESS_LOG`); errors always.
     access_log: bool,
+    /// Processes of earlier requests that SIGKILL did not end in time.
+    stuck: std::cell::RefCell<reap::Stuck>,
 }
 
 /// The socket systemd passed (fd 3), if it was passed to this process.
@@ -258,6 +262,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect(),
         program,
         access_log: contract.access_log,
+        stuck: Default::default(),
     };
     eprintln!(
         "cgi-gateway: {} on route {} (timeout {:?}, head timeout {:?}, body limit {} bytes, one request at a time, keep-alive, access log {}, max requests {})",

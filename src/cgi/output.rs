@@ -10,6 +10,13 @@
 //! reads then end at EOF. No thread and no timer per request. The feeder of
 //! a request body that ends early kills them too ([`super::feed`]); then
 //! [`ProgramOutput::body_cut`] says so.
+//!
+//! Once the request's processes were killed, no wait for them lasts more
+//! than [`KILL_GRACE`]: a process that SIGKILL does not end (stuck in the
+//! kernel in uninterruptible sleep, or an exit only a tracer sees) would
+//! otherwise hold the gateway forever. Its output then counts as ended, and
+//! [`ProgramOutput::wait_exit`] gives up on the program, which is reaped
+//! later ([`reap::Stuck`]).
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -27,6 +34,12 @@ use super::reap;
 const MAX_LINE: usize = 8192;
 /// After the deadline: how often everything left is killed again.
 const REKILL: Duration = Duration::from_millis(50);
+/// How long the gateway waits for the request's processes once they were
+/// killed: SIGKILL ends a process at once unless it is stuck in the kernel.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How often [`ProgramOutput::wait_exit`] looks again when it has no pidfd
+/// to wait on.
+const LOOK_AGAIN: Duration = Duration::from_millis(5);
 
 pub struct ProgramOutput<'a> {
     stdout: Option<ChildStdout>,
@@ -38,6 +51,9 @@ pub struct ProgramOutput<'a> {
     timed_out: bool,
     /// When everything was last killed (after the deadline).
     killed_at: Option<Instant>,
+    /// When the request's processes were first killed (the deadline, a
+    /// body cut short, a response given up on): waits end KILL_GRACE later.
+    killed_since: Option<Instant>,
     /// The last stderr line was cut at MAX_LINE (a newline right after it
     /// ends that line, not a new empty one).
     split: bool,
@@ -70,6 +86,7 @@ impl<'a> ProgramOutput<'a> {
             deadline,
             timed_out: false,
             killed_at: None,
+            killed_since: None,
             split: false,
             feed,
         }
@@ -93,21 +110,35 @@ impl<'a> ProgramOutput<'a> {
         self.feed.as_ref().and_then(|f| f.cut())
     }
 
+    /// Kills every process of the request now (the gateway gives up on
+    /// its response); waits for them end [`KILL_GRACE`] later.
+    pub fn kill_all(&mut self) {
+        reap::kill_descendants();
+        self.killed_since.get_or_insert_with(Instant::now);
+    }
+
     /// Waits until `target` is readable (Ok(true)) or gone (Ok(false)),
     /// logging stderr and enforcing the deadline meanwhile. With `cap`, it
-    /// also returns Ok(false) once `cap` has passed. With `flush` (a grace
-    /// and a call), the first look waits at most the grace, and the call is
-    /// made if nothing was ready by then.
+    /// also returns Ok(false) once `cap` has passed, and so it does
+    /// [`KILL_GRACE`] after the request's processes were killed. With
+    /// `flush` (a grace and a call), the first look waits at most the
+    /// grace, and the call is made if nothing was ready by then.
     fn wait(
         &mut self,
         target: Target<'_>,
         cap: Option<Duration>,
         mut flush: Option<(Duration, Flush<'_>)>,
     ) -> io::Result<bool> {
-        let until = cap.map(|c| Instant::now() + c);
+        let cap_until = cap.map(|c| Instant::now() + c);
         loop {
             // The deadline holds whether or not the program keeps writing.
             self.enforce_deadline();
+            if self.killed_since.is_none() && self.body_cut().is_some() {
+                // The feeder killed them (just now, or a moment ago).
+                self.killed_since = Some(Instant::now());
+            }
+            let given_up = self.killed_since.map(|at| at + KILL_GRACE);
+            let until = cap_until.into_iter().chain(given_up).min();
             let target_fd = match target {
                 Target::Stdout => match &self.stdout {
                     Some(s) => Some(s.as_fd()),
@@ -181,6 +212,7 @@ impl<'a> ProgramOutput<'a> {
         }
         self.timed_out = true;
         self.killed_at = Some(now);
+        self.killed_since.get_or_insert(now);
         reap::kill_descendants();
     }
 
@@ -232,18 +264,37 @@ impl<'a> ProgramOutput<'a> {
     }
 
     /// Waits for the program (the direct child) to exit, still logging
-    /// stderr and enforcing the deadline.
-    pub fn wait_exit(&mut self, child: &mut Child) -> io::Result<ExitStatus> {
-        let pidfd = pidfd_open(child.id());
+    /// stderr and enforcing the deadline. Ok(None): it did not exit within
+    /// [`KILL_GRACE`] of being killed; the caller goes on without it (it
+    /// stays the gateway's child, to be reaped once it exits).
+    pub fn wait_exit(&mut self, child: &mut Child) -> io::Result<Option<ExitStatus>> {
+        let mut pidfd = pidfd_open(child.id());
         loop {
             if let Some(status) = child.try_wait()? {
-                return Ok(status);
+                return Ok(Some(status));
             }
-            match &pidfd {
+            if self
+                .killed_since
+                .is_some_and(|at| at.elapsed() >= KILL_GRACE)
+            {
+                return Ok(None);
+            }
+            let exited = match &pidfd {
                 Some(fd) => self.wait(Target::Fd(fd.as_fd()), None, None)?,
                 // No pidfd (a kernel before 5.3): look again every 5 ms.
-                None => self.wait(Target::Nothing, Some(Duration::from_millis(5)), None)?,
+                None => {
+                    self.wait(Target::Nothing, Some(LOOK_AGAIN), None)?;
+                    false
+                }
             };
+            if exited {
+                if let Some(status) = child.try_wait()? {
+                    return Ok(Some(status));
+                }
+                // It exited, but only its tracer may wait for it yet: the
+                // pidfd stays readable, so look every 5 ms instead.
+                pidfd = None;
+            }
         }
     }
 

@@ -5,7 +5,10 @@
 //! after `setsid` or a double fork. So every process the program started is
 //! a descendant of the gateway, and `/proc/*/stat` (PPid chains) finds them
 //! all. After each request the gateway kills every descendant and reaps
-//! them, looping until none is left.
+//! them, looping until none is left, or for at most a bound: a process
+//! that SIGKILL does not end (stuck in the kernel) is remembered as
+//! [`Stuck`], killed again with the others but not waited for again, and
+//! reaped whenever it exits.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -104,13 +107,45 @@ pub fn kill_descendants_settled(passes: usize) {
     }
 }
 
-/// Reaps every child that has exited, without blocking. Returns true when
-/// this process has no children left at all.
-fn reap_exited() -> bool {
+/// Processes of earlier requests that did not exit in time after SIGKILL
+/// (stuck in uninterruptible sleep, or an exit only a tracer sees). No
+/// request waits for them again; they leave the set when reaped, and a pid
+/// is not reused before that, so the set holds only processes that exist.
+#[derive(Debug, Default)]
+pub struct Stuck(BTreeSet<i32>);
+
+impl Stuck {
+    pub fn add(&mut self, pid: i32) {
+        self.0.insert(pid);
+    }
+
+    pub fn contains(&self, pid: i32) -> bool {
+        self.0.contains(&pid)
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Those of `pids` not known to be stuck.
+    pub fn others(&self, pids: BTreeSet<i32>) -> BTreeSet<i32> {
+        pids.into_iter().filter(|p| !self.contains(*p)).collect()
+    }
+}
+
+/// Reaps every child that has exited, without blocking (a stuck one
+/// reaped leaves `stuck`). Returns true when this process has no children
+/// left at all.
+fn reap_exited(stuck: &mut Stuck) -> bool {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => return false,
-            Ok(_) => continue,
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    stuck.0.remove(&pid.as_raw());
+                }
+            }
             Err(Errno::EINTR) => continue,
             Err(_) => return true, // ECHILD
         }
@@ -120,24 +155,28 @@ fn reap_exited() -> bool {
 /// Reaps exited children; true when none is left. The gateway is a
 /// subreaper, so no children means no descendants at all (an orphan would
 /// have been reparented to it): the `/proc` scans can be skipped.
-pub fn no_children_left() -> bool {
-    reap_exited()
+pub fn no_children_left(stuck: &mut Stuck) -> bool {
+    reap_exited(stuck)
 }
 
-/// Kills and reaps every descendant until none is left (or `limit` passes:
-/// then the survivors are returned, e.g. processes stuck in the kernel).
-/// Call after the direct child has been waited for.
-pub fn kill_and_reap_all(limit: Duration) -> Vec<i32> {
+/// Kills and reaps every descendant until none is left but those known to
+/// be stuck (or `limit` passes: then the survivors are returned, and join
+/// `stuck`). Call after the direct child has been waited for.
+pub fn kill_and_reap_all(limit: Duration, stuck: &mut Stuck) -> Vec<i32> {
     let start = Instant::now();
     let mut pause = Duration::from_micros(200);
     loop {
-        let left = kill_descendants();
-        let no_children = reap_exited();
-        if left == 0 && no_children {
+        kill_descendants();
+        if reap_exited(stuck) {
+            return Vec::new();
+        }
+        let left = stuck.others(descendants());
+        if left.is_empty() {
             return Vec::new();
         }
         if start.elapsed() > limit {
-            return descendants().into_iter().collect();
+            stuck.0.extend(&left);
+            return left.into_iter().collect();
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(20));
@@ -224,9 +263,14 @@ mod tests {
         child.wait().unwrap();
         let d = descendants();
         assert!(d.len() >= 3, "{d:?}");
-        let left = kill_and_reap_all(Duration::from_secs(5));
+        // One of them counted as stuck: killed and reaped as well, and
+        // then no longer counted.
+        let mut stuck = Stuck::default();
+        stuck.add(*d.first().unwrap());
+        let left = kill_and_reap_all(Duration::from_secs(5), &mut stuck);
         assert!(left.is_empty(), "{left:?}");
         assert!(descendants().is_empty());
+        assert!(stuck.is_empty(), "{stuck:?}");
         println!("subreaper ok");
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::chunked::ChunkedWriter;
 use super::conns::Conn;
 use super::feed::{self, Feed};
-use super::output::ProgramOutput;
+use super::output::{ProgramOutput, KILL_GRACE};
 use super::serve::{simple, Body, Outcome};
 use super::signals::stopping;
 use super::sock::{In, Sock, IO_BUF};
@@ -101,7 +101,7 @@ impl Run<'_> {
         if let Sent::Aborted(why) = &sent {
             outcome.note.push(format!("aborted: {why}"));
             outcome.complete = false;
-            reap::kill_descendants();
+            output.kill_all();
         }
         let _ = conn.out.flush();
 
@@ -111,24 +111,41 @@ impl Run<'_> {
         if output.timed_out() {
             outcome.complete = false;
         }
-        let status = output.wait_exit(child).ok();
+        let status = output.wait_exit(child);
         if output.timed_out() {
             outcome.note.push("timeout".to_string());
         }
-        if let Some(st) = status {
-            outcome.note.push(describe_exit(st));
+        let mut stuck = self.gw.stuck.borrow_mut();
+        match status {
+            Ok(Some(st)) => outcome.note.push(describe_exit(st)),
+            Ok(None) => {
+                // Its std handle is dropped unwaited: it stays a child of
+                // the gateway, reaped once it exits (reap::Stuck).
+                eprintln!(
+                    "{} the CGI program (pid {}) did not exit within {:?} of SIGKILL; serving on, it is reaped once it exits",
+                    self.rid,
+                    child.id(),
+                    KILL_GRACE
+                );
+                outcome.note.push(format!("stuck={}", child.id()));
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    stuck.add(pid);
+                }
+            }
+            Err(_) => {}
         }
         // The common case: the program left nothing behind, no scan needed.
-        if !reap::no_children_left() {
-            let leftover = reap::descendants().len();
+        if !reap::no_children_left(&mut stuck) {
+            let leftover = stuck.others(reap::descendants()).len();
             if leftover > 0 {
                 outcome.note.push(format!("killed={leftover}"));
             }
-            let survivors = reap::kill_and_reap_all(Duration::from_secs(10));
+            let survivors = reap::kill_and_reap_all(Duration::from_secs(10), &mut stuck);
             if !survivors.is_empty() {
                 outcome.note.push(format!("UNKILLABLE={survivors:?}"));
             }
         }
+        drop(stuck);
         output.finish_stderr(Duration::from_secs(1));
         // Every process of the request is gone: the feeder kills nothing
         // from now on. A body cut short after the program's response was
@@ -227,7 +244,7 @@ impl Run<'_> {
         let (head, body_start) = match parsed {
             Ok(x) => x,
             Err(why) => {
-                reap::kill_descendants();
+                stdout.kill_all();
                 eprintln!(
                     "{} 502: the CGI program's response has no valid header block: {why}",
                     self.rid
@@ -241,7 +258,7 @@ impl Run<'_> {
             }
         };
         if let response::Kind::LocalRedirect(path) = &head.kind {
-            reap::kill_descendants();
+            stdout.kill_all();
             eprintln!(
                 "{} 502: local redirect to {path:?} refused: cgipool does not re-run requests; send `Status: 302` with the Location for a client redirect",
                 self.rid

@@ -40,6 +40,9 @@ case "$QUERY_STRING" in
          # for the whole one (here: stores it next to this program).
          body=$(cat); printf '%s' "$body" > "${0%/*}/stored"
          printf 'Content-Type: text/plain\n\nstored %s\n' "${#body}" ;;
+  traced) # Its pid, then a sleep in its place: no child and no signal
+         # that would stop it under a tracer (the test's), until killed.
+         echo "traced: pid $$" >&2; exec sleep 30 ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
 esac
 "#;
