@@ -488,3 +488,53 @@ fn many_idle_connections_do_not_starve_a_request() {
     }
     drop(idle);
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes that are not UTF-8 (Latin-1 e-acute, 0xE9, and 0xFF) pass as they
+/// are: meta-variables are byte strings (RFC 3875), header values and the
+/// reason phrase may carry obs-text (RFC 9110 §5.5, RFC 9112 §4), and nginx
+/// passes a raw 0xE9 in a request target on. So the program gets them in
+/// HTTP_*, CONTENT_TYPE, REQUEST_URI, PATH_INFO and QUERY_STRING, and the
+/// client gets the program's header bytes back, none refused, dropped or
+/// turned into U+FFFD.
+#[test]
+fn bytes_that_are_not_utf8_pass_unchanged() {
+    let gw = Gateway::start();
+    let mut c = gw.connect();
+    let target = b"/caf\xe9/%E9?bytes&q=\xe9";
+    let mut head = b"GET ".to_vec();
+    head.extend(target);
+    // HTTP/1.0: the body is what comes before the end of the connection.
+    head.extend(b" HTTP/1.0\r\nHost: t\r\nX-Request-ID: bytes\r\nX-Latin: caf\xe9 \xff\r\n");
+    head.extend(b"Content-Type: text/plain; charset=\xe9\r\n\r\n");
+    std::io::Write::write_all(&mut c.stream, &head).expect("sending the head");
+    let mut response = Vec::new();
+    c.reader
+        .read_to_end(&mut response)
+        .expect("reading the response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(
+        response.starts_with(b"HTTP/1.1 200 Caf\xe9\r\n"),
+        "{text}\n{}",
+        gw.log()
+    );
+    let field = b"\r\nX-Latin: caf\xe9\r\n";
+    assert!(response.windows(field.len()).any(|w| w == field), "{text}");
+    let body_at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or_else(|| panic!("no end of the head: {text}"));
+    let body = String::from_utf8_lossy(&response[body_at..]).into_owned();
+    let want = [
+        hex(b"caf\xe9 \xff"),
+        hex(target),
+        hex(b"/caf\xe9/\xe9"),
+        hex(b"bytes&q=\xe9"),
+        hex(b"text/plain; charset=\xe9"),
+    ];
+    assert_eq!(body.lines().collect::<Vec<_>>(), want, "{text}");
+}

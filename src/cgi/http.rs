@@ -6,48 +6,69 @@
 //! Only what nginx sends to an upstream has to work, but the parser is strict
 //! about anything that could make the gateway and nginx disagree on where a
 //! request ends (both Content-Length and Transfer-Encoding, differing
-//! Content-Length values, obsolete line folding, bare CR). It depends on
-//! nothing but std, so the fuzz target in `fuzz/` compiles this very file.
+//! Content-Length values, obsolete line folding, bare CR). The request
+//! target and header values are kept as bytes: besides ASCII they may carry
+//! obs-text (0x80-0xFF, RFC 9110 §5.5), which nginx passes on and which the
+//! program gets unchanged (RFC 3875 meta-variables are byte strings). It
+//! depends on nothing but std, so the fuzz target in `fuzz/` compiles this
+//! very file.
 
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
-    /// The request target as sent (origin-form: path and query).
-    pub target: String,
+    /// The request target as sent (origin-form: path and query), obs-text
+    /// included.
+    pub target: Vec<u8>,
     /// "HTTP/1.1" or "HTTP/1.0".
     pub version: String,
-    /// Header fields in order; names as sent, values trimmed.
-    pub headers: Vec<(String, String)>,
+    /// Header fields in order; names as sent, values trimmed, as bytes.
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Request {
-    /// The first value of a header (case-insensitive name).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    /// The first value of a header (case-insensitive name), as bytes.
+    pub fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The first value of a header as text, for the values the gateway
+    /// reads itself: None when absent or not UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_bytes(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// Every value of a header, in order.
-    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers
             .iter()
             .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
     }
+
+    /// The request target for a log line or a status report (obs-text
+    /// shown as U+FFFD there, never on the way to the program).
+    pub fn target_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.target)
+    }
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+fn lists(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether the connection may carry another request after this one's
 /// response: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with
 /// `Connection: keep-alive`.
 pub fn keep_alive(req: &Request) -> bool {
-    let has = |token: &str| {
-        req.header_all("Connection")
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has = |token: &str| req.header_all("Connection").any(|v| lists(v, token));
     if req.version == "HTTP/1.1" {
         !has("close")
     } else {
@@ -128,9 +149,7 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(Request, usize)>, He
             Some(l) => break l,
         }
     };
-    let request_line =
-        std::str::from_utf8(line).map_err(|_| HeadError::Malformed("request line is not UTF-8"))?;
-    let mut parts = request_line.split(' ');
+    let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -138,20 +157,23 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(Request, usize)>, He
             "request line is not `METHOD TARGET VERSION`",
         ));
     };
-    if !is_token(method) {
+    let Some(method) = std::str::from_utf8(method).ok().filter(|m| is_token(m)) else {
         return Err(HeadError::Malformed("invalid method"));
-    }
-    if !target.starts_with('/') || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+    };
+    // Any byte but controls and space: obs-text too (nginx passes it on).
+    if target.first() != Some(&b'/') || target.iter().any(|&b| b <= b' ' || b == 0x7f) {
         return Err(HeadError::Malformed(
             "request target is not an absolute path",
         ));
     }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return Err(HeadError::Malformed("unsupported HTTP version"));
-    }
+    let version = match version {
+        b"HTTP/1.1" => "HTTP/1.1",
+        b"HTTP/1.0" => "HTTP/1.0",
+        _ => return Err(HeadError::Malformed("unsupported HTTP version")),
+    };
     let mut req = Request {
         method: method.to_string(),
-        target: target.to_string(),
+        target: target.to_vec(),
         version: version.to_string(),
         headers: Vec::new(),
     };
@@ -177,9 +199,9 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<(Request, usize)>, He
         if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
             return Err(HeadError::Malformed("control character in a header value"));
         }
-        let value = String::from_utf8_lossy(value)
-            .trim_matches([' ', '\t'])
-            .to_string();
+        // Controls but tab were refused: only spaces and tabs are trimmed.
+        let value = value.trim_ascii().to_vec();
+        // Token characters are ASCII, so the name is text.
         req.headers
             .push((String::from_utf8_lossy(name).into_owned(), value));
     }
@@ -195,9 +217,10 @@ pub enum Framing {
 
 /// The body framing of a request, or the status and reason to refuse it.
 pub fn framing(req: &Request) -> Result<Framing, (u16, &'static str)> {
-    let te: Vec<&str> = req.header_all("Transfer-Encoding").collect();
+    let te: Vec<&[u8]> = req.header_all("Transfer-Encoding").collect();
     let mut cl: Option<u64> = None;
     for v in req.header_all("Content-Length") {
+        let v = std::str::from_utf8(v).map_err(|_| (400, "invalid Content-Length"))?;
         for part in v.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
@@ -216,13 +239,13 @@ pub fn framing(req: &Request) -> Result<Framing, (u16, &'static str)> {
         if cl.is_some() {
             return Err((400, "both Transfer-Encoding and Content-Length"));
         }
-        let codings: Vec<String> = te
+        let codings: Vec<Vec<u8>> = te
             .iter()
-            .flat_map(|v| v.split(','))
-            .map(|c| c.trim().to_ascii_lowercase())
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(|c| c.trim_ascii().to_ascii_lowercase())
             .filter(|c| !c.is_empty())
             .collect();
-        return if codings == ["chunked"] {
+        return if codings == [b"chunked"] {
             Ok(Framing::Chunked)
         } else {
             Err((501, "unsupported Transfer-Encoding"))
@@ -298,7 +321,7 @@ mod tests {
         let (r, n) = parse_head(raw.as_bytes(), 1024).unwrap().unwrap();
         assert_eq!(&raw[n..], "hello");
         assert_eq!(r.method, "POST");
-        assert_eq!(r.target, "/git/repo.git/git-upload-pack?x=1");
+        assert_eq!(r.target, b"/git/repo.git/git-upload-pack?x=1");
         assert_eq!(r.version, "HTTP/1.1");
         assert_eq!(r.header("host"), Some("example.org"));
         assert_eq!(r.header("X-EMPTY"), Some(""));
@@ -308,6 +331,27 @@ mod tests {
         let r = head("GET / HTTP/1.0\nA: b\n\n").unwrap().unwrap();
         assert_eq!(r.header("a"), Some("b"));
         assert_eq!(framing(&r).unwrap(), Framing::None);
+    }
+
+    /// obs-text (here Latin-1) in the target and in a header value is kept
+    /// byte for byte; a framing value with it is no valid one.
+    #[test]
+    fn bytes_beyond_ascii_are_kept() {
+        let raw =
+            b"GET /caf\xe9?q=\xe9 HTTP/1.1\r\nX-Name: caf\xe9 \xff \r\nX-Request-ID: \xe9\r\n\r\n";
+        let (r, _) = parse_head(raw, 1024).unwrap().unwrap();
+        assert_eq!(r.target, b"/caf\xe9?q=\xe9");
+        assert_eq!(r.target_text(), "/caf\u{fffd}?q=\u{fffd}");
+        assert_eq!(r.header_bytes("x-name"), Some(&b"caf\xe9 \xff"[..]));
+        assert_eq!(r.header("X-Request-ID"), None, "not text");
+        let with = |k: &str, v: &[u8]| Request {
+            headers: vec![(k.to_string(), v.to_vec())],
+            ..r.clone()
+        };
+        assert!(framing(&with("Content-Length", b"5\xe9")).is_err());
+        assert!(framing(&with("Transfer-Encoding", b"chunked\xe9")).is_err());
+        assert!(!keep_alive(&with("Connection", b"close")));
+        assert!(keep_alive(&with("Connection", b"clos\xe9")));
     }
 
     #[test]
@@ -365,7 +409,7 @@ mod tests {
             version: "HTTP/1.1".into(),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
         }
     }

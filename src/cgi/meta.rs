@@ -1,4 +1,8 @@
 //! RFC 3875 §4.1 meta-variables for one request.
+//!
+//! Meta-variables are byte strings: what the request carries besides ASCII
+//! (obs-text in a header value or in the request target, a percent-encoded
+//! byte in the path) reaches the program unchanged, never as U+FFFD.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -48,8 +52,7 @@ fn hex_digit(b: u8) -> Option<u8> {
 /// Percent-decodes a path: every `%` is followed by exactly two hex digits
 /// (`%+2`, `%2` and `%2g` are refused, unlike `u8::from_str_radix`, which
 /// takes a sign); None for a malformed escape or a NUL byte.
-pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
+pub fn percent_decode(b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -109,9 +112,9 @@ pub fn variables(
     cx: &Context<'_>,
     content_length: Option<u64>,
 ) -> Result<Vec<(String, OsString)>, (u16, &'static str)> {
-    let (raw_path, query) = match req.target.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (req.target.as_str(), None),
+    let (raw_path, query) = match req.target.iter().position(|&b| b == b'?') {
+        Some(q) => (&req.target[..q], Some(&req.target[q + 1..])),
+        None => (req.target.as_slice(), None),
     };
     let path = percent_decode(raw_path).ok_or((400, "malformed percent-encoding in the path"))?;
     if path
@@ -126,18 +129,19 @@ pub fn variables(
     let mut v: Vec<(String, OsString)> = Vec::with_capacity(32);
     let mut set = |k: &str, val: OsString| v.push((k.to_string(), val));
     let s = |x: &str| OsString::from(x);
+    let bytes = |x: &[u8]| OsString::from_vec(x.to_vec());
 
     set("GATEWAY_INTERFACE", s("CGI/1.1"));
     set("SERVER_SOFTWARE", s(SERVER_SOFTWARE));
     set("SERVER_PROTOCOL", s(&req.version));
     set("REQUEST_METHOD", s(&req.method));
-    set("REQUEST_URI", s(&req.target));
+    set("REQUEST_URI", bytes(&req.target));
     set("SCRIPT_NAME", s(&script_name));
     set("SCRIPT_FILENAME", s(cx.program));
-    set("QUERY_STRING", s(query.unwrap_or("")));
+    set("QUERY_STRING", bytes(query.unwrap_or(b"")));
     set("DOCUMENT_ROOT", s(cx.document_root));
     if !path_info.is_empty() {
-        set("PATH_INFO", OsString::from_vec(path_info.to_vec()));
+        set("PATH_INFO", bytes(path_info));
         let mut translated = cx.document_root.trim_end_matches('/').as_bytes().to_vec();
         translated.extend_from_slice(path_info);
         set("PATH_TRANSLATED", OsString::from_vec(translated));
@@ -178,41 +182,46 @@ pub fn variables(
     if let Some(n) = content_length.filter(|&n| n > 0) {
         set("CONTENT_LENGTH", s(&n.to_string()));
     }
-    if let Some(ct) = req.header("Content-Type") {
-        set("CONTENT_TYPE", s(ct));
+    if let Some(ct) = req.header_bytes("Content-Type") {
+        set("CONTENT_TYPE", bytes(ct));
     }
-    if let Some(auth) = req.header("Authorization") {
-        if let Some(scheme) = auth.split_whitespace().next() {
-            set("AUTH_TYPE", s(scheme));
+    if let Some(auth) = req.header_bytes("Authorization") {
+        if let Some(scheme) = auth
+            .split(|b| b.is_ascii_whitespace())
+            .find(|w| !w.is_empty())
+        {
+            set("AUTH_TYPE", bytes(scheme));
         }
     }
 
     // Fields listed in Connection are hop-by-hop too.
-    let connection_listed: Vec<String> = req
+    let connection_listed: Vec<Vec<u8>> = req
         .header_all("Connection")
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|t| t.trim_ascii().to_ascii_lowercase())
         .collect();
-    let mut http: Vec<(String, String)> = Vec::new();
+    let mut http: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, value) in &req.headers {
         let lower = name.to_ascii_lowercase();
-        if NOT_PASSED.contains(&lower.as_str()) || connection_listed.contains(&lower) {
+        if NOT_PASSED.contains(&lower.as_str())
+            || connection_listed.iter().any(|t| t == lower.as_bytes())
+        {
             continue;
         }
         let Some(var) = http_var_name(name) else {
             continue;
         };
-        let sep = if lower == "cookie" { "; " } else { ", " };
+        let sep: &[u8] = if lower == "cookie" { b"; " } else { b", " };
         match http.iter_mut().find(|(k, _)| *k == var) {
             Some((_, existing)) => {
-                existing.push_str(sep);
-                existing.push_str(value);
+                existing.extend_from_slice(sep);
+                existing.extend_from_slice(value);
             }
             None => http.push((var, value.clone())),
         }
     }
     for (k, val) in http {
-        set(&k, s(&val));
+        set(&k, OsString::from_vec(val));
     }
     Ok(v)
 }
@@ -224,11 +233,11 @@ mod tests {
     fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> Request {
         Request {
             method: method.into(),
-            target: target.into(),
+            target: target.as_bytes().to_vec(),
             version: "HTTP/1.1".into(),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect(),
         }
     }
@@ -402,16 +411,39 @@ mod tests {
         }
     }
 
+    /// Bytes that are not UTF-8 reach the program as they are.
+    #[test]
+    fn bytes_beyond_ascii_are_kept() {
+        let mut r = req("GET", "/", &[]);
+        r.target = b"/git/caf\xe9/%E9?q=\xe9".to_vec();
+        r.headers = vec![
+            ("X-Name".to_string(), b"caf\xe9".to_vec()),
+            ("X-Name".to_string(), b"\xff".to_vec()),
+            ("Content-Type".to_string(), b"text/plain; x=\xe9".to_vec()),
+        ];
+        let v = variables(&r, &CX, None).unwrap();
+        let get = |k: &str| {
+            v.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, val)| val.as_encoded_bytes().to_vec())
+        };
+        assert_eq!(get("REQUEST_URI").unwrap(), b"/git/caf\xe9/%E9?q=\xe9");
+        assert_eq!(get("PATH_INFO").unwrap(), b"/caf\xe9/\xe9");
+        assert_eq!(get("QUERY_STRING").unwrap(), b"q=\xe9");
+        assert_eq!(get("HTTP_X_NAME").unwrap(), b"caf\xe9, \xff");
+        assert_eq!(get("CONTENT_TYPE").unwrap(), b"text/plain; x=\xe9");
+    }
+
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("/a%20b%2Fc").unwrap(), b"/a b/c");
-        assert_eq!(percent_decode("%e2%82%ac").unwrap(), "€".as_bytes());
-        assert_eq!(percent_decode("%"), None);
-        assert_eq!(percent_decode("%g0"), None);
-        assert_eq!(percent_decode("/a%+2"), None);
-        assert_eq!(percent_decode("/a%-2x"), None);
-        assert_eq!(percent_decode("/a%2"), None);
-        assert_eq!(percent_decode("/a% 2"), None);
-        assert_eq!(percent_decode("%41%7a%7A").unwrap(), b"Azz");
+        assert_eq!(percent_decode(b"/a%20b%2Fc").unwrap(), b"/a b/c");
+        assert_eq!(percent_decode(b"%e2%82%ac").unwrap(), "€".as_bytes());
+        assert_eq!(percent_decode(b"%"), None);
+        assert_eq!(percent_decode(b"%g0"), None);
+        assert_eq!(percent_decode(b"/a%+2"), None);
+        assert_eq!(percent_decode(b"/a%-2x"), None);
+        assert_eq!(percent_decode(b"/a%2"), None);
+        assert_eq!(percent_decode(b"/a% 2"), None);
+        assert_eq!(percent_decode(b"%41%7a%7A").unwrap(), b"Azz");
     }
 }

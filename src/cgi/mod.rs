@@ -291,7 +291,7 @@ pub fn run(args: Args) -> Result<()> {
                 reporter.busy(
                     served - 1,
                     &req.method,
-                    &req.target,
+                    &req.target_text(),
                     req.header("X-Request-ID"),
                 );
                 let keep = gw.serve(&mut conn, &req);

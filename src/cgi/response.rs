@@ -1,4 +1,9 @@
 //! Parsing a CGI program's response header block (RFC 3875 §6).
+//!
+//! Field values and the Status reason phrase are kept as bytes: besides
+//! ASCII they may carry obs-text (0x80-0xFF, e.g. a Latin-1 file name in
+//! Content-Disposition; RFC 9110 §5.5, RFC 9112 §4), which reaches the
+//! client unchanged.
 
 /// What the header block asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,10 +19,10 @@ pub enum Kind {
 pub struct Head {
     pub kind: Kind,
     pub status: u16,
-    pub reason: String,
+    pub reason: Vec<u8>,
     /// Header fields to send on, in order, without Status, Content-Length
     /// and hop-by-hop fields.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The program's Content-Length, if it gave one.
     pub content_length: Option<u64>,
 }
@@ -55,13 +60,13 @@ pub fn parse(block: &[u8]) -> Result<Head, String> {
     let mut head = Head {
         kind: Kind::Document,
         status: 200,
-        reason: String::new(),
+        reason: Vec::new(),
         headers: Vec::new(),
         content_length: None,
     };
     let mut status_given = false;
     let mut content_type = false;
-    let mut location: Option<String> = None;
+    let mut location: Option<Vec<u8>> = None;
     let mut fields = 0;
     for (i, raw) in block.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
@@ -90,12 +95,10 @@ pub fn parse(block: &[u8]) -> Result<Head, String> {
                 "header line {n} has a control character in its value"
             ));
         }
-        let Ok(value) = std::str::from_utf8(value) else {
-            return Err(format!("header line {n} is not UTF-8"));
-        };
         // Token characters are ASCII, so this cannot fail.
         let name = String::from_utf8_lossy(name).into_owned();
-        let value = value.trim_matches([' ', '\t']).to_string();
+        // Controls but tab were refused: only spaces and tabs are trimmed.
+        let value = value.trim_ascii().to_vec();
         fields += 1;
         let lower = name.to_ascii_lowercase();
         match lower.as_str() {
@@ -104,24 +107,30 @@ pub fn parse(block: &[u8]) -> Result<Head, String> {
                     return Err("more than one Status field".to_string());
                 }
                 status_given = true;
-                let (code, reason) = value.split_once(' ').unwrap_or((value.as_str(), ""));
-                let code: u16 = match code.parse() {
-                    Ok(c) if code.len() == 3 && (200..=599).contains(&c) => c,
-                    _ => {
-                        return Err(format!(
-                            "invalid Status {value:?} (want e.g. \"404 Not Found\")"
-                        ))
-                    }
+                let (code, reason) = match value.iter().position(|&b| b == b' ') {
+                    Some(sp) => (&value[..sp], &value[sp + 1..]),
+                    None => (value.as_slice(), &b""[..]),
                 };
+                let code = std::str::from_utf8(code)
+                    .ok()
+                    .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .filter(|c| (200..=599).contains(c))
+                    .ok_or_else(|| {
+                        format!(
+                            "invalid Status {:?} (want e.g. \"404 Not Found\")",
+                            preview(&value)
+                        )
+                    })?;
                 head.status = code;
-                head.reason = reason.trim().to_string();
+                head.reason = reason.trim_ascii().to_vec();
             }
             "content-length" => {
-                let n = value
-                    .parse::<u64>()
+                let n = std::str::from_utf8(&value)
                     .ok()
-                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| format!("invalid Content-Length {value:?}"))?;
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| format!("invalid Content-Length {:?}", preview(&value)))?;
                 if head.content_length.is_some_and(|c| c != n) {
                     return Err("conflicting Content-Length fields".to_string());
                 }
@@ -153,9 +162,10 @@ pub fn parse(block: &[u8]) -> Result<Head, String> {
         return Err("no Content-Type, Location or Status field".to_string());
     }
     if let Some(loc) = location {
-        if loc.starts_with('/') && !loc.starts_with("//") {
+        if loc.starts_with(b"/") && !loc.starts_with(b"//") {
             if !status_given {
-                head.kind = Kind::LocalRedirect(loc);
+                // Only logged (and refused): text is enough.
+                head.kind = Kind::LocalRedirect(String::from_utf8_lossy(&loc).into_owned());
             }
         } else if !status_given {
             // §6.2.3/§6.2.4: a client redirect.
@@ -163,7 +173,7 @@ pub fn parse(block: &[u8]) -> Result<Head, String> {
         }
     }
     if head.reason.is_empty() {
-        head.reason = super::http::reason(head.status).to_string();
+        head.reason = super::http::reason(head.status).as_bytes().to_vec();
     }
     Ok(head)
 }
@@ -193,6 +203,12 @@ mod tests {
         }
     }
 
+    fn fields(f: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        f.iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
     fn err(s: &str) -> String {
         match parse(s.as_bytes()) {
             Ok(h) => panic!("{s:?} parsed: {h:?}"),
@@ -218,28 +234,25 @@ mod tests {
     fn document() {
         let h = ok("Content-Type: text/html; charset=utf-8\nX-Thing:  a b \nSet-Cookie: a=1\nSet-Cookie: b=2\nContent-Length: 12\nConnection: keep-alive\nTransfer-Encoding: chunked\n");
         assert_eq!(h.kind, Kind::Document);
-        assert_eq!((h.status, h.reason.as_str()), (200, "OK"));
+        assert_eq!((h.status, &h.reason[..]), (200, &b"OK"[..]));
         assert_eq!(h.content_length, Some(12));
         assert_eq!(
             h.headers,
-            [
-                (
-                    "Content-Type".to_string(),
-                    "text/html; charset=utf-8".to_string()
-                ),
-                ("X-Thing".to_string(), "a b".to_string()),
-                ("Set-Cookie".to_string(), "a=1".to_string()),
-                ("Set-Cookie".to_string(), "b=2".to_string()),
-            ]
+            fields(&[
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("X-Thing", "a b"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+            ])
         );
     }
 
     #[test]
     fn status() {
         let h = ok("Status: 418 I'm a teapot\r\nContent-Type: text/plain\r\n");
-        assert_eq!((h.status, h.reason.as_str()), (418, "I'm a teapot"));
+        assert_eq!((h.status, &h.reason[..]), (418, &b"I'm a teapot"[..]));
         let h = ok("Status: 404\n");
-        assert_eq!((h.status, h.reason.as_str()), (404, "Not Found"));
+        assert_eq!((h.status, &h.reason[..]), (404, &b"Not Found"[..]));
         assert!(h.headers.is_empty());
         let h = ok("status: 599 Custom\n");
         assert_eq!(h.status, 599);
@@ -248,6 +261,8 @@ mod tests {
             "Status: 2000\n",
             "Status: abc\n",
             "Status: 100 Continue\n",
+            "Status: +20 x\n",
+            "Status: \u{e9}00 x\n",
             "Status: 600 x\n",
             "Status: 200\nStatus: 201\n",
         ] {
@@ -261,10 +276,7 @@ mod tests {
         assert_eq!((h.status, h.kind.clone()), (302, Kind::Document));
         assert_eq!(
             h.headers,
-            [(
-                "Location".to_string(),
-                "https://example.org/x?y".to_string()
-            )]
+            fields(&[("Location", "https://example.org/x?y")])
         );
         // Client redirect with a document and its own status.
         let h = ok("Status: 301 Moved\nLocation: http://x/\nContent-Type: text/html\n");
@@ -294,7 +306,20 @@ mod tests {
             err("Content-Type: text/plain\nContent-Length: 1\nContent-Length: 2\n")
                 .contains("conflicting")
         );
-        assert!(parse(b"Content-Type: \xff\n").is_err());
+    }
+
+    /// obs-text (here Latin-1) in a value and in the reason phrase is kept
+    /// byte for byte; it is no Content-Length.
+    #[test]
+    fn bytes_beyond_ascii_are_kept() {
+        let h = parse(b"Status: 200 Caf\xe9\nContent-Type: text/plain\nX-Name: caf\xe9 \xff \n")
+            .expect("parsed");
+        assert_eq!(h.reason, b"Caf\xe9");
+        assert_eq!(
+            h.headers[1],
+            ("X-Name".to_string(), b"caf\xe9 \xff".to_vec())
+        );
+        assert!(parse(b"Content-Type: text/plain\nContent-Length: 1\xe9\n").is_err());
     }
 
     #[test]

@@ -273,12 +273,15 @@ impl Run<'_> {
 
         o.status = head.status;
         let body_allowed = self.req.method != "HEAD" && !response::bodiless(head.status);
-        let mut h = format!("HTTP/1.1 {} {}\r\n", head.status, head.reason);
+        // Bytes: a value or the reason may carry obs-text.
+        let mut h = format!("HTTP/1.1 {} ", head.status).into_bytes();
+        h.extend_from_slice(&head.reason);
+        h.extend_from_slice(b"\r\n");
         for (k, v) in &head.headers {
-            h.push_str(k);
-            h.push_str(": ");
-            h.push_str(v);
-            h.push_str("\r\n");
+            h.extend_from_slice(k.as_bytes());
+            h.extend_from_slice(b": ");
+            h.extend_from_slice(v);
+            h.extend_from_slice(b"\r\n");
         }
         // A body of unknown length: chunked to HTTP/1.1; HTTP/1.0 knows no
         // chunked coding (RFC 9112 §6.1), so there the end of the
@@ -288,21 +291,21 @@ impl Run<'_> {
         o.close = unknown_length && !chunked;
         if let Some(n) = head.content_length {
             if body_allowed || self.req.method == "HEAD" {
-                h.push_str(&format!("Content-Length: {n}\r\n"));
+                h.extend_from_slice(format!("Content-Length: {n}\r\n").as_bytes());
             }
         } else if chunked {
-            h.push_str("Transfer-Encoding: chunked\r\n");
+            h.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
         }
-        h.push_str("X-Cgipool-Worker: ");
-        h.push_str(worker);
+        h.extend_from_slice(b"X-Cgipool-Worker: ");
+        h.extend_from_slice(worker.as_bytes());
         // A gateway being stopped tells nginx not to reuse the connection.
         o.stopping = stopping();
-        h.push_str(if self.keep_alive && !o.close && !o.stopping {
-            "\r\n\r\n"
+        h.extend_from_slice(if self.keep_alive && !o.close && !o.stopping {
+            b"\r\n\r\n"
         } else {
-            "\r\nConnection: close\r\n\r\n"
+            b"\r\nConnection: close\r\n\r\n"
         });
-        if let Err(e) = out.write_all(h.as_bytes()) {
+        if let Err(e) = out.write_all(&h) {
             return Sent::Aborted(format!("client: {e}"));
         }
         // Framed by Content-Length, chunked or the connection's end: unless

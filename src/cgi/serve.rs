@@ -128,7 +128,7 @@ impl Gateway {
         let mut line = format!(
             "{rid} {} {} {} {}B {}ms conn={}#{}",
             req.method,
-            req.target,
+            req.target_text(),
             outcome.status,
             outcome.bytes,
             started.elapsed().as_millis(),

@@ -43,6 +43,12 @@ case "$QUERY_STRING" in
   traced) # Its pid, then a sleep in its place: no child and no signal
          # that would stop it under a tracer (the test's), until killed.
          echo "traced: pid $$" >&2; exec sleep 30 ;;
+  bytes*) # A header with Latin-1 e-acute (octal 351) in its value and its
+         # reason phrase, then its inputs in hex, one a line.
+         printf 'Status: 200 Caf\351\nContent-Type: text/plain\nX-Latin: caf\351\n\n'
+         for v in "$HTTP_X_LATIN" "$REQUEST_URI" "$PATH_INFO" "$QUERY_STRING" "$CONTENT_TYPE"; do
+           printf '%s' "$v" | od -An -tx1 | tr -d ' \n'; echo
+         done ;;
   *) echo "serving $REQUEST_METHOD" >&2; printf 'Content-Type: text/plain\n\nhello %s\n' "$REQUEST_METHOD" ;;
 esac
 "#;
