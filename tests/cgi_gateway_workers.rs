@@ -9,20 +9,17 @@ mod common;
 
 use common::Client;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const PROGRAM: &str = r#"#!/bin/sh
-case "$QUERY_STRING" in
+/// The program's cases, after the shebang and `wait_release`
+/// ([`common::write_program`]).
+const PROGRAM: &str = r#"case "$QUERY_STRING" in
   long) echo "long: started" >&2
-        # Until the test creates "release" next to this program (a bounded
-        # count of looks, not a time: no answer if it never comes).
-        n=0; while [ ! -e "${0%/*}/release" ]; do
-          n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
-        done
+        # Until the test creates "release" next to this program.
+        wait_release
         printf 'Content-Type: text/plain\n\nlong\n' ;;
   fail) echo "failing" >&2; exit 3 ;;
   *) printf 'Content-Type: text/plain\n\nhello\n' ;;
@@ -41,8 +38,7 @@ impl Pool {
     fn start(n: usize, env: &[(&str, &str)]) -> Pool {
         let dir = tempfile::tempdir().expect("tempdir");
         let program = dir.path().join("t.cgi");
-        std::fs::write(&program, PROGRAM).expect("writing the program");
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        common::write_program(&program, PROGRAM);
         let listener = UnixListener::bind(dir.path().join("sock")).expect("bind");
         let mut pool = Pool {
             dir,

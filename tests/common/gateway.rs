@@ -3,29 +3,24 @@
 //! ([`PROGRAM`]) with cases chosen by the query string, its log in a file.
 
 use super::Client;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const PROGRAM: &str = r#"#!/bin/sh
-case "$QUERY_STRING" in
+/// The program's cases, after the shebang and `wait_release`
+/// ([`super::write_program`]).
+pub const PROGRAM: &str = r#"case "$QUERY_STRING" in
   noread) printf 'Status: 201 Created\nContent-Length: 3\n\nok\n' ;;
   count) printf 'Content-Type: text/plain\n\n'; echo "read $(wc -c | tr -d ' ') of $CONTENT_LENGTH" ;;
   hang) echo "hanging" >&2; sleep 30 & sleep 30 ;;
   slow) echo "slow: started" >&2
-        # Until the test creates "release" next to this program (a bounded
-        # count of looks, not a time: no answer if it never comes).
-        n=0; while [ ! -e "${0%/*}/release" ]; do
-          n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
-        done
+        # Until the test creates "release" next to this program.
+        wait_release
         printf 'Content-Type: text/plain\n\nslow\n' ;;
   ticks) printf 'Content-Type: text/plain\n\nfirst\n'
          # Then waits until released, like "slow".
-         n=0; while [ ! -e "${0%/*}/release" ]; do
-           n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
-         done
+         wait_release
          printf 'second\n' ;;
   headfirst) # Its head and a first line before it reads its body (as git
          # http-backend does for a push), then what it read.
@@ -89,8 +84,7 @@ impl Gateway {
     pub fn start_configured(extra: &[&str], configure: impl FnOnce(&mut Command)) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let program = dir.path().join("t.cgi");
-        std::fs::write(&program, PROGRAM).expect("writing the program");
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        super::write_program(&program, PROGRAM);
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_cgipool"));
         command

@@ -6,7 +6,27 @@
 pub mod gateway;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// The shell function the test programs wait with: `wait_release` returns
+/// once the test created "release" next to the program (a bounded count of
+/// looks, not a time: the program exits 1, no answer, if it never comes).
+const WAIT_RELEASE: &str = r#"wait_release() {
+  n=0; while [ ! -e "${0%/*}/release" ]; do
+    n=$((n+1)); [ $n -lt 2400 ] || exit 1; sleep 0.05
+  done
+}
+"#;
+
+/// Writes an executable shell CGI program to `path`: `cases` (its body)
+/// after the shebang and [`WAIT_RELEASE`].
+pub fn write_program(path: &Path, cases: &str) {
+    let text = format!("#!/bin/sh\n{WAIT_RELEASE}{cases}");
+    std::fs::write(path, text).expect("writing the program");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
 
 pub struct Client {
     pub stream: UnixStream,
