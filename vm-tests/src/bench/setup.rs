@@ -50,7 +50,10 @@ pub(super) fn cgi_program_build() -> String {
     let Ok(elf) = std::fs::read(&path) else {
         return format!("unknown ({} unreadable)", path.display());
     };
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
     let u64_at = |o: usize| {
         elf.get(o..o + 8)
             .and_then(|b| b.try_into().ok())
