@@ -10,6 +10,38 @@ use std::path::{Path, PathBuf};
 /// Writes `contents` to `path` atomically: a temporary file in the same
 /// directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let dir = stage(path, contents, mode)?.rename_in()?;
+    sync_dir(&dir);
+    Ok(())
+}
+
+/// Two files written atomically, renamed in back to back: both are written
+/// and synced under temporary names first, so that between the two renames
+/// there is no write or sync (a reader sees the first one new and the
+/// second one old only for that moment).
+pub fn write_atomic_pair(
+    (first, first_contents): (&Path, &[u8]),
+    (second, second_contents): (&Path, &[u8]),
+    mode: u32,
+) -> Result<()> {
+    let a = stage(first, first_contents, mode)?;
+    let b = stage(second, second_contents, mode)?;
+    let dirs = [a.rename_in()?, b.rename_in()?];
+    sync_dir(&dirs[0]);
+    if dirs[1] != dirs[0] {
+        sync_dir(&dirs[1]);
+    }
+    Ok(())
+}
+
+/// A file written and synced under a temporary name beside its path.
+struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+fn stage(path: &Path, contents: &[u8], mode: u32) -> Result<Staged> {
     use std::os::unix::fs::PermissionsExt;
     let dir = parent(path)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -21,10 +53,21 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    sync_dir(dir);
-    Ok(())
+    Ok(Staged {
+        tmp,
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl Staged {
+    /// Renames it into place; returns its directory (not synced yet).
+    fn rename_in(self) -> Result<PathBuf> {
+        let Staged { tmp, path, dir } = self;
+        tmp.persist(&path)
+            .with_context(|| format!("renaming into {}", path.display()))?;
+        Ok(dir)
+    }
 }
 
 /// Points `path` at `target` atomically (symlink under a temporary name, rename).

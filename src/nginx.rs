@@ -3,7 +3,7 @@
 //! reloads the unit over D-Bus and proves the reload by polling the
 //! loopback-only generation location; waits for old workers to drain.
 use crate::config::Nginx;
-use crate::files::write_atomic;
+use crate::files::{write_atomic, write_atomic_pair};
 use crate::render::{is_generated, NginxFiles};
 use crate::systemd::{Job, JobKind, Systemd};
 use anyhow::{bail, Context, Result};
@@ -134,9 +134,15 @@ fn record_backup(cfg: &Nginx, backup_path: &Path) -> Result<Backup> {
     Ok(backup)
 }
 
+/// Both files, each written and synced under a temporary name first and
+/// then renamed in back to back: a reload meanwhile sees a new upstreams
+/// file beside the old locations only between two renames.
 fn write_both(cfg: &Nginx, files: &NginxFiles) -> Result<()> {
-    write_atomic(&cfg.upstreams, files.upstreams.as_bytes(), 0o644)?;
-    write_atomic(&cfg.locations, files.locations.as_bytes(), 0o644)
+    write_atomic_pair(
+        (&cfg.upstreams, files.upstreams.as_bytes()),
+        (&cfg.locations, files.locations.as_bytes()),
+        0o644,
+    )
 }
 
 /// What a check in a private view found.
@@ -230,31 +236,58 @@ fn test_config(binds: Option<Vec<(std::ffi::CString, std::ffi::CString)>>) -> Re
     // as a rejection; cgipool itself stops at its next step.
     let mut cmd = Command::new("nginx");
     cmd.args(["-t", "-q"]).process_group(0);
-    let private = binds.is_some();
+    // A failure to set up the view is told through a pipe of its own, so
+    // that no other failure to start nginx (fork, exec) reads as one.
+    let mut view_errors = None;
     if let Some(binds) = binds {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .context("creating a pipe for nginx -t")?;
+        view_errors = Some(read);
         // SAFETY: between fork and exec only system calls are made, on
-        // strings allocated before the fork.
+        // strings and descriptors made before the fork.
         unsafe {
-            cmd.pre_exec(move || private_view(&binds));
+            cmd.pre_exec(move || {
+                private_view(&binds).inspect_err(|e| {
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    let _ = nix::unistd::write(&write, &errno.to_ne_bytes());
+                })
+            });
         }
     }
-    let out = match cmd.output() {
-        Ok(out) => out,
-        // The child failed before exec: in setting up the view (nginx's
-        // own absence is ENOENT from exec, reported as such below).
-        Err(e) if private && e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(NoView(e.to_string()).into())
+    let spawned = cmd.output();
+    // The command (and its copy of the write end) is gone: the pipe holds
+    // an errno if the view failed, and nothing otherwise.
+    drop(cmd);
+    if let Some(read) = view_errors {
+        let mut errno = [0u8; 4];
+        if let Ok(4) = nix::unistd::read(&read, &mut errno) {
+            let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+            return Err(NoView(e.to_string()).into());
         }
-        Err(e) => return Err(e).context("running nginx -t"),
-    };
+    }
+    let out = spawned.context("running nginx -t")?;
     if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&out.status) {
         bail!("nginx -t was killed by signal {sig}");
     }
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
-        bail!("nginx -t rejected the configuration:\n{}", msg.trim_end());
+        return Err(Rejected(msg.trim_end().to_string()).into());
     }
     Ok(())
+}
+
+/// `nginx -t` ran and rejected the configuration (its own message). Any
+/// other failure of a check (nginx could not be run, a file could not be
+/// written) is an error of its own: only this one means the files are bad.
+#[derive(Debug, thiserror::Error)]
+#[error("nginx -t rejected the configuration:\n{0}")]
+pub struct Rejected(String);
+
+#[cfg(test)]
+impl Rejected {
+    pub fn new(message: &str) -> Rejected {
+        Rejected(message.to_string())
+    }
 }
 
 /// In the child before exec: a mount namespace of its own, whose mounts do

@@ -81,7 +81,6 @@ impl Lock {
     }
 }
 
-/// Takes the lock, waiting up to `wait` for another cgipool to finish.
 /// The lock is held by another cgipool process (any other failure to take
 /// it is an error of its own).
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +90,8 @@ pub struct Busy {
     pub waited: Duration,
 }
 
+/// Takes the lock, waiting up to `wait` for another cgipool to finish
+/// ([`Busy`] if it did not).
 pub fn lock(paths: &Paths, wait: Duration) -> Result<Lock> {
     let path = &paths.lock;
     if let Some(dir) = path.parent() {

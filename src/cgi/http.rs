@@ -222,7 +222,8 @@ pub fn framing(req: &Request) -> Result<Framing, (u16, &'static str)> {
     for v in req.header_all("Content-Length") {
         let v = std::str::from_utf8(v).map_err(|_| (400, "invalid Content-Length"))?;
         for part in v.split(',') {
-            let part = part.trim();
+            // Optional whitespace is spaces and tabs only (RFC 9110 §5.6.3).
+            let part = part.trim_matches([' ', '\t']);
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err((400, "invalid Content-Length"));
             }
@@ -349,6 +350,9 @@ mod tests {
             ..r.clone()
         };
         assert!(framing(&with("Content-Length", b"5\xe9")).is_err());
+        // UTF-8 but not ASCII whitespace (a no-break space) is no OWS.
+        assert!(framing(&with("Content-Length", "5\u{a0}".as_bytes())).is_err());
+        assert!(framing(&with("Content-Length", b" 5\t")).is_ok());
         assert!(framing(&with("Transfer-Encoding", b"chunked\xe9")).is_err());
         assert!(!keep_alive(&with("Connection", b"close")));
         assert!(keep_alive(&with("Connection", b"clos\xe9")));

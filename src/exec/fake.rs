@@ -280,7 +280,7 @@ impl Host for FakeHost {
         }
         self.tick("nginx -t")?;
         if self.nginx_t_fails {
-            bail!("nginx -t rejected the configuration")
+            return Err(crate::nginx::Rejected::new("[emerg] a fake rejection").into());
         }
         if !keep {
             return Ok(());

@@ -178,9 +178,17 @@ pub(crate) async fn check_nginx(host: &mut impl Host, plan: &Plan, stop: &Interr
         return Ok(());
     };
     stop.check("checking the nginx files")?;
+    // Only a rejection by nginx -t makes apply record the previous intent
+    // again; any other failure is retried like one of any other step.
     host.nginx_install(&route.expected, false)
         .await
-        .context(NginxRejected)?;
+        .map_err(|e| {
+            if e.downcast_ref::<crate::nginx::Rejected>().is_some() {
+                e.context(NginxRejected)
+            } else {
+                e
+            }
+        })?;
     println!("nginx: candidate files pass nginx -t");
     Ok(())
 }

@@ -367,6 +367,29 @@ fn nginx_rejecting_the_candidates_changes_no_unit() {
     assert_eq!(h.files, files_before);
     assert_eq!(h.nginx_disk, nginx_before);
     assert!(h.backup.is_none());
+    // apply records the previous intent again on this error only.
+    assert!(err.downcast_ref::<NginxRejected>().is_some(), "{err:#}");
+}
+
+#[test]
+fn a_check_that_fails_without_nginx_rejecting_is_no_rejection() {
+    // The check's own steps failing (nginx could not be run, a file could
+    // not be written) says nothing about the files: not NginxRejected, so
+    // apply keeps the intent and the next run tries again.
+    let clean = {
+        let mut h = host_at(&before());
+        run(&mut h, &after()).unwrap();
+        h.log
+    };
+    let at = clean
+        .iter()
+        .position(|c| c == "nginx -t")
+        .expect("a clean run checks nginx");
+    let mut h = host_at(&before());
+    h.fail_at = Some(h.calls + at);
+    let err = run(&mut h, &after()).unwrap_err();
+    assert!(format!("{err:#}").contains("injected failure"), "{err:#}");
+    assert!(err.downcast_ref::<NginxRejected>().is_none(), "{err:#}");
 }
 
 #[test]
