@@ -41,8 +41,8 @@ impl Watcher {
             .any(|(name, s)| self.host_behind(name, Some(s), serial, now))
     }
 
-    /// Converges each other host that answers and is behind `intent`, one
-    /// at a time over ssh (watch's short timeouts: a host that goes away
+    /// Converges each other host that answers and is behind `intent`, all
+    /// at once over ssh (watch's short timeouts: a host that goes away
     /// meanwhile fails within seconds, one that hangs within
     /// [`HOST_CONVERGE_TIMEOUT`]); a host that fails is logged and tried
     /// again after a backoff (a host back from being lost stays out of nginx
@@ -64,22 +64,33 @@ impl Watcher {
         let cfg = self.cfg.clone();
         let seen = self.hosts.seen();
         let now = Instant::now();
-        for (name, host) in &cfg.hosts {
-            if !self.host_behind(name, seen.get(name), intent.serial, now) {
-                continue;
-            }
-            let attempt = tokio::time::Instant::now();
+        let due: Vec<(&String, &Host)> = cfg
+            .hosts
+            .iter()
+            .filter(|(name, _)| self.host_behind(name, seen.get(*name), intent.serial, now))
+            .collect();
+        // All at once: the loop (and the lock) is held as long as the
+        // slowest, not the sum, however many hosts hang.
+        let attempts = due.iter().map(|(name, host)| {
             let converging = converge_host(&cfg, name, host, intent);
-            // A host whose sshd answers but whose systemd hangs must not
-            // hold the loop (and the lock): bound the whole converge.
-            let done = tokio::time::timeout(HOST_CONVERGE_TIMEOUT, converging)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(anyhow::anyhow!(
-                        "no converge within {} s",
-                        HOST_CONVERGE_TIMEOUT.as_secs()
-                    ))
-                });
+            async move {
+                let attempt = tokio::time::Instant::now();
+                // A host whose sshd answers but whose systemd hangs must not
+                // hold the loop (and the lock): bound the whole converge.
+                let done = tokio::time::timeout(HOST_CONVERGE_TIMEOUT, converging)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "no converge within {} s",
+                            HOST_CONVERGE_TIMEOUT.as_secs()
+                        ))
+                    });
+                (attempt.elapsed(), done)
+            }
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        for ((name, host), (took, done)) in due.iter().zip(results) {
+            let name = *name;
             match done {
                 Ok(()) => {
                     println!(
@@ -94,11 +105,10 @@ impl Watcher {
                     let failures = self.host_retry.get(name).map(|(_, n)| n + 1).unwrap_or(1);
                     // An attempt holds the loop and the lock as long as it
                     // takes: one that took long to fail (a hang, up to the
-                    // bound) waits 4 times as long before the next, so such
-                    // a host keeps watch from routing at most a fifth of
-                    // its time.
-                    let wait = Duration::from_secs(1 << failures.min(5))
-                        .max(attempt.elapsed() * HOLD_BACKOFF);
+                    // bound) waits 4 times as long before the next, so
+                    // hosts that hang keep watch from routing at most a
+                    // fifth of its time.
+                    let wait = Duration::from_secs(1 << failures.min(5)).max(took * HOLD_BACKOFF);
                     let routed = if self.host_returning.contains(name) {
                         "it stays out of nginx"
                     } else {

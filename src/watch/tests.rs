@@ -212,6 +212,39 @@ async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
     );
 }
 
+/// A converge where every host's systemd hangs behind a live sshd.
+fn every_host_hangs<'a>(
+    _: &'a Config,
+    _: &'a str,
+    _: &'a config::Host,
+    _: &'a Intent,
+) -> LocalBoxFuture<'a, Result<()>> {
+    std::future::pending().boxed_local()
+}
+
+#[tokio::test(start_paused = true)]
+async fn hosts_that_hang_hold_watch_as_long_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = watcher(dir.path());
+    let intent = intent(1, HOSTED, 2);
+    w.set_intent(intent.clone());
+    for (name, address) in [("web1", "root@10.0.0.11"), ("web2", "root@10.0.0.12")] {
+        let pools = Seen::Up(BTreeSet::from(["a".to_string()]));
+        w.hosts.saw(name, &address.parse().unwrap(), pools);
+    }
+    let started = tokio::time::Instant::now();
+    w.converge_hosts_with(&intent, every_host_hangs).await;
+    let took = started.elapsed();
+    // Converged side by side: one bound, not one per host.
+    assert!(
+        took >= HOST_CONVERGE_TIMEOUT && took < HOST_CONVERGE_TIMEOUT + Duration::from_secs(1),
+        "took {took:?}"
+    );
+    for name in ["web1", "web2"] {
+        assert_eq!(w.host_retry.get(name).map(|(_, n)| *n), Some(1), "{name}");
+    }
+}
+
 #[test]
 fn the_lock_held_elsewhere_is_quiet_and_any_other_failure_is_logged_once() {
     let dir = tempfile::tempdir().unwrap();
