@@ -166,16 +166,22 @@ fn web1_hangs<'a>(
     .boxed_local()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = watcher(dir.path());
+/// A watcher of HOSTED at intent 1, to which web1 and web2 both answer.
+fn watching_two_hosts(dir: &Path) -> (Watcher, Intent) {
+    let mut w = watcher(dir);
     let intent = intent(1, HOSTED, 2);
     w.set_intent(intent.clone());
     for (name, address) in [("web1", "root@10.0.0.11"), ("web2", "root@10.0.0.12")] {
         let pools = Seen::Up(BTreeSet::from(["a".to_string()]));
         w.hosts.saw(name, &address.parse().unwrap(), pools);
     }
+    (w, intent)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_whose_converge_hangs_is_given_up_after_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut w, intent) = watching_two_hosts(dir.path());
     // web1 is back from being lost: out of nginx until it converged.
     w.host_returning.insert("web1".to_string());
     let started = tokio::time::Instant::now();
@@ -225,13 +231,7 @@ fn every_host_hangs<'a>(
 #[tokio::test(start_paused = true)]
 async fn hosts_that_hang_hold_watch_as_long_as_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut w = watcher(dir.path());
-    let intent = intent(1, HOSTED, 2);
-    w.set_intent(intent.clone());
-    for (name, address) in [("web1", "root@10.0.0.11"), ("web2", "root@10.0.0.12")] {
-        let pools = Seen::Up(BTreeSet::from(["a".to_string()]));
-        w.hosts.saw(name, &address.parse().unwrap(), pools);
-    }
+    let (mut w, intent) = watching_two_hosts(dir.path());
     let started = tokio::time::Instant::now();
     w.converge_hosts_with(&intent, every_host_hangs).await;
     let took = started.elapsed();
