@@ -140,6 +140,14 @@ impl Gateway {
         Client::new(s)
     }
 
+    /// A plain GET on a new connection gets 200: the gateway serves on
+    /// after whatever the test did to it.
+    pub fn assert_serves_on(&self) {
+        let mut c = self.connect();
+        c.send(&get("/after", ""), b"");
+        assert_eq!(c.response().status, 200, "the gateway does not serve on");
+    }
+
     /// Waits until the log has a line containing `want`.
     pub fn wait_log(&self, want: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
